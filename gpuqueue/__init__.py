@@ -1,0 +1,33 @@
+"""gpuqueue: feed GPU training loops with batches already on the device.
+
+The public names follow TensorFlow's ``Coordinator``, ``LooperThread``,
+``QueueRunner`` and ``FIFOQueue`` and Keras's ``Sequence`` and enqueuers, so
+code written for those runs after changing the import.
+"""
+
+from .channel import FIFOQueue
+from .coordinator import Coordinator, LooperThread
+from .errors import (
+    CancelledError,
+    GpuqueueError,
+    OutOfRangeError,
+    PipelineError,
+    QueueClosedError,
+    WorkerDiedError,
+)
+from .runner import QueueRunner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CancelledError",
+    "Coordinator",
+    "FIFOQueue",
+    "GpuqueueError",
+    "LooperThread",
+    "OutOfRangeError",
+    "PipelineError",
+    "QueueClosedError",
+    "QueueRunner",
+    "WorkerDiedError",
+]

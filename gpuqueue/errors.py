@@ -1,0 +1,57 @@
+"""The exceptions gpuqueue raises.
+
+Every error of gpuqueue's own shares one base class, and each way a pipeline
+can end has its own type, so callers never tell endings apart by message
+text::
+
+    GpuqueueError
+    ├── OutOfRangeError        normal end of data: a closed queue is drained
+    ├── CancelledError         the queue was cancelled; what it held is gone
+    │   └── QueueClosedError   put() on a queue that was already closed
+    └── PipelineError          the pipeline could not run as configured
+        └── WorkerDiedError    a worker process ended without reporting
+
+``OutOfRangeError`` and ``CancelledError`` keep TensorFlow's names and
+meanings: a ``Coordinator`` treats ``OutOfRangeError`` as a clean stop, as
+``tf.train.Coordinator`` does. Exceptions raised by user code (a Sequence, a
+generator) are never wrapped: they reach the consumer as their own type, with
+their own traceback and a note naming the thread and the batch index.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CancelledError",
+    "GpuqueueError",
+    "OutOfRangeError",
+    "PipelineError",
+    "QueueClosedError",
+    "WorkerDiedError",
+]
+
+
+class GpuqueueError(Exception):
+    """Base class of every error gpuqueue raises itself."""
+
+
+class OutOfRangeError(GpuqueueError):
+    """The end of the data: a closed queue has been drained.
+
+    A ``Coordinator`` treats it as a clean stop by default.
+    """
+
+
+class CancelledError(GpuqueueError):
+    """The queue was cancelled: blocked calls woke and queued items were dropped."""
+
+
+class QueueClosedError(CancelledError):
+    """``put()`` was called on a queue that has been closed."""
+
+
+class PipelineError(GpuqueueError):
+    """The pipeline was misused or could not run as configured."""
+
+
+class WorkerDiedError(PipelineError):
+    """A worker process ended (killed, crashed) without reporting an error."""

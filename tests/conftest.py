@@ -1,0 +1,63 @@
+"""Fixtures shared by every test: a thread-leak check and gates for interleavings."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Fails the test if it leaves a thread alive.
+
+    A thread that is ending anyway gets a few seconds to finish; this is a
+    join, not a poll, so a healthy test pays nothing.
+    """
+    before = set(threading.enumerate())
+    yield
+    leaked = [t for t in threading.enumerate() if t not in before]
+    for thread in leaked:
+        thread.join(timeout=5)
+    alive = [t.name for t in leaked if t.is_alive()]
+    if alive:
+        pytest.fail(f"test leaked threads: {alive}")
+
+
+def wait_entered(cond: threading.Condition) -> threading.Event:
+    """Returns an event set each time some thread starts waiting on ``cond``.
+
+    Lets a test know a thread is really blocked (inside ``cond.wait``) before
+    it acts, with no sleep.
+    """
+    entered = threading.Event()
+    original_wait = cond.wait
+
+    def wait(timeout: float | None = None) -> bool:
+        entered.set()
+        return original_wait(timeout)
+
+    cond.wait = wait  # type: ignore[method-assign]
+    return entered
+
+
+class Worker(threading.Thread):
+    """Runs ``fn`` in a thread and keeps its result or exception for the test."""
+
+    def __init__(self, fn, *args, name: str = "test-worker") -> None:  # type: ignore[no-untyped-def]
+        super().__init__(name=name, daemon=True)
+        self._fn, self._args = fn, args
+        self.result: object = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self._fn(*self._args)
+        except BaseException as error:
+            self.error = error
+
+    def finish(self, timeout: float = 5) -> Worker:
+        self.join(timeout)
+        assert not self.is_alive(), f"{self.name} is still blocked"
+        return self

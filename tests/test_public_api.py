@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import gpuqueue
+
+
+def test_all_is_sorted_and_complete() -> None:
+    assert gpuqueue.__all__ == sorted(gpuqueue.__all__)
+    for name in gpuqueue.__all__:
+        assert getattr(gpuqueue, name) is not None
+
+
+def test_errors_share_one_base() -> None:
+    for name in gpuqueue.__all__:
+        obj = getattr(gpuqueue, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, gpuqueue.GpuqueueError), name
+
+
+def test_import_does_not_pull_in_heavy_modules() -> None:
+    code = (
+        "import sys, gpuqueue\n"
+        "heavy = sorted(m for m in ('cupy', 'pynvml', 'torch') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_py_typed_is_shipped() -> None:
+    from importlib.resources import files
+
+    assert files("gpuqueue").joinpath("py.typed").is_file()
+
+
+def test_cupy_presence_matches_what_ci_installed() -> None:
+    """CI's second run installs cupy-cuda12x; make sure it really did."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    if os.environ.get("GPUQUEUE_CI_EXPECT_CUPY") != "1":
+        pytest.skip("only CI's second run installs cupy-cuda12x")
+    assert importlib.util.find_spec("cupy") is not None
