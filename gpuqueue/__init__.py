@@ -7,7 +7,9 @@ code written for those runs after changing the import.
 
 from .channel import FIFOQueue
 from .coordinator import Coordinator, LooperThread
+from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
 from .errors import (
+    BatchError,
     CancelledError,
     GpuqueueError,
     OutOfRangeError,
@@ -16,18 +18,24 @@ from .errors import (
     WorkerDiedError,
 )
 from .runner import QueueRunner
+from .sources import Sequence
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchError",
     "CancelledError",
     "Coordinator",
     "FIFOQueue",
+    "GeneratorEnqueuer",
     "GpuqueueError",
     "LooperThread",
+    "OrderedEnqueuer",
     "OutOfRangeError",
     "PipelineError",
     "QueueClosedError",
     "QueueRunner",
+    "Sequence",
+    "SequenceEnqueuer",
     "WorkerDiedError",
 ]

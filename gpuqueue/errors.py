@@ -9,6 +9,7 @@ text::
     ├── CancelledError         the queue was cancelled; what it held is gone
     │   └── QueueClosedError   put() on a queue that was already closed
     └── PipelineError          the pipeline could not run as configured
+        ├── BatchError         a batch is malformed or differs from the first
         └── WorkerDiedError    a worker process ended without reporting
 
 ``OutOfRangeError`` and ``CancelledError`` keep TensorFlow's names and
@@ -21,6 +22,7 @@ their own traceback and a note naming the thread and the batch index.
 from __future__ import annotations
 
 __all__ = [
+    "BatchError",
     "CancelledError",
     "GpuqueueError",
     "OutOfRangeError",
@@ -55,3 +57,11 @@ class PipelineError(GpuqueueError):
 
 class WorkerDiedError(PipelineError):
     """A worker process ended (killed, crashed) without reporting an error."""
+
+
+class BatchError(PipelineError, ValueError):
+    """A batch has a leaf that is not an array, or differs from the first batch.
+
+    The message names the batch index and the field, for example
+    ``batch index 7: field [0]['image'] has dtype float64, expected float32``.
+    """

@@ -1,0 +1,195 @@
+"""Batch structure, validation, and packing a batch's arrays into one arena.
+
+A batch is any nesting of tuples (named ones too), lists and dicts whose
+leaves are NumPy arrays or scalars. ``describe`` splits it into a structure
+(``TreeDef``) and its leaves; ``BatchSpec`` remembers the first batch's
+structure, dtypes and ranks and names the field of any later batch that
+differs; ``pack`` / ``unpack`` lay a batch's arrays out in one buffer at
+aligned offsets, so one batch is one copy (into shared memory, or from pinned
+memory to the device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import BatchError
+
+__all__ = ["ALIGNMENT", "BatchSpec", "LeafMeta", "TreeDef", "describe", "pack", "unpack"]
+
+# Offsets in an arena are multiples of this, which suits every dtype and
+# the alignment CUDA copies and kernels prefer.
+ALIGNMENT = 256
+
+_SCALAR_TYPES = (bool, int, float, complex, np.generic)
+
+
+@dataclass(frozen=True)
+class TreeDef:
+    """The shape of a nested batch without its leaves.
+
+    ``kind`` is ``"leaf"``, ``"tuple"``, ``"list"`` or ``"dict"``; ``node_type``
+    rebuilds named tuples; ``keys`` are a dict's keys in their first order.
+    """
+
+    kind: str
+    children: tuple[TreeDef, ...] = ()
+    keys: tuple[Any, ...] = ()
+    node_type: type | None = None
+
+    def same_structure(self, other: TreeDef) -> bool:
+        if self.kind != other.kind or len(self.children) != len(other.children):
+            return False
+        if self.kind == "dict" and set(self.keys) != set(other.keys):
+            return False
+        if self.node_type is not other.node_type:
+            return False
+        return all(a.same_structure(b) for a, b in zip(self.children, other.children, strict=True))
+
+
+@dataclass(frozen=True)
+class LeafMeta:
+    """Where one leaf lives in an arena, and what it is."""
+
+    path: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _describe(node: Any, path: str, leaves: list[tuple[str, np.ndarray]]) -> TreeDef:
+    if isinstance(node, dict):
+        keys = tuple(node)
+        children = tuple(_describe(node[k], f"{path}[{k!r}]", leaves) for k in keys)
+        return TreeDef("dict", children, keys=keys)
+    if isinstance(node, (tuple, list)):
+        kind = "list" if isinstance(node, list) else "tuple"
+        node_type = type(node) if hasattr(node, "_fields") else None
+        children = tuple(_describe(v, f"{path}[{i}]", leaves) for i, v in enumerate(node))
+        return TreeDef(kind, children, node_type=node_type)
+    if isinstance(node, np.ndarray):
+        array = node
+    elif isinstance(node, _SCALAR_TYPES):
+        array = np.asarray(node)
+    else:
+        raise BatchError(
+            f"field {path or '<batch>'} is a {type(node).__name__}; expected a NumPy array, "
+            "a scalar, or a tuple, list or dict of them"
+        )
+    if array.dtype.hasobject:
+        raise BatchError(
+            f"field {path or '<batch>'} has dtype {array.dtype}, which holds Python objects; "
+            "expected a numeric or boolean dtype"
+        )
+    leaves.append((path or "<batch>", array))
+    return TreeDef("leaf")
+
+
+def describe(batch: Any) -> tuple[TreeDef, list[tuple[str, np.ndarray]]]:
+    """Splits a batch into its structure and its ``(path, array)`` leaves.
+
+    Raises:
+        BatchError: If a leaf is not an array or scalar, or holds objects.
+    """
+    leaves: list[tuple[str, np.ndarray]] = []
+    treedef = _describe(batch, "", leaves)
+    return treedef, leaves
+
+
+def _rebuild(treedef: TreeDef, leaves: Any) -> Any:
+    if treedef.kind == "leaf":
+        return next(leaves)
+    children = [_rebuild(child, leaves) for child in treedef.children]
+    if treedef.kind == "dict":
+        return dict(zip(treedef.keys, children, strict=True))
+    if treedef.kind == "list":
+        return children
+    if treedef.node_type is not None:
+        return treedef.node_type(*children)
+    return tuple(children)
+
+
+def rebuild(treedef: TreeDef, leaves: Sequence[Any]) -> Any:
+    """Puts leaves back into the structure ``describe`` took them from."""
+    return _rebuild(treedef, iter(leaves))
+
+
+class BatchSpec:
+    """The structure, dtypes and ranks of the first batch, to check the rest against."""
+
+    def __init__(self, treedef: TreeDef, leaves: Sequence[tuple[str, np.dtype[Any], int]]) -> None:
+        self.treedef = treedef
+        self.leaves = list(leaves)
+
+    @classmethod
+    def of(cls, treedef: TreeDef, metas: Sequence[LeafMeta]) -> BatchSpec:
+        return cls(treedef, [(m.path, m.dtype, len(m.shape)) for m in metas])
+
+    def check(self, treedef: TreeDef, metas: Sequence[LeafMeta], where: str) -> None:
+        """Raises ``BatchError`` naming ``where`` and the field that differs.
+
+        Shapes may differ (a short last batch); structure, dtypes and ranks may not.
+        """
+        if not self.treedef.same_structure(treedef):
+            raise BatchError(
+                f"{where}: structure differs from the first batch "
+                f"(fields {[m.path for m in metas]}, expected {[p for p, _, _ in self.leaves]})"
+            )
+        for (_, dtype, ndim), meta in zip(self.leaves, metas, strict=True):
+            if meta.dtype != dtype:
+                raise BatchError(
+                    f"{where}: field {meta.path} has dtype {meta.dtype}, "
+                    f"expected {dtype} as in the first batch"
+                )
+            if len(meta.shape) != ndim:
+                raise BatchError(
+                    f"{where}: field {meta.path} has rank {len(meta.shape)} "
+                    f"(shape {meta.shape}), expected rank {ndim} as in the first batch"
+                )
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def layout(leaves: Sequence[tuple[str, np.ndarray]]) -> tuple[list[LeafMeta], int]:
+    """Assigns each leaf an aligned offset in one arena.
+
+    Returns:
+        The leaves' metadata and the arena size in bytes they need.
+    """
+    metas = []
+    offset = 0
+    for path, array in leaves:
+        metas.append(LeafMeta(path, array.dtype, array.shape, offset))
+        offset = _align(offset + array.nbytes)
+    return metas, offset
+
+
+def pack(leaves: Sequence[tuple[str, np.ndarray]], metas: Sequence[LeafMeta], arena: Any) -> None:
+    """Copies each leaf into ``arena`` (a writable byte buffer) at its offset.
+
+    Non-contiguous and Fortran-ordered arrays are copied element by element
+    into C order, so what comes out of ``unpack`` equals what went in.
+    """
+    for (_, array), meta in zip(leaves, metas, strict=True):
+        np.copyto(_view(arena, meta), array, casting="no")
+
+
+def _view(arena: Any, meta: LeafMeta) -> np.ndarray:
+    count = int(np.prod(meta.shape, dtype=np.int64))
+    flat = np.frombuffer(arena, dtype=meta.dtype, count=count, offset=meta.offset)
+    return flat.reshape(meta.shape)
+
+
+def unpack(treedef: TreeDef, metas: Sequence[LeafMeta], arena: Any) -> Any:
+    """Rebuilds a batch whose arrays are views of ``arena``."""
+    return rebuild(treedef, [_view(arena, meta) for meta in metas])

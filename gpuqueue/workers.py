@@ -1,0 +1,327 @@
+"""Worker processes for ``use_multiprocessing=True``.
+
+Each worker thread of the host stage drives one process: it sends a batch
+index and a shared-memory slot, the process reads ``sequence[index]`` and
+packs the batch's arrays into the slot, and only the layout (a few hundred
+bytes) comes back through the pipe. Slots come from a fixed pool and are
+reused; a slot grows when a batch does not fit, never per batch.
+
+Nothing blocks in a way ``stop()`` cannot wake: the thread waits on the
+process's pipe, the process's sentinel (so a killed or crashed process is an
+error within moments, not a hang) and a stop pipe, together.
+
+Processes start with ``forkserver`` (or ``spawn`` where there is none),
+never plain ``fork``, which is unsafe once CUDA or threads exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import pickle
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+from typing import Any
+
+from .channel import FIFOQueue
+from .coordinator import Coordinator
+from .errors import CancelledError, PipelineError, WorkerDiedError
+from .staging import describe, layout, pack, unpack
+
+__all__ = ["ProcessPool"]
+
+_GROWTH = 1.25  # a slot that must grow takes a margin, so a slowly growing batch size settles
+
+
+def _start_method() -> str:
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """Opens a slot the parent created, without making this process its owner."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    # Before 3.13 attaching registers the segment with the resource tracker
+    # again; forkserver and spawn children share the parent's tracker, whose
+    # registry is a set, so that is harmless, and the parent's unlink
+    # unregisters it once for all.
+    return shared_memory.SharedMemory(name=name)
+
+
+def _portable_error(error: BaseException) -> BaseException:
+    """The error itself if it survives pickling, else a PipelineError describing it."""
+    remote = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    note = f"traceback in the worker process:\n{remote}"
+    try:
+        error.__traceback__ = None
+        clone: BaseException = pickle.loads(pickle.dumps(error))
+    except Exception:
+        clone = PipelineError(
+            f"{type(error).__name__}: {error} (the exception could not be pickled)"
+        )
+    notes = [*getattr(error, "__notes__", []), note]
+    clone.__notes__ = notes  # type: ignore[attr-defined]
+    return clone
+
+
+def worker_main(conn: multiprocessing.connection.Connection, sequence: Any) -> None:
+    """The loop of a worker process: read, pack, reply, until told to stop.
+
+    Messages in: ``("sequence", obj)`` replaces the Sequence (after
+    ``on_epoch_end`` ran in the parent); ``("read", index, slot, capacity)``
+    reads a batch; ``None`` stops. Replies: ``("ok", treedef, metas)``,
+    ``("none",)``, ``("grow", nbytes)`` (then a new ``(slot, capacity)``), or
+    ``("error", exception)``.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    attached: dict[str, shared_memory.SharedMemory] = {}
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                return
+            if message is None:
+                return
+            if message[0] == "sequence":
+                sequence = message[1]
+                continue
+            _, index, slot, capacity = message
+            try:
+                batch = sequence[index]
+                if batch is None:
+                    conn.send(("none",))
+                    continue
+                treedef, leaves = describe(batch)
+                metas, nbytes = layout(leaves)
+                if nbytes > capacity:
+                    conn.send(("grow", nbytes))
+                    slot, capacity = conn.recv()
+                if slot not in attached:
+                    attached[slot] = _attach(slot)
+                pack(leaves, metas, attached[slot].buf)
+                conn.send(("ok", treedef, metas))
+            except Exception as error:
+                conn.send(("error", _portable_error(error)))
+            finally:
+                for name in [n for n in attached if n != slot]:
+                    attached.pop(name).close()
+    finally:
+        for shm in attached.values():
+            shm.close()
+
+
+@dataclass
+class _Slot:
+    shm: shared_memory.SharedMemory | None = None
+
+    @property
+    def name(self) -> str:
+        return "" if self.shm is None else self.shm.name
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.shm is None else self.shm.size
+
+
+@dataclass
+class _Worker:
+    process: Any
+    conn: multiprocessing.connection.Connection
+    sequence_version: int = 0
+    busy_with: str = field(default="")
+
+
+class ProcessPool:
+    """Worker processes and the shared-memory slots they write batches into.
+
+    Args:
+        sequence: The Sequence; it must be picklable.
+        workers: Number of processes.
+        coord: The enqueuer's coordinator; stopping it wakes every waiting thread.
+        name: For process names and messages.
+        slots: Number of shared-memory slots (workers + queue size + 1).
+
+    Raises:
+        PipelineError: If the Sequence cannot be pickled.
+    """
+
+    def __init__(
+        self, sequence: Any, workers: int, coord: Coordinator, *, name: str, slots: int
+    ) -> None:
+        try:
+            pickle.dumps(sequence)
+        except Exception as error:
+            raise PipelineError(
+                f"use_multiprocessing=True needs a picklable Sequence, but pickling "
+                f"{type(sequence).__name__} failed: {error}; define it at module level "
+                "without locks, open files or lambdas, or use threads"
+            ) from error
+        self._sequence = sequence
+        self._sequence_version = 0
+        self._lock = threading.Lock()
+        self._name = name
+        context: Any = multiprocessing.get_context(_start_method())
+        self._stop_reader, self._stop_writer = context.Pipe(duplex=False)
+        coord.add_stop_callback(self._wake_waiters)
+        self._idle: FIFOQueue[_Worker] = FIFOQueue(workers, name=f"{name}-processes")
+        self._workers: list[_Worker] = []
+        for number in range(workers):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=worker_main,
+                args=(child_end, sequence),
+                name=f"{name}-process{number}",
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            worker = _Worker(process, parent_end)
+            self._workers.append(worker)
+            self._idle.put(worker)
+        self._free_slots: FIFOQueue[_Slot] = FIFOQueue(slots, name=f"{name}-slots")
+        self._all_slots = [_Slot() for _ in range(slots)]
+        for slot in self._all_slots:
+            self._free_slots.put(slot)
+        coord.add_stop_callback(self._idle.cancel)
+        coord.add_stop_callback(self._free_slots.cancel)
+
+    def _wake_waiters(self) -> None:
+        self._stop_writer.send(None)
+
+    def sequence_changed(self) -> None:
+        """Ships the Sequence again before each process's next read (after on_epoch_end)."""
+        with self._lock:
+            self._sequence_version += 1
+
+    def read(self, index: int, where: str) -> tuple[Any, Any]:
+        """Reads ``sequence[index]`` in a process.
+
+        Returns:
+            ``(batch, release)``: the batch as views of a shared-memory slot
+            (or None), and the function that returns the slot to the pool.
+
+        Raises:
+            The error the Sequence raised, as its own type with the worker's
+            traceback in a note; ``WorkerDiedError`` if the process died;
+            ``CancelledError`` if the pipeline is stopping.
+        """
+        worker = self._idle.get()
+        slot = self._free_slots.get()
+        try:
+            with self._lock:
+                version = self._sequence_version
+            if worker.sequence_version != version:
+                worker.conn.send(("sequence", self._sequence))
+                worker.sequence_version = version
+            worker.busy_with = where
+            worker.conn.send(("read", index, slot.name, slot.capacity))
+            reply = self._receive(worker)
+            if reply[0] == "grow":
+                self._grow(slot, reply[1])
+                worker.conn.send((slot.name, slot.capacity))
+                reply = self._receive(worker)
+        except BaseException:
+            self._return_slot(slot)
+            raise
+        finally:
+            worker.busy_with = ""
+            if not self._idle.closed:
+                self._idle.put(worker)
+        if reply[0] == "error":
+            self._return_slot(slot)
+            raise reply[1]
+        if reply[0] == "none":
+            self._return_slot(slot)
+            return None, None
+        _, treedef, metas = reply
+        assert slot.shm is not None
+        batch = unpack(treedef, metas, slot.shm.buf)
+        return batch, lambda: self._return_slot(slot)
+
+    def _return_slot(self, slot: _Slot) -> None:
+        if not self._free_slots.closed:
+            self._free_slots.put(slot)
+
+    def _receive(self, worker: _Worker) -> Any:
+        ready = multiprocessing.connection.wait(
+            [worker.conn, worker.process.sentinel, self._stop_reader]
+        )
+        if worker.conn in ready:
+            try:
+                return worker.conn.recv()
+            except EOFError:
+                pass
+        elif self._stop_reader in ready:
+            raise CancelledError("the pipeline is stopping")
+        worker.process.join(5)
+        raise WorkerDiedError(
+            f"worker process {worker.process.name} (pid {worker.process.pid}) died with "
+            f"{_describe_exit(worker.process.exitcode)} while reading {worker.busy_with}"
+        )
+
+    @staticmethod
+    def _grow(slot: _Slot, nbytes: int) -> None:
+        if slot.shm is not None:
+            _free(slot.shm)
+        slot.shm = shared_memory.SharedMemory(create=True, size=max(1, int(nbytes * _GROWTH)))
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes held in shared-memory slots now."""
+        return sum(slot.capacity for slot in self._all_slots)
+
+    @property
+    def processes(self) -> list[Any]:
+        return [w.process for w in self._workers]
+
+    def close(self, timeout: float) -> list[str]:
+        """Ends every process and frees every slot.
+
+        Returns:
+            The names of processes that had to be killed.
+        """
+        killed = []
+        for worker in self._workers:
+            with contextlib.suppress(OSError, ValueError):
+                worker.conn.send(None)
+        deadline_each = max(0.1, timeout / max(1, len(self._workers)))
+        for worker in self._workers:
+            worker.process.join(deadline_each)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(5)
+                killed.append(worker.process.name)
+            worker.conn.close()
+        for slot in self._all_slots:
+            if slot.shm is not None:
+                _free(slot.shm)
+                slot.shm = None
+        self._stop_reader.close()
+        self._stop_writer.close()
+        return killed
+
+
+def _free(shm: shared_memory.SharedMemory) -> None:
+    """Unlinks a segment; its memory goes once the last view of it is gone."""
+    shm.unlink()
+    # A batch may still refer to it; then the mapping goes with that batch.
+    with contextlib.suppress(BufferError):
+        shm.close()
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "no exit code"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
