@@ -25,21 +25,22 @@ def no_leaked_threads() -> Iterator[None]:
         pytest.fail(f"test leaked threads: {alive}")
 
 
-def wait_entered(cond: threading.Condition) -> threading.Event:
-    """Returns an event set each time some thread starts waiting on ``cond``.
+def wait_entered(cond: threading.Condition, entered: threading.Event | None = None):  # type: ignore[no-untyped-def]
+    """Arms ``cond`` so that an event is set each time a thread starts waiting on it.
 
     Lets a test know a thread is really blocked (inside ``cond.wait``) before
-    it acts, with no sleep.
+    it acts, with no sleep. Returns the event; with ``entered`` given, sets
+    that one and returns ``cond`` (for arming a condition as it is created).
     """
-    entered = threading.Event()
+    event = entered if entered is not None else threading.Event()
     original_wait = cond.wait
 
     def wait(timeout: float | None = None) -> bool:
-        entered.set()
+        event.set()
         return original_wait(timeout)
 
     cond.wait = wait  # type: ignore[method-assign]
-    return entered
+    return cond if entered is not None else event
 
 
 class Worker(threading.Thread):

@@ -1,0 +1,72 @@
+"""Sequences shared by the tests; module level so worker processes can unpickle them."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from typing import Any
+
+import numpy as np
+
+import gpuqueue
+
+
+class Numbered(gpuqueue.Sequence):
+    """Batch i is ``(x, {"index": i})`` with x filled with i (plus an epoch offset)."""
+
+    def __init__(self, length: int = 6, shape: tuple[int, ...] = (2, 3)) -> None:
+        self.length = length
+        self.shape = shape
+        self.offset = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        return (np.full(self.shape, index + self.offset, np.float32), {"index": np.int64(index)})
+
+
+class ShiftsEachEpoch(Numbered):
+    """on_epoch_end changes what later reads return: processes must see it."""
+
+    def on_epoch_end(self) -> None:
+        self.offset += 100
+
+
+class FailsAt(Numbered):
+    def __init__(self, bad_index: int, length: int = 6) -> None:
+        super().__init__(length)
+        self.bad_index = bad_index
+
+    def __getitem__(self, index: int) -> Any:
+        if index == self.bad_index:
+            raise KeyError(f"cannot read {index}")
+        return super().__getitem__(index)
+
+
+class DiesAt(Numbered):
+    """The worker process reading ``bad_index`` kills itself with ``how``."""
+
+    def __init__(self, bad_index: int, how: str, length: int = 6) -> None:
+        super().__init__(length)
+        self.bad_index = bad_index
+        self.how = how
+
+    def __getitem__(self, index: int) -> Any:
+        if index == self.bad_index:
+            if self.how == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            else:
+                ctypes.string_at(0)  # segfault
+        return super().__getitem__(index)
+
+
+class Growing(gpuqueue.Sequence):
+    """Batches get larger along the first axis, so slots must grow."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> Any:
+        return np.arange((index + 1) * 1000, dtype=np.int32)
