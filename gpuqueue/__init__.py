@@ -7,7 +7,7 @@ code written for those runs after changing the import.
 
 from .channel import FIFOQueue
 from .coordinator import Coordinator, LooperThread
-from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
+from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer, keep, prefetch
 from .errors import (
     BatchError,
     CancelledError,
@@ -38,4 +38,6 @@ __all__ = [
     "Sequence",
     "SequenceEnqueuer",
     "WorkerDiedError",
+    "keep",
+    "prefetch",
 ]

@@ -1,294 +1,98 @@
-"""Keras-compatible enqueuers: ``OrderedEnqueuer`` and ``GeneratorEnqueuer``.
+"""Keras-compatible enqueuers, ``OrderedEnqueuer`` and ``GeneratorEnqueuer``, and ``prefetch``.
 
 The host stage is a ``QueueRunner`` whose enqueue ops are the workers, under
 one ``Coordinator``. Each worker call:
 
 1. claims the next task (an index of the epoch's order, or the next item of a
    generator, read under a lock);
-2. reads and describes the batch (in parallel with the other workers, in a
-   thread or in the worker's own process);
+2. reads the batch and, when a device is set, packs it into a pinned slot (in
+   parallel with the other workers, in a thread or in its own process);
 3. waits for its turn, checks the batch against the first, and puts it on the
    bounded host queue, so the queue holds batches in exactly the read order.
 
-An error while reading travels down the queue in its place, so the consumer
-gets every batch before it, then the original exception. Epochs follow one
-another without draining the queue: ``on_epoch_end()`` runs as soon as the
-epoch's last read has finished, and the next epoch's reads start right after.
+With a device, a ``CopyLooper`` (``looper.py``) moves each staged batch to a
+device slot and onto the device queue (``prefetch_depth``), and ``get()``
+hands out device arrays ordered after their copy on the consumer's stream.
+
+An error while reading (or copying) travels down the queues in its place, so
+the consumer gets every batch before it, then the original exception.
+Epochs follow one another without draining the queue: ``on_epoch_end()``
+runs as soon as the epoch's last read has finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
+from .backends import resolve
+from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator
-from .errors import (
-    CancelledError,
-    OutOfRangeError,
-    PipelineError,
-)
+from .errors import CancelledError, OutOfRangeError, PipelineError, note_thread
+from .looper import CopyLooper, DeviceRing, DeviceSlot, PinnedPool, Staged
 from .runner import QueueRunner
-from .sources import Sequence, epoch_order, resolve_shard
-from .staging import BatchSpec, LeafMeta, TreeDef, describe, layout, rebuild
+from .sources import (
+    GeneratorTasks,
+    Sequencer,
+    SequenceTasks,
+    Task,
+    overrides_on_epoch_end,
+    resolve_shard,
+)
+from .staging import BatchSpec, LeafMeta, TreeDef, describe, layout, rebuild, unpack
 
-__all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]
+__all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer", "keep", "prefetch"]
 
 logger = logging.getLogger(__name__)
 
 # How long stop() waits for threads by default before naming the stragglers.
 DEFAULT_STOP_TIMEOUT = 60.0
 
-
-def add_note(error: BaseException, note: str) -> None:
-    """``error.add_note(note)``, also on Python 3.10."""
-    if hasattr(error, "add_note"):
-        error.add_note(note)
-    else:  # pragma: no cover - Python 3.10
-        error.__notes__ = [*getattr(error, "__notes__", []), note]  # type: ignore[attr-defined]
-
-
-@dataclass
-class Task:
-    """One unit of work a worker claimed: where it sits in the stream, what to read."""
-
-    seq_no: int
-    epoch: int
-    position: int
-    index: int | None = None  # the Sequence index; None for a generator's item
-    batch: Any = None  # a generator's item, read while claiming
-    failure: BaseException | None = None  # an error that belongs at this point
-
-    def where(self) -> str:
-        if self.index is None:
-            return f"generator item {self.position}"
-        return f"batch index {self.index} (epoch {self.epoch}, position {self.position})"
-
-
-@dataclass
-class Item:
-    """What travels on the host queue: a batch, or the error in its place."""
-
-    task: Task
-    batch: Any = None
-    error: BaseException | None = None
-    release: Callable[[], None] | None = None  # returns a staging slot to its pool
+_OUTPUTS = (None, "cupy", "numpy", "torch")
 
 
 @dataclass
 class Described:
-    """A batch read by a worker, split into structure and leaves."""
+    """A batch a worker read: its structure, and the batch itself or its staged copy."""
 
     treedef: TreeDef
     metas: list[LeafMeta]
-    batch: Any
-    release: Callable[[], None] | None = None
+    batch: Any = None  # the user's own batch (device=None, threads)
+    staged: Staged | None = None  # packed in a pinned or shared-memory slot
+    skipped: bool = False  # the source returned None
 
 
-def _overrides_on_epoch_end(sequence: Any) -> bool:
-    method = getattr(type(sequence), "on_epoch_end", None)
-    return method is not None and method is not Sequence.on_epoch_end
+_SKIPPED = Described(TreeDef("leaf"), [], skipped=True)
 
 
-class _TaskSource:
-    """Hands out tasks in stream order; subclasses decide what a task reads."""
+@dataclass
+class Item:
+    """What travels on the queues: a batch, a skipped item, or the error in its place."""
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._seq_no = 0
-        self._ended = False
+    task: Task
+    described: Described | None = None
+    error: BaseException | None = None
+    device_slot: DeviceSlot | None = None
 
-    def close(self) -> None:
-        """Ends the stream: every later or blocked ``claim`` raises ``OutOfRangeError``."""
-        with self._cond:
-            self._ended = True
-            self._cond.notify_all()
+    @property
+    def staged(self) -> Staged | None:
+        return None if self.described is None else self.described.staged
 
-    def claim(self) -> Task:
-        raise NotImplementedError
-
-    def read(self, task: Task) -> Any:
-        raise NotImplementedError
-
-    def done_reading(self, task: Task) -> None:
-        """Called once the read of ``task`` has finished, whatever its outcome."""
-
-    def _next_seq_no(self) -> int:
-        seq_no = self._seq_no
-        self._seq_no += 1
-        return seq_no
-
-
-class SequenceTasks(_TaskSource):
-    """Indices of a Sequence, epoch after epoch, with ``on_epoch_end`` between.
-
-    ``on_epoch_end`` runs in the worker that finds the epoch exhausted once
-    every read of the epoch has finished; the other workers wait for it, so no
-    read of the next epoch starts before it returns.
-    """
-
-    def __init__(
-        self,
-        sequence: Any,
-        *,
-        shuffle: bool,
-        seed: int,
-        shard: tuple[int, int],
-        epoch: int = 0,
-        position: int = 0,
-    ) -> None:
-        super().__init__()
-        self._sequence = sequence
-        self._shuffle = shuffle
-        self._seed = seed
-        self._shard = shard
-        self._epoch = epoch
-        self._position = position
-        self._order = self._make_order(epoch)
-        self._reads_in_flight = 0
-        self._epoch_end_running = False
-        # Called after on_epoch_end(), before the next epoch's first read.
-        self.epoch_ended: Callable[[], None] | None = None
-
-    def _make_order(self, epoch: int) -> np.ndarray:
-        length = len(self._sequence)
-        if length <= 0:
-            raise PipelineError(f"the Sequence is empty (len() returned {length}) at epoch {epoch}")
-        order = epoch_order(
-            length, epoch, shuffle=self._shuffle, seed=self._seed, shard=self._shard
-        )
-        if len(order) == 0:
-            raise PipelineError(
-                f"shard {self._shard} gets no batch of a Sequence of length {length} "
-                f"at epoch {epoch}"
-            )
-        return order
-
-    def claim(self) -> Task:
-        with self._cond:
-            while True:
-                if self._ended:
-                    raise OutOfRangeError("the stream has ended")
-                if self._position < len(self._order):
-                    task = Task(
-                        self._next_seq_no(),
-                        self._epoch,
-                        self._position,
-                        index=int(self._order[self._position]),
-                    )
-                    self._position += 1
-                    self._reads_in_flight += 1
-                    return task
-                if self._reads_in_flight == 0 and not self._epoch_end_running:
-                    self._epoch_end_running = True
-                    break
-                self._cond.wait()
-        # The epoch's last read has finished and nobody else may start one.
-        failure = None
-        try:
-            self._sequence.on_epoch_end()
-            order = self._make_order(self._epoch + 1)
-            if self.epoch_ended is not None:
-                self.epoch_ended()
-        except BaseException as error:
-            add_note(error, f"raised by on_epoch_end() after epoch {self._epoch}")
-            failure = error
-        with self._cond:
-            self._epoch_end_running = False
-            self._epoch += 1
-            self._position = 0
-            self._cond.notify_all()
-            if failure is not None:
-                self._ended = True
-                return Task(self._next_seq_no(), self._epoch, 0, failure=failure)
-            self._order = order
-        return self.claim()
-
-    def read(self, task: Task) -> Any:
-        return self._sequence[task.index]
-
-    def done_reading(self, task: Task) -> None:
-        with self._cond:
-            self._reads_in_flight -= 1
-            if self._reads_in_flight == 0:
-                self._cond.notify_all()
-
-    def fail(self) -> None:
-        """Stops handing out tasks after a read failed."""
-        self.close()
-
-
-class GeneratorTasks(_TaskSource):
-    """Items of an iterator, read one at a time under the lock.
-
-    The iterator need not be thread-safe. Once it raised, or ended, it is
-    never called again, even if it would yield more.
-    """
-
-    def __init__(self, iterable: Iterable[Any]) -> None:
-        super().__init__()
-        self._iterator = iter(iterable)
-
-    def claim(self) -> Task:
-        with self._cond:
-            if self._ended:
-                raise OutOfRangeError("the generator is exhausted")
-            seq_no = self._seq_no
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                self._ended = True
-                raise OutOfRangeError("the generator is exhausted") from None
-            except BaseException as error:
-                self._ended = True
-                return Task(self._next_seq_no(), 0, seq_no, failure=error)
-            return Task(self._next_seq_no(), 0, seq_no, batch=batch)
-
-    def read(self, task: Task) -> Any:
-        return task.batch
-
-    def fail(self) -> None:
-        self.close()
-
-
-class Sequencer:
-    """Lets workers put their items on the queue in ``seq_no`` order."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._next = 0
-        self._closed = False
-
-    def wait_turn(self, seq_no: int) -> None:
-        """Blocks until every item before ``seq_no`` is on the queue.
-
-        Raises:
-            CancelledError: If the sequencer was closed meanwhile.
-        """
-        with self._cond:
-            while self._next != seq_no and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                raise CancelledError("the pipeline is stopping")
-
-    def advance(self) -> None:
-        with self._cond:
-            self._next += 1
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+    def release_staging(self) -> None:
+        """Returns a staging slot the item still holds (when it is dropped)."""
+        if self.staged is not None:
+            self.staged.release(None)
 
 
 @dataclass
@@ -300,12 +104,32 @@ class _Stats:
     occupancy_sum: int = 0
 
 
+@dataclass
+class _Run:
+    """Everything one ``start()`` made, so ``stop()`` can undo exactly that."""
+
+    coord: Coordinator
+    tasks: SequenceTasks | GeneratorTasks
+    host_queue: FIFOQueue[Item]
+    output_queue: FIFOQueue[Item]
+    threads: list[threading.Thread]
+    backend: Backend | None = None
+    own_backend: bool = False
+    pinned: PinnedPool | None = None
+    processes: Any = None  # workers.ProcessPool
+    ring: DeviceRing | None = None
+    looper: CopyLooper | None = None
+    held: tuple[DeviceSlot, Any] | None = None  # the device slot the consumer holds
+    closed: bool = False
+    close_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 class SequenceEnqueuer:
     """Base class of the enqueuers, as ``keras.utils.SequenceEnqueuer``.
 
     Use::
 
-        enqueuer = OrderedEnqueuer(sequence, shuffle=True, seed=0)
+        enqueuer = OrderedEnqueuer(sequence, shuffle=True, seed=0, device="auto")
         enqueuer.start(workers=4, max_queue_size=10)
         batches = enqueuer.get()
         for step in range(steps):
@@ -316,48 +140,81 @@ class SequenceEnqueuer:
     ``start`` was called) and always stops it.
 
     Args:
-        sequence: A ``Sequence`` (or anything with ``__getitem__`` and
-            ``__len__``) or, for ``GeneratorEnqueuer``, an iterable.
+        sequence: A ``Sequence`` or, for ``GeneratorEnqueuer``, an iterable.
         use_multiprocessing: Read batches in worker processes instead of
             threads; batches come back through shared memory.
+        device: ``None`` (the default, as Keras): host batches exactly as the
+            source made them. ``"auto"``: a CUDA GPU through CuPy if one is
+            usable, else NumPy. ``"cpu"``: the NumPy fallback of the device
+            pipeline. An int or ``"cuda:N"``: that GPU, or a clear error.
+        prefetch_depth: Batches copied ahead of the consumer (0 = copy in
+            ``get()``, no prefetch). Device memory is ``prefetch_depth + 1``
+            slots.
+        output: ``None`` for the backend's arrays (CuPy or NumPy; ``"cupy"``
+            and ``"numpy"`` mean the same), or ``"torch"`` for PyTorch tensors
+            on the same memory.
+        stream: The stream the consumer's work runs on; by default CuPy's
+            current stream (PyTorch's with ``output="torch"``) at each ``get``.
+
+    Device batches are valid until the next ``get`` (or ``release()``): the
+    slot is then reused, after the work the consumer queued on it is done.
+    Use ``gpuqueue.keep(batch)`` to copy one that must live longer.
     """
 
     _name = "SequenceEnqueuer"
 
-    def __init__(self, sequence: Any, use_multiprocessing: bool = False) -> None:
+    def __init__(
+        self,
+        sequence: Any,
+        use_multiprocessing: bool = False,
+        *,
+        device: Any = None,
+        prefetch_depth: int = 2,
+        output: str | None = None,
+        stream: Any = None,
+    ) -> None:
+        if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int):
+            raise ValueError(f"prefetch_depth must be an int >= 0, got {prefetch_depth!r}")
+        if prefetch_depth < 0:
+            raise ValueError(f"prefetch_depth must be an int >= 0, got {prefetch_depth!r}")
+        if output not in _OUTPUTS:
+            raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
+        if device is None and (output == "torch" or stream is not None):
+            raise ValueError("output='torch' and stream need a device (device='auto', 0, ...)")
         self.sequence = sequence
         self.use_multiprocessing = bool(use_multiprocessing)
+        self.device = device
+        self.prefetch_depth = prefetch_depth
+        self.output = output
+        self.stream = stream
         self.workers = 0
         self.max_queue_size = 0
         self._lock = threading.Lock()
-        self._coord: Coordinator | None = None
-        self._queue: FIFOQueue[Item] | None = None
-        self._tasks: SequenceTasks | GeneratorTasks | None = None
-        self._threads: list[threading.Thread] = []
+        self._run: _Run | None = None
         self._spec: BatchSpec | None = None
         self._error: BaseException | None = None
         self._error_traceback: TracebackType | None = None
         self._stats = _Stats()
         self._stats_lock = threading.Lock()
-        self._process_pool: Any = None
 
     # -- life cycle ---------------------------------------------------------
 
     def is_running(self) -> bool:
         """True between ``start()`` and the end of the stream or ``stop()``."""
-        coord = self._coord
-        return coord is not None and not coord.should_stop()
+        run = self._run
+        return run is not None and not run.coord.should_stop()
 
     def start(self, workers: int = 1, max_queue_size: int = 10) -> None:
-        """Starts the workers.
+        """Starts the workers (and the copy stage, with a device).
 
         Args:
             workers: Number of worker threads (or processes).
-            max_queue_size: The most finished batches waiting for the consumer.
+            max_queue_size: The most finished batches waiting in host memory.
 
         Raises:
             ValueError: If ``workers`` or ``max_queue_size`` is not a positive int.
-            PipelineError: If the enqueuer is already running.
+            PipelineError: If the enqueuer is already running, the Sequence
+                cannot be pickled for processes, or the device is unusable.
         """
         for name, value in (("workers", workers), ("max_queue_size", max_queue_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -365,107 +222,139 @@ class SequenceEnqueuer:
         with self._lock:
             if self.is_running():
                 raise PipelineError(f"{self._name} is already running; call stop() first")
-            self.workers = workers
-            self.max_queue_size = max_queue_size
-            self._error = None
+            self._close_run()
+            self.workers, self.max_queue_size = workers, max_queue_size
+            self._error = self._error_traceback = None
             self._spec = None
-            self._process_pool = None
             self._stats = _Stats()
-            tasks = self._make_tasks()
-            coord = Coordinator()
-            queue: FIFOQueue[Item] = FIFOQueue(max_queue_size, name=f"{self._name}-host")
-            sequencer = Sequencer()
-            read = self._make_reader(tasks, workers, coord)
-            ops = [self._make_worker_op(i, tasks, read, sequencer, queue) for i in range(workers)]
-            runner = QueueRunner(queue, ops)
-            coord.add_stop_callback(tasks.close)
-            coord.add_stop_callback(sequencer.close)
-            coord.add_stop_callback(self._drop_queued(queue))
-            self._coord, self._queue, self._tasks = coord, queue, tasks
-            self._threads = runner.create_threads(coord, daemon=True, start=True)
+            run = self._prepare(workers, max_queue_size)
+            self._run = run
+            try:
+                self._launch(run, workers)
+            except BaseException:
+                self._stop_run(run, DEFAULT_STOP_TIMEOUT)
+                raise
 
-    def _make_tasks(self) -> SequenceTasks | GeneratorTasks:
-        raise NotImplementedError
+    def _prepare(self, workers: int, max_queue_size: int) -> _Run:
+        """Makes the run's queues, pools and backend; starts nothing."""
+        coord = Coordinator()
+        tasks = self._make_tasks()
+        host_queue: FIFOQueue[Item] = FIFOQueue(max_queue_size, name=f"{self._name}-host")
+        run = _Run(coord, tasks, host_queue, host_queue, [])
+        if self.device is not None:
+            backend = resolve(self.device)
+            run.backend, run.own_backend = backend, backend is not self.device
+            ring_size = self.prefetch_depth + 1
+            run.ring = DeviceRing(backend, ring_size, name=f"{self._name}-device-slots")
+            if self.prefetch_depth > 0:
+                run.output_queue = FIFOQueue(self.prefetch_depth, name=f"{self._name}-device")
+            if not self.use_multiprocessing:
+                slots = workers + max_queue_size + 1
+                run.pinned = PinnedPool(backend, slots, name=f"{self._name}-pinned")
+        return run
 
-    def _make_reader(
-        self, tasks: SequenceTasks | GeneratorTasks, workers: int, coord: Coordinator
-    ) -> Callable[[Task], Described]:
-        """Returns the function a worker calls to read and describe one task."""
+    def _launch(self, run: _Run, workers: int) -> None:
+        coord, tasks = run.coord, run.tasks
         if self.use_multiprocessing:
             from .workers import ProcessPool
 
-            pool = ProcessPool(
+            run.processes = ProcessPool(
                 self.sequence,
                 workers,
                 coord,
                 name=self._name,
                 slots=workers + self.max_queue_size + 1,
+                backend=run.backend,
             )
-            self._process_pool = pool
-            if isinstance(tasks, SequenceTasks) and _overrides_on_epoch_end(self.sequence):
-                tasks.epoch_ended = pool.sequence_changed
+            if isinstance(tasks, SequenceTasks) and overrides_on_epoch_end(self.sequence):
+                tasks.epoch_ended = run.processes.sequence_changed
+        sequencer = Sequencer()
+        read = self._reader(run)
+        ops = [self._worker_op(i, run, read, sequencer) for i in range(workers)]
+        for stop_callback in (tasks.close, sequencer.close, lambda: _drop(run.host_queue)):
+            coord.add_stop_callback(stop_callback)
+        if run.output_queue is not run.host_queue:
+            coord.add_stop_callback(lambda: _drop(run.output_queue))
+        if run.pinned is not None:
+            coord.add_stop_callback(run.pinned.cancel)
+        if run.ring is not None:
+            coord.add_stop_callback(run.ring.free.cancel)
+        runner = QueueRunner(run.host_queue, ops)
+        run.threads = runner.create_threads(coord, daemon=True, start=True)
+        if run.ring is not None and self.prefetch_depth > 0:
+            run.looper = CopyLooper(
+                coord, run.ring, run.host_queue, run.output_queue, name=f"{self._name}-copy"
+            )
+            run.threads.append(run.looper)
+            run.looper.start()
+
+    def _make_tasks(self) -> SequenceTasks | GeneratorTasks:
+        raise NotImplementedError
+
+    def _reader(self, run: _Run) -> Callable[[Task], Described]:
+        """Returns the function a worker calls to read (and stage) one task."""
+        tasks, processes, pinned = run.tasks, run.processes, run.pinned
+
+        if processes is not None:
 
             def read_in_process(task: Task) -> Described:
                 assert task.index is not None
-                batch, release = pool.read(task.index, task.where())
-                if batch is None:
-                    return Described(TreeDef("leaf"), [], None)
-                treedef, leaves = describe(batch)
-                metas, _ = layout(leaves)
-                return Described(treedef, metas, batch, release)
+                staged = processes.read(task.index, task.where())
+                if staged is None:
+                    return _SKIPPED
+                return Described(staged.treedef, staged.metas, staged=staged)
 
             return read_in_process
 
         def read_in_thread(task: Task) -> Described:
             batch = tasks.read(task)
             if batch is None:
-                return Described(TreeDef("leaf"), [], None)
+                return _SKIPPED
             treedef, leaves = describe(batch)
-            metas, _ = layout(leaves)
-            return Described(treedef, metas, batch)
+            metas, nbytes = layout(leaves)
+            if pinned is None:
+                return Described(treedef, metas, batch=batch)
+            return Described(treedef, metas, staged=pinned.stage(treedef, metas, nbytes, leaves))
 
         return read_in_thread
 
-    def _make_worker_op(
+    def _worker_op(
         self,
         number: int,
-        tasks: SequenceTasks | GeneratorTasks,
+        run: _Run,
         read: Callable[[Task], Described],
         sequencer: Sequencer,
-        queue: FIFOQueue[Item],
     ) -> Callable[[], None]:
+        tasks, queue = run.tasks, run.host_queue
+
         def enqueue_one() -> None:
             task = tasks.claim()  # OutOfRangeError here ends this worker cleanly
             item = Item(task)
-            described = None
             try:
                 if task.failure is not None:
                     raise task.failure
                 try:
-                    described = read(task)
+                    item.described = read(task)
                 finally:
                     tasks.done_reading(task)
+            except CancelledError:
+                raise
             except Exception as error:
-                tasks.fail()
-                add_note(
-                    error, f"raised in {threading.current_thread().name} reading {task.where()}"
-                )
+                tasks.close()
+                note_thread(error, f"reading {task.where()}")
                 item.error = error
             started = time.monotonic()
-            sequencer.wait_turn(task.seq_no)
             try:
-                if described is not None:
-                    item.batch, item.release = described.batch, described.release
-                    if described.batch is not None:
-                        self._check(described, task)
-            except Exception as error:
-                tasks.fail()
-                item.error = error
-            try:
+                sequencer.wait_turn(task.seq_no)
+                if item.described is not None and not item.described.skipped:
+                    try:
+                        self._check(item.described, task)
+                    except Exception as error:
+                        tasks.close()
+                        item.error = error
                 queue.put(item)
             except BaseException:
-                if item.release is not None:
-                    item.release()
+                item.release_staging()
                 raise
             sequencer.advance()
             with self._stats_lock:
@@ -482,42 +371,53 @@ class SequenceEnqueuer:
         else:
             self._spec.check(described.treedef, described.metas, task.where())
 
-    @staticmethod
-    def _drop_queued(queue: FIFOQueue[Item]) -> Callable[[], None]:
-        def cancel_and_release() -> None:
-            for item in queue.cancel():
-                if item.release is not None:
-                    item.release()
-
-        return cancel_and_release
-
     def stop(self, timeout: float | None = None) -> None:
-        """Stops every worker and waits for them to end.
+        """Stops every thread and process and frees pinned and device memory.
 
         Returns within ``timeout`` seconds (default 60) even while workers are
         blocked on a full queue; a worker still inside user code then is
         named in a ``RuntimeWarning``. Safe to call twice, from any thread,
         or before ``start()``.
         """
-        coord = self._coord
-        if coord is None:
-            return
-        coord.request_stop()
-        grace = DEFAULT_STOP_TIMEOUT if timeout is None else timeout
-        try:
-            coord.join(self._threads, stop_grace_period_secs=grace, ignore_live_threads=True)
-        except Exception as error:
-            logger.debug("stop(): the pipeline had failed with %r", error)
-        if self._process_pool is not None:
-            self._process_pool.close(grace)
-        stragglers = [t.name for t in self._threads if t.is_alive()]
+        run = self._run
+        if run is not None:
+            self._stop_run(run, DEFAULT_STOP_TIMEOUT if timeout is None else timeout)
+
+    def _stop_run(self, run: _Run, grace: float) -> None:
+        run.coord.request_stop()
+        with contextlib.suppress(Exception):  # the error reaches the consumer through get()
+            run.coord.join(run.threads, stop_grace_period_secs=grace, ignore_live_threads=True)
+        stragglers = [t.name for t in run.threads if t.is_alive()]
         if stragglers:
             warnings.warn(
                 f"{self._name}.stop(): threads still running after {grace} s, "
                 f"most likely inside the Sequence or generator: {', '.join(stragglers)}",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
+        if run.processes is not None:
+            run.processes.close(grace)
+        if not stragglers:
+            self._free(run)
+
+    def _free(self, run: _Run) -> None:
+        """Frees pinned and device memory once no thread can touch it."""
+        with run.close_lock:
+            if run.closed:
+                return
+            run.closed = True
+        if run.pinned is not None:
+            run.pinned.close()
+        if run.ring is not None:
+            run.ring.close()
+        run.held = None
+        if run.own_backend and run.backend is not None:
+            run.backend.close()
+
+    def _close_run(self) -> None:
+        run = self._run
+        if run is not None and not run.closed:
+            self._stop_run(run, DEFAULT_STOP_TIMEOUT)
 
     def __enter__(self) -> SequenceEnqueuer:
         if not self.is_running():
@@ -532,48 +432,59 @@ class SequenceEnqueuer:
     def get(self) -> Iterator[Any]:
         """Returns a generator of batches, in order.
 
-        For a Sequence the stream is endless, epoch after epoch; for a
-        generator it ends once everything the generator produced has been
-        yielded. Items that are ``None`` are skipped. If a worker failed, the
-        batches before the failure are yielded, then the worker's exception
-        is raised (its own type and traceback, with a note naming the worker
-        and the batch index), the enqueuer stops, and every later ``get()``
-        raises it again. If another thread calls ``stop()``, the generator
-        ends.
+        For a Sequence the stream is endless (epoch after epoch) unless
+        ``epochs`` was given; for a generator it ends once everything the
+        generator produced has been yielded. Items that are ``None`` are
+        skipped. If a worker (or the copy) failed, the batches before the
+        failure are yielded, then the original exception is raised (its own
+        type and traceback, with a note naming the thread and the batch
+        index), the enqueuer stops, and every later ``get()`` raises it
+        again. If another thread calls ``stop()``, the generator ends.
 
         Raises:
             PipelineError: If ``start()`` was not called.
         """
-        if self._coord is None or self._queue is None:
+        run = self._run
+        if run is None:
             raise PipelineError(f"{self._name}.get() called before start()")
-        return self._batches(self._coord, self._queue)
+        return self._batches(run)
 
-    def _batches(self, coord: Coordinator, queue: FIFOQueue[Item]) -> Iterator[Any]:
+    def _batches(self, run: _Run) -> Iterator[Any]:
+        queue = run.output_queue
         while True:
+            self.release()
             if self._error is not None:
                 raise self._error.with_traceback(self._error_traceback)
             started = time.monotonic()
             try:
                 item = queue.get()
-            except OutOfRangeError:  # a finite generator ended
+            except OutOfRangeError:  # a finite source ended
                 self.stop()
                 return
             except CancelledError:  # stop() from another thread, or an internal failure
-                if coord.exception is not None:
-                    self._fail(coord.exception)
+                if run.coord.exception is not None:
+                    self._fail(run.coord.exception)
                     continue
                 return
             with self._stats_lock:
                 self._stats.consumer_wait_s += time.monotonic() - started
                 self._stats.occupancy_sum += queue.qsize()
             if item.error is not None:
+                item.release_staging()
                 self._fail(item.error)
-                coord.request_stop(item.error)
+                run.coord.request_stop(item.error)
                 self.stop()
                 continue
             self._received(item.task)
-            batch = self._deliver(item)
-            if batch is None:
+            if item.described is None or item.described.skipped:
+                continue
+            try:
+                batch = self._deliver(run, item)
+            except Exception as error:
+                note_thread(error, f"delivering {item.task.where()}")
+                self._fail(error)
+                run.coord.request_stop(error)
+                self.stop()
                 continue
             with self._stats_lock:
                 self._stats.consumed += 1
@@ -583,19 +494,59 @@ class SequenceEnqueuer:
         """Makes ``error`` sticky: every later ``get()`` raises it, traceback intact."""
         self._error, self._error_traceback = error, error.__traceback__
 
-    def _deliver(self, item: Item) -> Any:
-        """Turns a queued item into what the consumer receives.
+    def _deliver(self, run: _Run, item: Item) -> Any:
+        """Turns a queued item into what the consumer receives."""
+        described = item.described
+        assert described is not None
+        staged = described.staged
+        if run.ring is None:
+            if staged is None:
+                return described.batch
+            # From a worker process: copy out of the shared-memory slot (one
+            # memcpy per array, no pickling) and give the slot back at once.
+            views = unpack(staged.treedef, staged.metas, staged.buffer)
+            treedef, leaves = describe(views)
+            batch = rebuild(treedef, [array.copy() for _, array in leaves])
+            staged.release(None)
+            return batch
+        assert staged is not None and run.backend is not None
+        stream = self._consumer_stream(run.backend)
+        slot = item.device_slot
+        if slot is None:  # prefetch_depth=0: copy now, on the consumer's stream
+            slot = run.ring.free.get()
+            run.ring.copy(slot, staged, stream)
+        run.held = (slot, stream)
+        return self._to_output(run.backend, run.ring.batch(slot, staged, stream))
 
-        A batch in a shared-memory slot is copied out (one memcpy per array,
-        no pickling) and the slot goes back to the pool at once.
+    def _consumer_stream(self, backend: Backend) -> Any:
+        if self.stream is not None:
+            return self.stream
+        if self.output == "torch" and hasattr(backend, "torch_stream"):
+            return backend.torch_stream()
+        return backend.current_stream()
+
+    def _to_output(self, backend: Backend, batch: Any) -> Any:
+        if self.output != "torch":
+            return batch
+        import torch
+
+        convert = torch.from_numpy if backend.name != "cupy" else torch.from_dlpack
+        treedef, leaves = describe_arrays(batch)
+        return rebuild(treedef, [convert(leaf) for leaf in leaves])
+
+    def release(self) -> None:
+        """Gives the device slot of the last batch back now, instead of at the next ``get``.
+
+        The slot is rewritten only after the work already queued on the
+        consumer's stream is done, so it is safe to call right after
+        launching the step that reads the batch.
         """
-        if item.release is None:
-            return item.batch
-        treedef, leaves = describe(item.batch)
-        batch = rebuild(treedef, [array.copy() for _, array in leaves])
-        item.batch = None
-        item.release()
-        return batch
+        run = self._run
+        if run is None or run.held is None or run.ring is None:
+            return
+        slot, stream = run.held
+        run.held = None
+        run.ring.release(slot, stream)
 
     def _received(self, task: Task) -> None:
         """Records that the consumer received ``task`` (for ``state_dict``)."""
@@ -607,29 +558,87 @@ class SequenceEnqueuer:
             ``batches_produced``, ``batches_consumed``, ``consumer_wait_s``
             (time ``get()`` waited for a batch), ``producer_blocked_s`` (time
             workers waited for their turn or for room in the queue),
-            ``queue_size`` (now), ``queue_capacity`` and
-            ``mean_queue_occupancy`` (queued batches seen at each ``get``).
+            ``queue_size`` (now), ``queue_capacity``,
+            ``mean_queue_occupancy`` (batches queued at each ``get``), and
+            with a device: ``backend``, ``prefetch_depth``, ``bytes_copied``,
+            ``h2d_gbps`` (bytes copied over the time copies were issued),
+            ``copy_wait_for_host_s`` (time the copy stage waited for the host
+            stage), ``pinned_bytes`` and ``device_bytes``.
         """
-        queue = self._queue
+        run = self._run
         with self._stats_lock:
             s = self._stats
-            gets = s.consumed + (s.produced - s.consumed > 0)
-            return {
+            gets = s.consumed + (s.produced > s.consumed)
+            stats: dict[str, Any] = {
                 "batches_produced": s.produced,
                 "batches_consumed": s.consumed,
                 "consumer_wait_s": s.consumer_wait_s,
                 "producer_blocked_s": s.producer_blocked_s,
-                "queue_size": queue.qsize() if queue is not None else 0,
-                "queue_capacity": self.max_queue_size,
+                "queue_size": run.output_queue.qsize() if run is not None else 0,
+                "queue_capacity": run.output_queue.capacity if run is not None else 0,
                 "mean_queue_occupancy": s.occupancy_sum / gets if gets else 0.0,
             }
+        if run is not None and run.ring is not None and run.backend is not None:
+            ring = run.ring
+            span = (ring.last_copy_at or 0.0) - (ring.first_copy_at or 0.0)
+            stats.update(
+                backend=run.backend.name,
+                prefetch_depth=self.prefetch_depth,
+                bytes_copied=ring.bytes_copied,
+                h2d_gbps=ring.bytes_copied / span / 1e9 if span > 0 else 0.0,
+                copy_wait_for_host_s=run.looper.host_wait_s if run.looper else 0.0,
+                pinned_bytes=(
+                    run.pinned.pinned_bytes
+                    if run.pinned is not None
+                    else run.processes.pinned_bytes
+                    if run.processes is not None
+                    else 0
+                ),
+                device_bytes=ring.device_bytes,
+            )
+        return stats
+
+
+def _drop(queue: FIFOQueue[Item]) -> None:
+    """Cancels ``queue`` and gives back the slots its dropped items held."""
+    for item in queue.cancel():
+        item.release_staging()
+
+
+def describe_arrays(batch: Any) -> tuple[TreeDef, list[Any]]:
+    """Splits a batch of any array type (NumPy, CuPy) into structure and leaves."""
+    leaves: list[Any] = []
+
+    def walk(node: Any) -> TreeDef:
+        if isinstance(node, dict):
+            keys = tuple(node)
+            return TreeDef("dict", tuple(walk(node[k]) for k in keys), keys=keys)
+        if isinstance(node, (tuple, list)):
+            kind = "list" if isinstance(node, list) else "tuple"
+            node_type = type(node) if hasattr(node, "_fields") else None
+            return TreeDef(kind, tuple(walk(v) for v in node), node_type=node_type)
+        leaves.append(node)
+        return TreeDef("leaf")
+
+    return walk(batch), leaves
+
+
+def keep(batch: Any) -> Any:
+    """Copies a device batch so it stays valid after the next ``get()``.
+
+    Works for CuPy, NumPy and PyTorch leaves; the copy is ordered on the
+    current stream like any other work.
+    """
+    treedef, leaves = describe_arrays(batch)
+    copies = [leaf.clone() if hasattr(leaf, "clone") else leaf.copy() for leaf in leaves]
+    return rebuild(treedef, copies)
 
 
 class OrderedEnqueuer(SequenceEnqueuer):
     """Reads a Sequence with several workers and yields batches in order.
 
-    As ``keras.utils.OrderedEnqueuer``, plus seeded shuffling, sharding and
-    resumption.
+    As ``keras.utils.OrderedEnqueuer``, plus seeded shuffling, sharding,
+    resumption, and the device keywords of ``SequenceEnqueuer``.
 
     Args:
         sequence: A ``Sequence``.
@@ -642,6 +651,10 @@ class OrderedEnqueuer(SequenceEnqueuer):
             of every epoch; ``"auto"`` (the default) reads the launcher's
             ``RANK``/``WORLD_SIZE`` or ``OMPI_COMM_WORLD_RANK``/``..._SIZE``
             when set; ``None`` reads everything.
+        epochs: Stop after this many epochs (counted from epoch 0); None
+            (the default, as Keras) is endless.
+        **device_options: ``device``, ``prefetch_depth``, ``output``,
+            ``stream``, as in ``SequenceEnqueuer``.
 
     Raises:
         ValueError: If ``shard`` is malformed, or several ranks shuffle
@@ -659,13 +672,17 @@ class OrderedEnqueuer(SequenceEnqueuer):
         *,
         seed: int | None = None,
         shard: tuple[int, int] | str | None = "auto",
+        epochs: int | None = None,
+        **device_options: Any,
     ) -> None:
         if not (hasattr(sequence, "__getitem__") and hasattr(sequence, "__len__")):
             raise TypeError(
                 f"OrderedEnqueuer needs a Sequence (with __getitem__ and __len__), "
                 f"got {type(sequence).__name__}"
             )
-        super().__init__(sequence, use_multiprocessing)
+        if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+            raise ValueError(f"epochs must be None or a positive int, got {epochs!r}")
+        super().__init__(sequence, use_multiprocessing, **device_options)
         self.shuffle = bool(shuffle)
         self.shard = resolve_shard(shard)
         if self.shuffle and seed is None and self.shard[1] > 1:
@@ -673,6 +690,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
                 f"shuffling across {self.shard[1]} ranks needs a seed that every rank shares"
             )
         self.seed = seed if seed is not None else secrets.randbits(63)
+        self.epochs = epochs
         self._epoch = 0
         self._position = 0
         length = len(sequence)
@@ -687,6 +705,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
             shard=self.shard,
             epoch=self._epoch,
             position=self._position,
+            epochs=self.epochs,
         )
 
     def _received(self, task: Task) -> None:
@@ -739,10 +758,10 @@ class GeneratorEnqueuer(SequenceEnqueuer):
 
     As ``keras.utils.GeneratorEnqueuer``, but the generator need not be
     thread-safe: ``next()`` runs under a lock, one reader at a time, while
-    the per-batch work (checks, staging) runs in parallel. Items come out in
-    the order the generator produced them. An exception from the generator
-    reaches the consumer after every item produced before it, and the
-    generator is never called again.
+    the per-batch work (checks, staging into pinned memory) runs in
+    parallel. Items come out in the order the generator produced them. An
+    exception from the generator reaches the consumer after every item
+    produced before it, and the generator is never called again.
 
     Args:
         generator: Any iterable.
@@ -751,6 +770,8 @@ class GeneratorEnqueuer(SequenceEnqueuer):
             ``Sequence``.
         random_seed: Accepted for Keras compatibility; with threads there is
             no per-worker random state to seed.
+        **device_options: ``device``, ``prefetch_depth``, ``output``,
+            ``stream``, as in ``SequenceEnqueuer``.
 
     Raises:
         TypeError: If ``generator`` is not iterable.
@@ -764,6 +785,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         generator: Iterable[Any],
         use_multiprocessing: bool = False,
         random_seed: int | None = None,
+        **device_options: Any,
     ) -> None:
         if not hasattr(generator, "__iter__") and not hasattr(generator, "__next__"):
             raise TypeError(f"GeneratorEnqueuer needs an iterable, got {type(generator).__name__}")
@@ -772,7 +794,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
                 "GeneratorEnqueuer cannot use processes: a generator's state cannot be shared "
                 "between them; wrap the data in a Sequence and use OrderedEnqueuer"
             )
-        super().__init__(generator, use_multiprocessing)
+        super().__init__(generator, use_multiprocessing, **device_options)
         self.random_seed = random_seed
         self._used = False
 
@@ -784,3 +806,50 @@ class GeneratorEnqueuer(SequenceEnqueuer):
             )
         self._used = True
         return GeneratorTasks(self.sequence)
+
+
+@contextlib.contextmanager
+def prefetch(
+    source: Any,
+    device: Any = "auto",
+    *,
+    workers: int = 1,
+    prefetch_depth: int = 2,
+    max_queue_size: int = 10,
+    use_multiprocessing: bool = False,
+    shuffle: bool = False,
+    seed: int | None = None,
+    epochs: int | None = None,
+    output: str | None = None,
+    stream: Any = None,
+) -> Iterator[Iterator[Any]]:
+    """Yields an iterator of device batches from a Sequence or any iterable.
+
+    The one-call form of the enqueuers: a ``Sequence`` (anything with
+    ``__getitem__`` and ``__len__``) goes through an ``OrderedEnqueuer``
+    (endless unless ``epochs`` is given), any other iterable through a
+    ``GeneratorEnqueuer``. Everything is stopped and freed when the block
+    ends, also on error::
+
+        with gpuqueue.prefetch(dataset, device="auto", workers=4, epochs=1) as batches:
+            for x, y in batches:
+                loss = step(x, y)
+    """
+    options: dict[str, Any] = {
+        "device": device,
+        "prefetch_depth": prefetch_depth,
+        "output": output,
+        "stream": stream,
+    }
+    enqueuer: SequenceEnqueuer
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+        enqueuer = OrderedEnqueuer(
+            source, use_multiprocessing, shuffle, seed=seed, epochs=epochs, **options
+        )
+    else:
+        enqueuer = GeneratorEnqueuer(source, use_multiprocessing, **options)
+    enqueuer.start(workers=workers, max_queue_size=max_queue_size)
+    try:
+        yield enqueuer.get()
+    finally:
+        enqueuer.stop()

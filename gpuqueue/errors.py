@@ -21,6 +21,8 @@ their own traceback and a note naming the thread and the batch index.
 
 from __future__ import annotations
 
+import threading
+
 __all__ = [
     "BatchError",
     "CancelledError",
@@ -65,3 +67,16 @@ class BatchError(PipelineError, ValueError):
     The message names the batch index and the field, for example
     ``batch index 7: field [0]['image'] has dtype float64, expected float32``.
     """
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)``, also on Python 3.10."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        error.__notes__ = [*getattr(error, "__notes__", []), note]  # type: ignore[attr-defined]
+
+
+def note_thread(error: BaseException, doing: str) -> None:
+    """Notes on ``error`` which thread raised it and what it was doing."""
+    add_note(error, f"raised in {threading.current_thread().name} {doing}")

@@ -1,14 +1,32 @@
-"""Where batches come from: ``Sequence``, and the order an epoch reads it in."""
+"""Where batches come from, and in what order.
+
+``Sequence`` is Keras's dataset interface; ``epoch_order`` draws an epoch's
+(seeded, sharded) order; ``SequenceTasks`` and ``GeneratorTasks`` hand the
+workers one task at a time in stream order, and ``Sequencer`` lets the
+workers put their results on the queue in that same order.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Sequence", "epoch_order", "resolve_shard"]
+from .errors import CancelledError, OutOfRangeError, PipelineError, add_note
+
+__all__ = [
+    "GeneratorTasks",
+    "Sequence",
+    "SequenceTasks",
+    "Sequencer",
+    "Task",
+    "epoch_order",
+    "resolve_shard",
+]
 
 # Launcher variables, in the order they are tried: torchrun, then Open MPI.
 _LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
@@ -95,3 +113,224 @@ def epoch_order(
         order = np.arange(length)
     rank, world_size = shard
     return order[rank::world_size]
+
+
+@dataclass
+class Task:
+    """One unit of work a worker claimed: where it sits in the stream, what to read."""
+
+    seq_no: int
+    epoch: int
+    position: int
+    index: int | None = None  # the Sequence index; None for a generator's item
+    batch: Any = None  # a generator's item, read while claiming
+    failure: BaseException | None = None  # an error that belongs at this point
+
+    def where(self) -> str:
+        if self.index is None:
+            return f"generator item {self.position}"
+        return f"batch index {self.index} (epoch {self.epoch}, position {self.position})"
+
+
+def overrides_on_epoch_end(sequence: Any) -> bool:
+    """True if ``sequence`` has an ``on_epoch_end`` of its own (not the no-op base)."""
+    method = getattr(type(sequence), "on_epoch_end", None)
+    return method is not None and method is not Sequence.on_epoch_end
+
+
+class _TaskSource:
+    """Hands out tasks in stream order; subclasses decide what a task reads."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._seq_no = 0
+        self._ended = False
+
+    def close(self) -> None:
+        """Ends the stream: every later or blocked ``claim`` raises ``OutOfRangeError``."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def claim(self) -> Task:
+        raise NotImplementedError
+
+    def read(self, task: Task) -> Any:
+        raise NotImplementedError
+
+    def done_reading(self, task: Task) -> None:
+        """Called once the read of ``task`` has finished, whatever its outcome."""
+
+    def _next_seq_no(self) -> int:
+        seq_no = self._seq_no
+        self._seq_no += 1
+        return seq_no
+
+
+class SequenceTasks(_TaskSource):
+    """Indices of a Sequence, epoch after epoch, with ``on_epoch_end`` between.
+
+    ``on_epoch_end`` runs in the worker that finds the epoch exhausted once
+    every read of the epoch has finished; the other workers wait for it, so no
+    read of the next epoch starts before it returns.
+    """
+
+    def __init__(
+        self,
+        sequence: Any,
+        *,
+        shuffle: bool,
+        seed: int,
+        shard: tuple[int, int],
+        epoch: int = 0,
+        position: int = 0,
+        epochs: int | None = None,
+    ) -> None:
+        super().__init__()
+        self._epochs = epochs
+        self._sequence = sequence
+        self._shuffle = shuffle
+        self._seed = seed
+        self._shard = shard
+        self._epoch = epoch
+        self._position = position
+        self._order = self._make_order(epoch)
+        self._reads_in_flight = 0
+        self._epoch_end_running = False
+        # Called after on_epoch_end(), before the next epoch's first read.
+        self.epoch_ended: Callable[[], None] | None = None
+
+    def _make_order(self, epoch: int) -> np.ndarray:
+        length = len(self._sequence)
+        if length <= 0:
+            raise PipelineError(f"the Sequence is empty (len() returned {length}) at epoch {epoch}")
+        order = epoch_order(
+            length, epoch, shuffle=self._shuffle, seed=self._seed, shard=self._shard
+        )
+        if len(order) == 0:
+            raise PipelineError(
+                f"shard {self._shard} gets no batch of a Sequence of length {length} "
+                f"at epoch {epoch}"
+            )
+        return order
+
+    def claim(self) -> Task:
+        with self._cond:
+            while True:
+                if self._ended:
+                    raise OutOfRangeError("the stream has ended")
+                if self._position < len(self._order):
+                    task = Task(
+                        self._next_seq_no(),
+                        self._epoch,
+                        self._position,
+                        index=int(self._order[self._position]),
+                    )
+                    self._position += 1
+                    self._reads_in_flight += 1
+                    return task
+                if self._reads_in_flight == 0 and not self._epoch_end_running:
+                    self._epoch_end_running = True
+                    break
+                self._cond.wait()
+        # The epoch's last read has finished and nobody else may start one.
+        failure = None
+        try:
+            self._sequence.on_epoch_end()
+            last = self._epochs is not None and self._epoch + 1 >= self._epochs
+            order = self._order if last else self._make_order(self._epoch + 1)
+            if self.epoch_ended is not None:
+                self.epoch_ended()
+        except BaseException as error:
+            add_note(error, f"raised by on_epoch_end() after epoch {self._epoch}")
+            failure = error
+        with self._cond:
+            self._epoch_end_running = False
+            self._epoch += 1
+            self._position = 0
+            self._cond.notify_all()
+            if self._epochs is not None and self._epoch >= self._epochs and failure is None:
+                self._ended = True
+                raise OutOfRangeError(f"all {self._epochs} epochs were read")
+            if failure is not None:
+                self._ended = True
+                return Task(self._next_seq_no(), self._epoch, 0, failure=failure)
+            self._order = order
+        return self.claim()
+
+    def read(self, task: Task) -> Any:
+        return self._sequence[task.index]
+
+    def done_reading(self, task: Task) -> None:
+        with self._cond:
+            self._reads_in_flight -= 1
+            if self._reads_in_flight == 0:
+                self._cond.notify_all()
+
+    def fail(self) -> None:
+        """Stops handing out tasks after a read failed."""
+        self.close()
+
+
+class GeneratorTasks(_TaskSource):
+    """Items of an iterator, read one at a time under the lock.
+
+    The iterator need not be thread-safe. Once it raised, or ended, it is
+    never called again, even if it would yield more.
+    """
+
+    def __init__(self, iterable: Iterable[Any]) -> None:
+        super().__init__()
+        self._iterator = iter(iterable)
+
+    def claim(self) -> Task:
+        with self._cond:
+            if self._ended:
+                raise OutOfRangeError("the generator is exhausted")
+            seq_no = self._seq_no
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                self._ended = True
+                raise OutOfRangeError("the generator is exhausted") from None
+            except BaseException as error:
+                self._ended = True
+                return Task(self._next_seq_no(), 0, seq_no, failure=error)
+            return Task(self._next_seq_no(), 0, seq_no, batch=batch)
+
+    def read(self, task: Task) -> Any:
+        return task.batch
+
+    def fail(self) -> None:
+        self.close()
+
+
+class Sequencer:
+    """Lets workers put their items on the queue in ``seq_no`` order."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._closed = False
+
+    def wait_turn(self, seq_no: int) -> None:
+        """Blocks until every item before ``seq_no`` is on the queue.
+
+        Raises:
+            CancelledError: If the sequencer was closed meanwhile.
+        """
+        with self._cond:
+            while self._next != seq_no and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise CancelledError("the pipeline is stopping")
+
+    def advance(self) -> None:
+        with self._cond:
+            self._next += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

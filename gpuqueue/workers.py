@@ -28,10 +28,14 @@ from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from typing import Any
 
+import numpy as np
+
+from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator
 from .errors import CancelledError, PipelineError, WorkerDiedError
-from .staging import describe, layout, pack, unpack
+from .looper import Staged
+from .staging import describe, layout, pack
 
 __all__ = ["ProcessPool"]
 
@@ -75,7 +79,7 @@ def worker_main(conn: multiprocessing.connection.Connection, sequence: Any) -> N
 
     Messages in: ``("sequence", obj)`` replaces the Sequence (after
     ``on_epoch_end`` ran in the parent); ``("read", index, slot, capacity)``
-    reads a batch; ``None`` stops. Replies: ``("ok", treedef, metas)``,
+    reads a batch; ``None`` stops. Replies: ``("ok", treedef, metas, nbytes)``,
     ``("none",)``, ``("grow", nbytes)`` (then a new ``(slot, capacity)``), or
     ``("error", exception)``.
     """
@@ -106,7 +110,7 @@ def worker_main(conn: multiprocessing.connection.Connection, sequence: Any) -> N
                 if slot not in attached:
                     attached[slot] = _attach(slot)
                 pack(leaves, metas, attached[slot].buf)
-                conn.send(("ok", treedef, metas))
+                conn.send(("ok", treedef, metas, nbytes))
             except Exception as error:
                 conn.send(("error", _portable_error(error)))
             finally:
@@ -120,6 +124,8 @@ def worker_main(conn: multiprocessing.connection.Connection, sequence: Any) -> N
 @dataclass
 class _Slot:
     shm: shared_memory.SharedMemory | None = None
+    array: np.ndarray | None = None  # the segment as uint8, registered with the backend
+    copy_done: Any = None  # the event of the last copy that read this slot
 
     @property
     def name(self) -> str:
@@ -147,13 +153,23 @@ class ProcessPool:
         coord: The enqueuer's coordinator; stopping it wakes every waiting thread.
         name: For process names and messages.
         slots: Number of shared-memory slots (workers + queue size + 1).
+        backend: Page-locks each slot (``cudaHostRegister``) so the copy to
+            the device reads it directly, and fences its reuse; None on the
+            host-only path.
 
     Raises:
         PipelineError: If the Sequence cannot be pickled.
     """
 
     def __init__(
-        self, sequence: Any, workers: int, coord: Coordinator, *, name: str, slots: int
+        self,
+        sequence: Any,
+        workers: int,
+        coord: Coordinator,
+        *,
+        name: str,
+        slots: int,
+        backend: Backend | None = None,
     ) -> None:
         try:
             pickle.dumps(sequence)
@@ -164,6 +180,7 @@ class ProcessPool:
                 "without locks, open files or lambdas, or use threads"
             ) from error
         self._sequence = sequence
+        self._backend = backend
         self._sequence_version = 0
         self._lock = threading.Lock()
         self._name = name
@@ -200,12 +217,13 @@ class ProcessPool:
         with self._lock:
             self._sequence_version += 1
 
-    def read(self, index: int, where: str) -> tuple[Any, Any]:
-        """Reads ``sequence[index]`` in a process.
+    def read(self, index: int, where: str) -> Staged | None:
+        """Reads ``sequence[index]`` in a process, into a shared-memory slot.
 
         Returns:
-            ``(batch, release)``: the batch as views of a shared-memory slot
-            (or None), and the function that returns the slot to the pool.
+            The staged batch (its ``release(event)`` returns the slot once the
+            copy behind ``event`` completes), or None if the Sequence
+            returned None.
 
         Raises:
             The error the Sequence raised, as its own type with the worker's
@@ -215,6 +233,9 @@ class ProcessPool:
         worker = self._idle.get()
         slot = self._free_slots.get()
         try:
+            if slot.copy_done is not None and self._backend is not None:
+                self._backend.synchronize(slot.copy_done)
+            slot.copy_done = None
             with self._lock:
                 version = self._sequence_version
             if worker.sequence_version != version:
@@ -239,13 +260,13 @@ class ProcessPool:
             raise reply[1]
         if reply[0] == "none":
             self._return_slot(slot)
-            return None, None
-        _, treedef, metas = reply
-        assert slot.shm is not None
-        batch = unpack(treedef, metas, slot.shm.buf)
-        return batch, lambda: self._return_slot(slot)
+            return None
+        _, treedef, metas, nbytes = reply
+        assert slot.array is not None
+        return Staged(treedef, metas, nbytes, slot.array, lambda e: self._return_slot(slot, e))
 
-    def _return_slot(self, slot: _Slot) -> None:
+    def _return_slot(self, slot: _Slot, copy_done: Any = None) -> None:
+        slot.copy_done = copy_done
         if not self._free_slots.closed:
             self._free_slots.put(slot)
 
@@ -266,11 +287,25 @@ class ProcessPool:
             f"{_describe_exit(worker.process.exitcode)} while reading {worker.busy_with}"
         )
 
-    @staticmethod
-    def _grow(slot: _Slot, nbytes: int) -> None:
-        if slot.shm is not None:
-            _free(slot.shm)
-        slot.shm = shared_memory.SharedMemory(create=True, size=max(1, int(nbytes * _GROWTH)))
+    def _grow(self, slot: _Slot, nbytes: int) -> None:
+        self._free_slot(slot)
+        shm = shared_memory.SharedMemory(create=True, size=max(1, int(nbytes * _GROWTH)))
+        slot.shm = shm
+        slot.array = np.frombuffer(shm.buf, dtype=np.uint8)  # type: ignore[arg-type]
+        if self._backend is not None:
+            self._backend.register_host(slot.array)
+
+    def _free_slot(self, slot: _Slot) -> None:
+        if slot.shm is None:
+            return
+        if self._backend is not None and slot.array is not None:
+            if slot.copy_done is not None:
+                self._backend.synchronize(slot.copy_done)
+            self._backend.unregister_host(slot.array)
+        slot.array = None
+        slot.copy_done = None
+        _free(slot.shm)
+        slot.shm = None
 
     @property
     def pinned_bytes(self) -> int:
@@ -300,9 +335,7 @@ class ProcessPool:
                 killed.append(worker.process.name)
             worker.conn.close()
         for slot in self._all_slots:
-            if slot.shm is not None:
-                _free(slot.shm)
-                slot.shm = None
+            self._free_slot(slot)
         self._stop_reader.close()
         self._stop_writer.close()
         return killed

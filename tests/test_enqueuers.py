@@ -234,7 +234,7 @@ def test_stop_returns_while_workers_are_blocked_on_a_full_queue(
     assert blocked.wait(5)
     enqueuer.stop(timeout=5)
     assert not enqueuer.is_running()
-    assert not any(t.is_alive() for t in enqueuer._threads)
+    assert not any(t.is_alive() for t in enqueuer._run.threads)
 
 
 class Gated(Numbered):
@@ -253,7 +253,7 @@ def test_a_consumer_blocked_in_get_wakes_when_another_thread_stops(running: list
     enqueuer = start(running, OrderedEnqueuer(seq), workers=2)
     batches = enqueuer.get()
     next(batches)
-    waiting = wait_entered(enqueuer._queue._not_empty)
+    waiting = wait_entered(enqueuer._run.host_queue._not_empty)
     consumer = Worker(lambda: list(batches), name="consumer")
     consumer.start()
     assert waiting.wait(5)

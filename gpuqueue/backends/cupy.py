@@ -1,0 +1,121 @@
+"""The CUDA backend, through CuPy. The only module of gpuqueue that imports CuPy.
+
+Pinned memory comes straight from ``cudaHostAlloc`` (not CuPy's pinned pool,
+which frees eagerly): a slot must live until its copy is done, and gpuqueue
+tracks that itself. Copies are ``cudaMemcpyAsync`` on an explicit stream;
+events have timing disabled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import cupy
+import numpy as np
+
+from ..staging import LeafMeta
+
+__all__ = ["CupyBackend", "device_count"]
+
+_HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
+_HOST_ALLOC_PORTABLE = 1  # cudaHostAllocPortable: pinned for every context
+_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
+
+
+def device_count() -> int:
+    """The number of usable GPUs; raises if the driver or runtime is missing."""
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
+def _address(buffer: np.ndarray) -> int:
+    return int(buffer.ctypes.data)
+
+
+class CupyBackend:
+    """Pinned host slots, device arenas, a copy stream and events, on one GPU.
+
+    Args:
+        device: The GPU index.
+    """
+
+    name = "cupy"
+
+    def __init__(self, device: int) -> None:
+        self.device: int | None = device
+        self._cuda_device = cupy.cuda.Device(device)
+        self._pinned: dict[int, int] = {}  # address -> bytes, for free_pinned
+
+    def enter_device(self) -> None:
+        self._cuda_device.use()
+
+    def alloc_pinned(self, nbytes: int) -> np.ndarray:
+        nbytes = max(1, nbytes)
+        address = cupy.cuda.runtime.hostAlloc(nbytes, _HOST_ALLOC_PORTABLE)
+        self._pinned[address] = nbytes
+        raw = (ctypes.c_uint8 * nbytes).from_address(address)
+        return np.ctypeslib.as_array(raw)
+
+    def free_pinned(self, buffer: np.ndarray) -> None:
+        address = _address(buffer)
+        if self._pinned.pop(address, None) is not None:
+            cupy.cuda.runtime.freeHost(address)
+
+    def register_host(self, buffer: np.ndarray) -> None:
+        cupy.cuda.runtime.hostRegister(_address(buffer), buffer.nbytes, _HOST_REGISTER_PORTABLE)
+
+    def unregister_host(self, buffer: np.ndarray) -> None:
+        cupy.cuda.runtime.hostUnregister(_address(buffer))
+
+    def alloc_device(self, nbytes: int) -> Any:
+        with self._cuda_device:
+            return cupy.empty(max(1, nbytes), dtype=cupy.uint8)
+
+    def free_device(self, buffer: Any) -> None:
+        pass  # CuPy frees the arena when its last view is gone
+
+    def create_stream(self) -> Any:
+        with self._cuda_device:
+            return cupy.cuda.Stream(non_blocking=True)
+
+    def current_stream(self) -> Any:
+        with self._cuda_device:
+            return cupy.cuda.get_current_stream()
+
+    def torch_stream(self) -> Any:
+        """PyTorch's current stream on this device, as a CuPy stream (for ``output="torch"``)."""
+        import torch
+
+        pointer = torch.cuda.current_stream(self.device).cuda_stream
+        return cupy.cuda.ExternalStream(pointer, self.device)
+
+    def create_event(self) -> Any:
+        with self._cuda_device:
+            return cupy.cuda.Event(block=False, disable_timing=True)
+
+    def record(self, event: Any, stream: Any) -> None:
+        event.record(stream)
+
+    def wait_event(self, stream: Any, event: Any) -> None:
+        stream.wait_event(event)
+
+    def synchronize(self, event: Any) -> None:
+        event.synchronize()
+
+    def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
+        cupy.cuda.runtime.memcpyAsync(
+            dst.data.ptr, _address(src), nbytes, _HOST_TO_DEVICE, stream.ptr
+        )
+
+    def view(self, arena: Any, meta: LeafMeta) -> Any:
+        count = int(np.prod(meta.shape, dtype=np.int64))
+        flat = arena[meta.offset : meta.offset + count * meta.dtype.itemsize].view(meta.dtype)
+        return flat.reshape(meta.shape)
+
+    def device_bytes(self) -> int:
+        return int(cupy.get_default_memory_pool().total_bytes())
+
+    def close(self) -> None:
+        for address in list(self._pinned):
+            cupy.cuda.runtime.freeHost(address)
+        self._pinned.clear()

@@ -1,0 +1,167 @@
+"""A backend whose copies finish late, to test the fences on a machine without a GPU.
+
+Each stream is a helper thread that runs its operations (copies, event
+records, waits on events, test "kernels") in order, after the call that
+issued them has returned, as a GPU does. Events complete when their stream
+reaches them. With ``fences=False``, ``wait_event`` and ``synchronize`` do
+nothing, so a test can show that, without the fences, a slot is rewritten
+while its previous batch is still being read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..channel import FIFOQueue
+from ..errors import CancelledError
+from .numpy import NumpyBackend
+
+__all__ = ["SimulatedBackend"]
+
+_UNBOUNDED = 1 << 30
+
+
+class SimEvent:
+    """Counts how many times it was recorded, and how many of those completed."""
+
+    def __init__(self) -> None:
+        self.recorded = 0
+        self.completed = 0
+
+
+class SimStream:
+    """A helper thread running operations in the order they were issued."""
+
+    def __init__(self, backend: SimulatedBackend, number: int) -> None:
+        self.name = f"gpuqueue-simulated-stream{number}"
+        self._ops: FIFOQueue[Callable[[], None]] = FIFOQueue(_UNBOUNDED, name=self.name)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._backend = backend
+        self._thread.start()
+
+    def issue(self, op: Callable[[], None]) -> None:
+        self._ops.put(op)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                op = self._ops.get()
+            except CancelledError:
+                return
+            try:
+                op()
+            except CancelledError:
+                return
+            except BaseException as error:  # surfaces at the next synchronize
+                self._backend.stream_errors.append(error)
+
+    def close(self) -> None:
+        self._ops.cancel()
+        self._thread.join(5)
+
+
+class SimulatedBackend(NumpyBackend):
+    """NumPy memory with asynchronous, stream-ordered copies.
+
+    Args:
+        fences: Honour ``wait_event`` and ``synchronize``. Off only in tests
+            that show what the fences prevent.
+        on_copy: Called on the stream thread after each copy completes, with
+            the copy's number (0, 1, ...), so tests can follow progress.
+    """
+
+    name = "simulated"
+
+    def __init__(self, fences: bool = True, on_copy: Callable[[int], None] | None = None) -> None:
+        super().__init__()
+        self.fences = fences
+        self.on_copy = on_copy
+        self.stream_errors: list[BaseException] = []
+        self._cond = threading.Condition()
+        self._closing = False
+        self._streams: list[SimStream] = []
+        self._numbers = itertools.count()
+        self._copies = itertools.count()
+        self._default_stream: SimStream | None = None
+
+    def create_stream(self) -> SimStream:
+        with self._cond:
+            if self._closing:
+                raise CancelledError("the simulated backend is closed")
+            stream = SimStream(self, next(self._numbers))
+            self._streams.append(stream)
+            return stream
+
+    def current_stream(self) -> SimStream:
+        with self._cond:
+            stream = self._default_stream
+        if stream is None:
+            stream = self.create_stream()
+            with self._cond:
+                self._default_stream = stream
+        return stream
+
+    def create_event(self) -> SimEvent:
+        return SimEvent()
+
+    def record(self, event: SimEvent, stream: SimStream) -> None:
+        with self._cond:
+            event.recorded += 1
+            target = event.recorded
+
+        def complete() -> None:
+            with self._cond:
+                event.completed = max(event.completed, target)
+                self._cond.notify_all()
+
+        stream.issue(complete)
+
+    def _wait_for(self, event: SimEvent, target: int) -> None:
+        with self._cond:
+            while event.completed < target and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                raise CancelledError("the simulated backend is closed")
+
+    def wait_event(self, stream: SimStream, event: SimEvent) -> None:
+        if not self.fences:
+            return
+        target = event.recorded
+        stream.issue(lambda: self._wait_for(event, target))
+
+    def synchronize(self, event: SimEvent) -> None:
+        if self.fences:
+            self._wait_for(event, event.recorded)
+
+    def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: SimStream) -> None:
+        number = next(self._copies)
+
+        def copy() -> None:
+            np.copyto(dst[:nbytes], src[:nbytes])
+            if self.on_copy is not None:
+                self.on_copy(number)
+
+        stream.issue(copy)
+
+    def launch(self, stream: SimStream, kernel: Callable[[], None]) -> None:
+        """Runs ``kernel`` on ``stream`` after the work issued before it (a test kernel)."""
+        stream.issue(kernel)
+
+    def synchronize_stream(self, stream: SimStream) -> None:
+        """Blocks until everything issued to ``stream`` so far has run."""
+        event = self.create_event()
+        self.record(event, stream)
+        self._wait_for(event, event.recorded)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            streams, self._streams = self._streams, []
+        for stream in streams:
+            stream.close()

@@ -1,0 +1,114 @@
+"""OrderedEnqueuer with use_multiprocessing=True: shared-memory slots and process faults."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpuqueue import OrderedEnqueuer, PipelineError, WorkerDiedError
+from tests.seqs import DiesAt, FailsAt, Growing, Numbered, ShiftsEachEpoch
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs POSIX shared memory")
+
+
+def shm_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
+
+
+@pytest.fixture
+def enqueuers() -> Iterator[list[OrderedEnqueuer]]:
+    made: list[OrderedEnqueuer] = []
+    before = shm_segments()
+    yield made
+    for enqueuer in made:
+        enqueuer.stop(timeout=10)
+    # every slot is unlinked and every process ended
+    assert shm_segments() - before == set()
+    for enqueuer in made:
+        if enqueuer._run.processes is not None:
+            assert not any(p.is_alive() for p in enqueuer._run.processes.processes)
+
+
+def started(made: list[OrderedEnqueuer], seq: Any, workers: int = 2, **kwargs: Any) -> OrderedEnqueuer:
+    enqueuer = OrderedEnqueuer(seq, use_multiprocessing=True, shard=None, **kwargs)
+    made.append(enqueuer)
+    enqueuer.start(workers=workers, max_queue_size=3)
+    return enqueuer
+
+
+def test_batches_come_back_in_order_with_their_values(enqueuers: list[OrderedEnqueuer]) -> None:
+    enqueuer = started(enqueuers, Numbered(length=5), workers=3)
+    batches = list(islice(enqueuer.get(), 12))
+    assert [int(b[1]["index"]) for b in batches] == [0, 1, 2, 3, 4] * 2 + [0, 1]
+    for batch in batches:
+        index = int(batch[1]["index"])
+        assert batch[0].dtype == np.float32 and batch[0].shape == (2, 3)
+        assert np.all(batch[0] == index)
+    # delivered batches are the consumer's own: later batches do not overwrite them
+    assert float(batches[0][0][0, 0]) == 0.0 and float(batches[3][0][0, 0]) == 3.0
+
+
+def test_slots_are_reused_and_grow_only_when_a_batch_does_not_fit(
+    enqueuers: list[OrderedEnqueuer],
+) -> None:
+    enqueuer = started(enqueuers, Growing(), workers=2)
+    got = list(islice(enqueuer.get(), 16))
+    assert [len(b) for b in got] == [(i % 8 + 1) * 1000 for i in range(16)]
+    assert all(np.array_equal(b, np.arange(len(b), dtype=np.int32)) for b in got)
+    pool = enqueuer._run.processes
+    slots = 2 + 3 + 1
+    largest = 8 * 1000 * 4
+    assert pool.pinned_bytes <= slots * largest * 1.25 + slots * 4096
+
+
+def test_on_epoch_end_reaches_the_worker_processes(enqueuers: list[OrderedEnqueuer]) -> None:
+    enqueuer = started(enqueuers, ShiftsEachEpoch(length=3), workers=2)
+    values = [float(b[0][0, 0]) for b in islice(enqueuer.get(), 9)]
+    assert values == [0, 1, 2, 100, 101, 102, 200, 201, 202]
+
+
+def test_worker_error_keeps_its_type_and_remote_traceback(
+    enqueuers: list[OrderedEnqueuer],
+) -> None:
+    enqueuer = started(enqueuers, FailsAt(bad_index=2), workers=2)
+    batches = enqueuer.get()
+    assert [int(next(batches)[1]["index"]) for _ in range(2)] == [0, 1]
+    with pytest.raises(KeyError, match=r"cannot read 2") as info:
+        next(batches)
+    notes = "\n".join(info.value.__notes__)
+    assert "traceback in the worker process" in notes and "in __getitem__" in notes
+    assert "reading batch index 2 (epoch 0, position 2)" in notes
+
+
+@pytest.mark.parametrize(("how", "signal_name"), [("sigkill", "SIGKILL"), ("segfault", "SIGSEGV")])
+def test_a_dead_worker_is_a_clear_error_within_seconds(
+    enqueuers: list[OrderedEnqueuer], how: str, signal_name: str
+) -> None:
+    enqueuer = started(enqueuers, DiesAt(bad_index=3, how=how), workers=2)
+    batches = enqueuer.get()
+    began = time.monotonic()
+    assert [int(next(batches)[1]["index"]) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(WorkerDiedError, match=rf"died with signal {signal_name} while reading batch index 3"):
+        next(batches)
+    assert time.monotonic() - began < 5
+    assert not enqueuer.is_running()
+
+
+class Unpicklable(Numbered):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+def test_an_unpicklable_sequence_is_a_clear_error() -> None:
+    enqueuer = OrderedEnqueuer(Unpicklable(), use_multiprocessing=True)
+    with pytest.raises(PipelineError, match=r"^use_multiprocessing=True needs a picklable Sequence"):
+        enqueuer.start(workers=2)
+    assert not enqueuer.is_running()
