@@ -24,6 +24,7 @@ module is the one code path for all of them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,18 @@ class Staged:
     metas: list[LeafMeta]
     nbytes: int
     buffer: np.ndarray  # uint8, at least nbytes long
-    release: Any  # release(copy_done_event_or_None): the slot goes back to its pool
+    give_back: Callable[[Any], None]  # returns the slot to its pool, fenced by an event
+    released: bool = False
+
+    def release(self, copy_done: Any = None) -> None:
+        """Returns the slot to its pool, once: the next user waits for ``copy_done``.
+
+        Idempotent, because an item can be dropped (on stop) after its copy
+        already gave the slot back.
+        """
+        if not self.released:
+            self.released = True
+            self.give_back(copy_done)
 
 
 class PinnedPool:
@@ -78,6 +90,7 @@ class PinnedPool:
         self._free: FIFOQueue[PinnedSlot] = FIFOQueue(count, name=name)
         for slot in self._slots:
             self._free.put(slot)
+        self._largest = 0  # the largest batch seen: every slot grows straight to it
 
     def acquire(self, nbytes: int) -> PinnedSlot:
         """Takes a free slot of at least ``nbytes``, once its last copy has completed.
@@ -90,11 +103,12 @@ class PinnedPool:
             if slot.copy_done is not None:
                 self._backend.synchronize(slot.copy_done)
                 slot.copy_done = None
-            if slot.capacity < nbytes:
+            self._largest = max(self._largest, nbytes)
+            if slot.capacity < self._largest:
                 if slot.buffer is not None:
                     self._backend.free_pinned(slot.buffer)
                     slot.buffer = None
-                slot.buffer = self._backend.alloc_pinned(int(nbytes * _GROWTH))
+                slot.buffer = self._backend.alloc_pinned(int(self._largest * _GROWTH))
         except BaseException:
             self.release(slot)
             raise
@@ -159,6 +173,7 @@ class DeviceRing:
         for slot in self.slots:
             self.free.put(slot)
         self.bytes_copied = 0
+        self.largest = 0  # the largest batch seen: every slot grows straight to it
         self.first_copy_at: float | None = None
         self.last_copy_at: float | None = None
 
@@ -168,12 +183,13 @@ class DeviceRing:
         The pinned slot goes back to its pool with the copy's event.
         """
         backend = self.backend
-        if slot.capacity < staged.nbytes:
+        self.largest = max(self.largest, staged.nbytes)
+        if slot.capacity < self.largest:
             if slot.arena is not None and slot.released_once:
                 # The old arena may still be read by the consumer's queued work.
                 backend.synchronize(slot.released)
-            slot.arena = backend.alloc_device(int(staged.nbytes * _GROWTH))
-            slot.capacity = int(staged.nbytes * _GROWTH)
+            slot.capacity = int(self.largest * _GROWTH)
+            slot.arena = backend.alloc_device(slot.capacity)
         if slot.released_once:
             backend.wait_event(stream, slot.released)
         backend.copy_to_device(slot.arena, staged.buffer, staged.nbytes, stream)

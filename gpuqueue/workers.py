@@ -202,6 +202,7 @@ class ProcessPool:
             worker = _Worker(process, parent_end)
             self._workers.append(worker)
             self._idle.put(worker)
+        self._largest = 0  # the largest batch seen: every slot grows straight to it
         self._free_slots: FIFOQueue[_Slot] = FIFOQueue(slots, name=f"{name}-slots")
         self._all_slots = [_Slot() for _ in range(slots)]
         for slot in self._all_slots:
@@ -236,6 +237,8 @@ class ProcessPool:
             if slot.copy_done is not None and self._backend is not None:
                 self._backend.synchronize(slot.copy_done)
             slot.copy_done = None
+            if slot.capacity < self._largest:
+                self._grow(slot, self._largest)
             with self._lock:
                 version = self._sequence_version
             if worker.sequence_version != version:
@@ -289,7 +292,8 @@ class ProcessPool:
 
     def _grow(self, slot: _Slot, nbytes: int) -> None:
         self._free_slot(slot)
-        shm = shared_memory.SharedMemory(create=True, size=max(1, int(nbytes * _GROWTH)))
+        self._largest = max(self._largest, nbytes)
+        shm = shared_memory.SharedMemory(create=True, size=max(1, int(self._largest * _GROWTH)))
         slot.shm = shm
         slot.array = np.frombuffer(shm.buf, dtype=np.uint8)  # type: ignore[arg-type]
         if self._backend is not None:

@@ -259,7 +259,9 @@ def test_join_names_stragglers_after_the_grace_period() -> None:
     straggler.start()
     coord.request_stop()
     try:
-        with pytest.raises(RuntimeError, match=r"^Coordinator stopped with threads still running: stuck-worker$"):
+        with pytest.raises(
+            RuntimeError, match=r"^Coordinator stopped with threads still running: stuck-worker$"
+        ):
             coord.join([straggler], stop_grace_period_secs=0.01)
     finally:
         release.set()
@@ -307,7 +309,9 @@ def test_join_ignores_threads_never_started() -> None:
 def test_looper_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match=r"^'coord' must be a Coordinator, got object$"):
         LooperThread(object(), None)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"^'args' and 'kwargs' require that you also pass 'target'$"):
+    with pytest.raises(
+        ValueError, match=r"^'args' and 'kwargs' require that you also pass 'target'$"
+    ):
         LooperThread(Coordinator(), None, args=(1,))
     with pytest.raises(ValueError, match=r"^'args' and 'kwargs' require"):
         LooperThread(Coordinator(), None, kwargs={"a": 1})

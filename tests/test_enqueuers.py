@@ -210,7 +210,9 @@ def test_len_changing_between_epochs_is_followed(running: list[Any]) -> None:
     enqueuer = start(running, OrderedEnqueuer(Shrinks(length=3)), workers=2)
     assert indices(list(islice(enqueuer.get(), 6))) == [0, 1, 2, 0, 1, 0]
     # then the length reaches 0: a clear error instead of an empty epoch
-    with pytest.raises(PipelineError, match=r"^the Sequence is empty \(len\(\) returned 0\) at epoch 3"):
+    with pytest.raises(
+        PipelineError, match=r"^the Sequence is empty \(len\(\) returned 0\) at epoch 3"
+    ):
         next(enqueuer.get())
 
 

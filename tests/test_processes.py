@@ -36,7 +36,9 @@ def enqueuers() -> Iterator[list[OrderedEnqueuer]]:
             assert not any(p.is_alive() for p in enqueuer._run.processes.processes)
 
 
-def started(made: list[OrderedEnqueuer], seq: Any, workers: int = 2, **kwargs: Any) -> OrderedEnqueuer:
+def started(
+    made: list[OrderedEnqueuer], seq: Any, workers: int = 2, **kwargs: Any
+) -> OrderedEnqueuer:
     enqueuer = OrderedEnqueuer(seq, use_multiprocessing=True, shard=None, **kwargs)
     made.append(enqueuer)
     enqueuer.start(workers=workers, max_queue_size=3)
@@ -95,7 +97,9 @@ def test_a_dead_worker_is_a_clear_error_within_seconds(
     batches = enqueuer.get()
     began = time.monotonic()
     assert [int(next(batches)[1]["index"]) for _ in range(3)] == [0, 1, 2]
-    with pytest.raises(WorkerDiedError, match=rf"died with signal {signal_name} while reading batch index 3"):
+    with pytest.raises(
+        WorkerDiedError, match=rf"died with signal {signal_name} while reading batch index 3"
+    ):
         next(batches)
     assert time.monotonic() - began < 5
     assert not enqueuer.is_running()
@@ -109,6 +113,8 @@ class Unpicklable(Numbered):
 
 def test_an_unpicklable_sequence_is_a_clear_error() -> None:
     enqueuer = OrderedEnqueuer(Unpicklable(), use_multiprocessing=True)
-    with pytest.raises(PipelineError, match=r"^use_multiprocessing=True needs a picklable Sequence"):
+    with pytest.raises(
+        PipelineError, match=r"^use_multiprocessing=True needs a picklable Sequence"
+    ):
         enqueuer.start(workers=2)
     assert not enqueuer.is_running()

@@ -54,7 +54,8 @@ def test_spec_names_the_index_and_field_that_differs() -> None:
     ):
         check(spec, (np.zeros((4, 3), np.float32), {"y": np.zeros(4, np.int32)}))
     with pytest.raises(
-        BatchError, match=r"^batch index 7: field \[0\] has rank 1 \(shape \(12,\)\), expected rank 2"
+        BatchError,
+        match=r"^batch index 7: field \[0\] has rank 1 \(shape \(12,\)\), expected rank 2",
     ):
         check(spec, (np.zeros(12, np.float32), {"y": np.zeros(4, np.int64)}))
     with pytest.raises(BatchError, match=r"^batch index 7: structure differs from the first batch"):

@@ -73,14 +73,22 @@ class SimulatedBackend(NumpyBackend):
             that show what the fences prevent.
         on_copy: Called on the stream thread after each copy completes, with
             the copy's number (0, 1, ...), so tests can follow progress.
+        copy_gate: If given, every copy waits for it to be set first, so a
+            test can hold copies "in flight" as long as it needs.
     """
 
     name = "simulated"
 
-    def __init__(self, fences: bool = True, on_copy: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        fences: bool = True,
+        on_copy: Callable[[int], None] | None = None,
+        copy_gate: threading.Event | None = None,
+    ) -> None:
         super().__init__()
         self.fences = fences
         self.on_copy = on_copy
+        self.copy_gate = copy_gate
         self.stream_errors: list[BaseException] = []
         self._cond = threading.Condition()
         self._closing = False
@@ -88,6 +96,7 @@ class SimulatedBackend(NumpyBackend):
         self._numbers = itertools.count()
         self._copies = itertools.count()
         self._default_stream: SimStream | None = None
+        self._gates: list[threading.Event] = []
 
     def create_stream(self) -> SimStream:
         with self._cond:
@@ -142,11 +151,21 @@ class SimulatedBackend(NumpyBackend):
         number = next(self._copies)
 
         def copy() -> None:
+            if self.copy_gate is not None:
+                self._wait_gate(self.copy_gate)
             np.copyto(dst[:nbytes], src[:nbytes])
             if self.on_copy is not None:
                 self.on_copy(number)
 
         stream.issue(copy)
+
+    def _wait_gate(self, gate: threading.Event) -> None:
+        # The gate is the test's; closing the backend must still end the wait.
+        with self._cond:
+            self._gates.append(gate)
+        gate.wait()
+        if self._closing:
+            raise CancelledError("the simulated backend is closed")
 
     def launch(self, stream: SimStream, kernel: Callable[[], None]) -> None:
         """Runs ``kernel`` on ``stream`` after the work issued before it (a test kernel)."""
@@ -163,5 +182,8 @@ class SimulatedBackend(NumpyBackend):
             self._closing = True
             self._cond.notify_all()
             streams, self._streams = self._streams, []
+            gates, self._gates = self._gates, []
+        for gate in gates:
+            gate.set()
         for stream in streams:
             stream.close()

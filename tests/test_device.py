@@ -1,0 +1,315 @@
+"""The device path on the NumPy and simulated backends: values, fences, errors, memory."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpuqueue
+from gpuqueue import GeneratorEnqueuer, OrderedEnqueuer, PipelineError
+from gpuqueue.backends import resolve
+from gpuqueue.backends.numpy import NumpyBackend
+from gpuqueue.backends.simulated import SimulatedBackend
+from tests.seqs import FailsAt, Growing, Numbered
+
+
+@pytest.fixture
+def backends() -> Iterator[list[SimulatedBackend]]:
+    """Simulated backends a test makes; their stream threads are closed afterwards."""
+    made: list[SimulatedBackend] = []
+    yield made
+    for backend in made:
+        backend.close()
+
+
+@pytest.fixture
+def running() -> Iterator[list[Any]]:
+    started: list[Any] = []
+    yield started
+    for enqueuer in started:
+        enqueuer.stop(timeout=5)
+
+
+def start(running: list[Any], enqueuer: Any, workers: int = 2, max_queue_size: int = 4) -> Any:
+    running.append(enqueuer)
+    enqueuer.start(workers=workers, max_queue_size=max_queue_size)
+    return enqueuer
+
+
+def on_host(enqueuer: Any) -> None:
+    """What ``cupy.asnumpy`` does before a host read: wait for the consumer's stream.
+
+    Device batches are ordered on the consumer's stream, not the host; on the
+    simulated backend a host read without this races with the copy, as it
+    would on a GPU.
+    """
+    backend = enqueuer._run.backend
+    if isinstance(backend, SimulatedBackend):
+        backend.synchronize_stream(backend.current_stream())
+
+
+def check_numbered(batch: Any, enqueuer: Any = None) -> int:
+    if enqueuer is not None:
+        on_host(enqueuer)
+    index = int(batch[1]["index"])
+    assert batch[0].shape == (2, 3) and batch[0].dtype == np.float32
+    assert np.all(batch[0] == index), f"batch {index} holds {batch[0]}"
+    return index
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2, 4])
+@pytest.mark.parametrize("device", ["cpu", "simulated"])
+def test_values_round_trip_over_epochs(running: list[Any], device: str, depth: int) -> None:
+    enqueuer = start(
+        running, OrderedEnqueuer(Numbered(length=5), device=device, prefetch_depth=depth)
+    )
+    got = [check_numbered(b, enqueuer) for b in islice(enqueuer.get(), 23)]
+    assert got == (list(range(5)) * 5)[:23]
+    stats = enqueuer.stats()
+    assert stats["backend"] == ("numpy" if device == "cpu" else "simulated")
+    assert stats["prefetch_depth"] == depth
+    assert stats["bytes_copied"] >= 23 * (24 + 8)
+
+
+def test_generator_on_the_device_path_ends_cleanly(running: list[Any]) -> None:
+    items = ((np.arange(i, i + 4), {"k": np.int64(i)}) for i in range(30))
+    enqueuer = start(running, GeneratorEnqueuer(items, device="cpu", prefetch_depth=2), workers=3)
+    got = [(b[0].tolist(), int(b[1]["k"])) for b in enqueuer.get()]
+    assert got == [(list(range(i, i + 4)), i) for i in range(30)]
+    assert not enqueuer.is_running()
+
+
+def test_device_batches_are_valid_until_the_next_get_and_keep_copies(running: list[Any]) -> None:
+    enqueuer = start(running, OrderedEnqueuer(Numbered(length=8), device="cpu", prefetch_depth=1))
+    batches = enqueuer.get()
+    first = next(batches)
+    kept = gpuqueue.keep(first)
+    for _ in range(4):  # the ring has 2 slots: first's slot has been rewritten since
+        next(batches)
+    assert np.all(kept[0] == 0) and int(kept[1]["index"]) == 0
+    assert not np.all(first[0] == 0)  # what the lifetime rule warns about
+
+
+def test_ring_fence_keeps_a_slot_until_the_consumer_work_on_it_is_done(
+    running: list[Any], backends: list[SimulatedBackend]
+) -> None:
+    """Forces: the consumer moves on while its kernel on batch 0 is still queued."""
+    results = {}
+    for fences in (True, False):
+        copied = {n: threading.Event() for n in range(8)}
+        backend = SimulatedBackend(fences=fences, on_copy=lambda n, c=copied: c[n].set())
+        backends.append(backend)
+        enqueuer = start(
+            running, OrderedEnqueuer(Numbered(length=6), device=backend, prefetch_depth=1)
+        )
+        stream = backend.current_stream()
+        batches = enqueuer.get()
+        batch0 = next(batches)
+        gate = threading.Event()
+        seen: list[float] = []
+
+        def kernel(batch: Any = batch0) -> None:  # reads batch 0 once the test opens the gate
+            gate.wait()
+            seen.append(float(batch[0].sum()))
+
+        backend.launch(stream, kernel)
+        next(batches)  # releases batch 0's slot (after the kernel, on the consumer's stream)
+        if fences:
+            # copy 2 goes to batch 0's slot: it must wait for the kernel
+            assert not copied[2].wait(0.3)
+        else:
+            assert copied[2].wait(5)
+        gate.set()
+        backend.synchronize_stream(stream)
+        results[fences] = seen[0]
+        enqueuer.stop()
+    assert results[True] == 0.0  # batch 0 as it was
+    # Without fences a later batch overwrote it while the kernel was queued (batch 2, or
+    # batch 3 when the unfenced pinned slot of copy 2 was rewritten too).
+    assert results[False] in (2.0 * 6, 3.0 * 6)
+
+
+def test_pinned_fence_keeps_a_host_slot_until_its_copy_is_done(
+    running: list[Any], backends: list[SimulatedBackend]
+) -> None:
+    """Forces: copies stay in flight while the worker wants to reuse their pinned slots."""
+    outcomes = {}
+    for fences in (True, False):
+        gate = threading.Event()
+        backend = SimulatedBackend(fences=fences, copy_gate=gate)
+        backends.append(backend)
+
+        class Signals(Numbered):
+            read5 = threading.Event()
+
+            def __getitem__(self, index: int) -> Any:
+                if index == 5:
+                    self.read5.set()
+                return super().__getitem__(index)
+
+        seq = Signals(length=8)
+        # 1 worker + queue 1 + 1 = 3 pinned slots; batch 3 reuses batch 0's slot.
+        enqueuer = OrderedEnqueuer(seq, device=backend, prefetch_depth=4, shard=None)
+        start(running, enqueuer, workers=1, max_queue_size=1)
+        if fences:
+            assert not seq.read5.wait(0.3)  # the worker waits for copy 0 before reusing
+        else:
+            assert seq.read5.wait(5)
+        gate.set()
+        clean = []
+        for position, batch in enumerate(islice(enqueuer.get(), 8)):
+            backend.synchronize_stream(backend.current_stream())
+            # a corrupted batch carries another batch's values *and* index field
+            clean.append(float(batch[0][0, 0]) == position == int(batch[1]["index"]))
+        outcomes[fences] = clean
+        enqueuer.stop()
+    assert all(outcomes[True])
+    assert not all(outcomes[False])
+
+
+class FailingBackend(NumpyBackend):
+    """Fails the named operation at its ``at``-th call."""
+
+    def __init__(self, operation: str, at: int) -> None:
+        super().__init__()
+        self.operation, self.at, self.calls = operation, at, 0
+
+    def _maybe_fail(self, operation: str) -> None:
+        if operation == self.operation:
+            self.calls += 1
+            if self.calls == self.at:
+                raise MemoryError(f"{operation} failed")
+
+    def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
+        self._maybe_fail("copy_to_device")
+        super().copy_to_device(dst, src, nbytes, stream)
+
+    def alloc_pinned(self, nbytes: int) -> np.ndarray:
+        self._maybe_fail("alloc_pinned")
+        return super().alloc_pinned(nbytes)
+
+    def alloc_device(self, nbytes: int) -> Any:
+        self._maybe_fail("alloc_device")
+        return super().alloc_device(nbytes)
+
+
+@pytest.mark.parametrize(
+    ("operation", "at", "before"),
+    [("copy_to_device", 4, 3), ("alloc_pinned", 1, 0), ("alloc_device", 2, 1)],
+)
+def test_errors_at_the_device_stage_arrive_in_order(
+    running: list[Any], operation: str, at: int, before: int
+) -> None:
+    backend = FailingBackend(operation, at)
+    enqueuer = start(running, OrderedEnqueuer(Numbered(length=10), device=backend), workers=1)
+    batches = enqueuer.get()
+    assert [check_numbered(next(batches)) for _ in range(before)] == list(range(before))
+    with pytest.raises(MemoryError, match=rf"^{operation} failed\n"):
+        next(batches)
+    assert not enqueuer.is_running()
+
+
+def test_source_error_on_the_device_path(running: list[Any]) -> None:
+    enqueuer = start(running, OrderedEnqueuer(FailsAt(bad_index=2), device="simulated"))
+    batches = enqueuer.get()
+    assert [check_numbered(next(batches), enqueuer) for _ in range(2)] == [0, 1]
+    with pytest.raises(KeyError, match=r"cannot read 2"):
+        next(batches)
+
+
+def test_memory_is_bounded_and_does_not_grow_over_epochs(running: list[Any]) -> None:
+    workers, queue, depth = 2, 3, 2
+    enqueuer = OrderedEnqueuer(Growing(), device="cpu", prefetch_depth=depth, shard=None)
+    start(running, enqueuer, workers=workers, max_queue_size=queue)
+    batches = enqueuer.get()
+    # After two epochs every slot has cycled since the largest batch (index 7) came by.
+    list(islice(batches, 16))
+    after_first = enqueuer.stats()
+    for batch in islice(batches, 8 * 5):
+        assert np.array_equal(batch, np.arange(len(batch), dtype=np.int32))
+    after_more = enqueuer.stats()
+    largest = 8 * 1000 * 4
+    assert after_more["pinned_bytes"] == after_first["pinned_bytes"]
+    assert after_more["device_bytes"] == after_first["device_bytes"]
+    assert after_more["pinned_bytes"] <= (workers + queue + 1) * largest * 1.25
+    assert after_more["device_bytes"] <= (depth + 1) * largest * 1.25
+
+
+def test_processes_write_straight_into_the_staging_slots(running: list[Any]) -> None:
+    enqueuer = OrderedEnqueuer(
+        Numbered(length=5), use_multiprocessing=True, device="simulated", shard=None
+    )
+    start(running, enqueuer, workers=2)
+    got = [check_numbered(b, enqueuer) for b in islice(enqueuer.get(), 12)]
+    assert got == [0, 1, 2, 3, 4] * 2 + [0, 1]
+
+
+def test_stop_at_every_stage(running: list[Any], backends: list[SimulatedBackend]) -> None:
+    # copies held in flight, device queue full, workers blocked: stop still returns
+    gate = threading.Event()
+    backend = SimulatedBackend(copy_gate=gate)
+    backends.append(backend)
+    enqueuer = start(running, OrderedEnqueuer(Numbered(), device=backend, prefetch_depth=2))
+    batches = enqueuer.get()
+    stopper = threading.Thread(target=enqueuer.stop, args=(5,))
+    stopper.start()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert list(batches) == []  # the consumer sees the end, not a hang
+    assert not any(t.is_alive() for t in enqueuer._run.threads)
+
+
+def test_prefetch_picks_the_enqueuer_and_stops_everything() -> None:
+    with gpuqueue.prefetch(Numbered(length=4), device="cpu", workers=2, epochs=2) as batches:
+        assert [check_numbered(b) for b in batches] == [0, 1, 2, 3] * 2
+    items = (np.full(3, i) for i in range(5))
+    with gpuqueue.prefetch(items, device="cpu") as batches:
+        assert [int(b[0]) for b in batches] == [0, 1, 2, 3, 4]
+
+
+def test_release_gives_the_slot_back_early(running: list[Any]) -> None:
+    enqueuer = start(running, OrderedEnqueuer(Numbered(), device="cpu", prefetch_depth=1))
+    batches = enqueuer.get()
+    next(batches)
+    ring = enqueuer._run.ring
+    free_before = ring.free.qsize()
+    enqueuer.release()
+    assert ring.free.qsize() == free_before + 1
+    enqueuer.release()  # nothing held: no-op
+    assert ring.free.qsize() == free_before + 1
+
+
+def test_device_arguments() -> None:
+    with pytest.raises(ValueError, match=r"^prefetch_depth must be an int >= 0, got -1$"):
+        OrderedEnqueuer(Numbered(), device="cpu", prefetch_depth=-1)
+    with pytest.raises(ValueError, match=r"^output must be one of"):
+        OrderedEnqueuer(Numbered(), device="cpu", output="jax")
+    with pytest.raises(ValueError, match=r"^output='torch' and stream need a device"):
+        OrderedEnqueuer(Numbered(), output="torch")
+    with pytest.raises(ValueError, match=r"^device must be None, 'auto', 'cpu', an int"):
+        resolve("tpu")
+
+
+def test_auto_falls_back_to_numpy_without_a_gpu() -> None:
+    """Holds in both CI runs: without CuPy, and with cupy-cuda12x but no GPU."""
+    pytest.importorskip("numpy")
+    try:
+        from gpuqueue.backends import cupy as cupy_backend
+
+        gpu = cupy_backend.device_count() > 0
+    except Exception:
+        gpu = False
+    if gpu:
+        pytest.skip("a GPU is usable here; tests/gpu covers this machine")
+    assert resolve("auto").name == "numpy"
+    with pytest.raises(
+        PipelineError, match=r"^device=0 needs (CuPy|a CUDA GPU).*gpuqueue\[cuda12\]"
+    ):
+        resolve(0)
+    with pytest.raises(PipelineError, match=r"^device=1 needs"):
+        resolve("cuda:1")
