@@ -113,8 +113,8 @@ def test_ring_fence_keeps_a_slot_until_the_consumer_work_on_it_is_done(
         gate = threading.Event()
         seen: list[float] = []
 
-        def kernel(batch: Any = batch0) -> None:  # reads batch 0 once the test opens the gate
-            gate.wait()
+        def kernel(batch: Any = batch0, gate: Any = gate, seen: Any = seen) -> None:
+            gate.wait()  # reads batch 0 once the test opens the gate
             seen.append(float(batch[0].sum()))
 
         backend.launch(stream, kernel)
