@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 def _deadline(timeout: float | None) -> float | None:
     if timeout is None:
-        return None
+        return None  # the common case: no clock read
     if timeout < 0:
         raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
     return time.monotonic() + timeout
@@ -61,6 +61,10 @@ class FIFOQueue(Generic[T]):
         self._not_full = threading.Condition(self._lock)
         self._closed = False
         self._cancelled = False
+        # Threads blocked in put/get: notify only when someone waits, since
+        # Condition.notify costs microseconds even with no waiter.
+        self._putters = 0
+        self._getters = 0
 
     @property
     def name(self) -> str:
@@ -98,7 +102,7 @@ class FIFOQueue(Generic[T]):
             TimeoutError: If ``timeout`` seconds pass with the queue still full.
         """
         deadline = _deadline(timeout)
-        with self._not_full:
+        with self._lock:
             while True:
                 if self._cancelled:
                     raise CancelledError(f"queue {self._name!r} was cancelled")
@@ -109,9 +113,14 @@ class FIFOQueue(Generic[T]):
                 remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"queue {self._name!r} stayed full for {timeout} s")
-                self._not_full.wait(remaining)
+                self._putters += 1
+                try:
+                    self._not_full.wait(remaining)
+                finally:
+                    self._putters -= 1
             self._items.append(item)
-            self._not_empty.notify()
+            if self._getters:
+                self._not_empty.notify()
 
     def get(self, timeout: float | None = None) -> T:
         """Removes and returns the oldest item, blocking while the queue is empty.
@@ -122,7 +131,7 @@ class FIFOQueue(Generic[T]):
             TimeoutError: If ``timeout`` seconds pass with the queue still empty.
         """
         deadline = _deadline(timeout)
-        with self._not_empty:
+        with self._lock:
             while True:
                 if self._cancelled:
                     raise CancelledError(f"queue {self._name!r} was cancelled")
@@ -133,9 +142,14 @@ class FIFOQueue(Generic[T]):
                 remaining = _remaining(deadline)
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"queue {self._name!r} stayed empty for {timeout} s")
-                self._not_empty.wait(remaining)
+                self._getters += 1
+                try:
+                    self._not_empty.wait(remaining)
+                finally:
+                    self._getters -= 1
             item = self._items.popleft()
-            self._not_full.notify()
+            if self._putters:
+                self._not_full.notify()
             return item
 
     def close(self) -> None:

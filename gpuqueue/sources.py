@@ -306,12 +306,18 @@ class GeneratorTasks(_TaskSource):
 
 
 class Sequencer:
-    """Lets workers put their items on the queue in ``seq_no`` order."""
+    """Lets workers put their items on the queue in ``seq_no`` order.
+
+    Each waiting worker waits on an event of its own, and ``advance`` sets
+    only the next one's, so a batch costs one wake-up however many workers
+    wait (a shared condition would wake them all, every batch).
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._next = 0
         self._closed = False
+        self._waiters: dict[int, threading.Event] = {}
 
     def wait_turn(self, seq_no: int) -> None:
         """Blocks until every item before ``seq_no`` is on the queue.
@@ -319,18 +325,28 @@ class Sequencer:
         Raises:
             CancelledError: If the sequencer was closed meanwhile.
         """
-        with self._cond:
-            while self._next != seq_no and not self._closed:
-                self._cond.wait()
+        with self._lock:
             if self._closed:
                 raise CancelledError("the pipeline is stopping")
+            if self._next == seq_no:
+                return
+            turn = self._waiters[seq_no] = threading.Event()
+        turn.wait()
+        if self._closed:
+            raise CancelledError("the pipeline is stopping")
 
     def advance(self) -> None:
-        with self._cond:
+        """Hands the turn to the next item."""
+        with self._lock:
             self._next += 1
-            self._cond.notify_all()
+            turn = self._waiters.pop(self._next, None)
+        if turn is not None:
+            turn.set()
 
     def close(self) -> None:
-        with self._cond:
+        """Wakes every waiter; they raise ``CancelledError``."""
+        with self._lock:
             self._closed = True
-            self._cond.notify_all()
+            waiters, self._waiters = self._waiters, {}
+        for turn in waiters.values():
+            turn.set()

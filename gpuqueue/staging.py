@@ -11,6 +11,7 @@ memory to the device).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +63,7 @@ class LeafMeta:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _describe(node: Any, path: str, leaves: list[tuple[str, np.ndarray]]) -> TreeDef:
@@ -185,7 +186,7 @@ def pack(leaves: Sequence[tuple[str, np.ndarray]], metas: Sequence[LeafMeta], ar
 
 
 def _view(arena: Any, meta: LeafMeta) -> np.ndarray:
-    count = int(np.prod(meta.shape, dtype=np.int64))
+    count = math.prod(meta.shape)
     flat = np.frombuffer(arena, dtype=meta.dtype, count=count, offset=meta.offset)
     return flat.reshape(meta.shape)
 

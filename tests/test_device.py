@@ -15,6 +15,7 @@ from gpuqueue import GeneratorEnqueuer, OrderedEnqueuer, PipelineError
 from gpuqueue.backends import resolve
 from gpuqueue.backends.numpy import NumpyBackend
 from gpuqueue.backends.simulated import SimulatedBackend
+from tests.conftest import wait_entered
 from tests.seqs import FailsAt, Growing, Numbered
 
 
@@ -249,19 +250,69 @@ def test_processes_write_straight_into_the_staging_slots(running: list[Any]) -> 
     assert got == [0, 1, 2, 3, 4] * 2 + [0, 1]
 
 
-def test_stop_at_every_stage(running: list[Any], backends: list[SimulatedBackend]) -> None:
-    # copies held in flight, device queue full, workers blocked: stop still returns
-    gate = threading.Event()
-    backend = SimulatedBackend(copy_gate=gate)
-    backends.append(backend)
-    enqueuer = start(running, OrderedEnqueuer(Numbered(), device=backend, prefetch_depth=2))
+def test_stop_from_another_thread_with_every_stage_blocked(
+    running: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Device queue full, copy looper blocked on it, host queue full, workers blocked."""
+    host_full = threading.Event()
+
+    class WatchedQueue(gpuqueue.FIFOQueue[Any]):
+        def __init__(self, capacity: int, name: str | None = None) -> None:
+            super().__init__(capacity, name)
+            if name is not None and name.endswith("-host"):
+                self._not_full = wait_entered(self._not_full, host_full)
+
+    monkeypatch.setattr(gpuqueue.enqueuers, "FIFOQueue", WatchedQueue)
+    enqueuer = start(running, OrderedEnqueuer(Numbered(), device="simulated", prefetch_depth=2))
     batches = enqueuer.get()
+    check_numbered(next(batches), enqueuer)
+    run = enqueuer._run
+    assert host_full.wait(5)  # a worker is blocked on the full host queue
     stopper = threading.Thread(target=enqueuer.stop, args=(5,))
     stopper.start()
     stopper.join(10)
     assert not stopper.is_alive()
     assert list(batches) == []  # the consumer sees the end, not a hang
+    assert not any(t.is_alive() for t in run.threads)
+
+
+class RecordingBackend(SimulatedBackend):
+    """Logs when copies complete and when pinned buffers are freed."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        self.log: list[str] = []
+        super().__init__(copy_gate=gate, on_copy=lambda n: self.log.append(f"copy {n}"))
+
+    def free_pinned(self, buffer: np.ndarray) -> None:
+        self.log.append("free pinned")
+        super().free_pinned(buffer)
+
+
+def test_stop_with_copies_in_flight_frees_pinned_memory_only_after_them(
+    running: list[Any], backends: list[SimulatedBackend]
+) -> None:
+    gate = threading.Event()
+    backend = RecordingBackend(gate)
+    backends.append(backend)
+    issued = threading.Event()
+    original_copy = backend.copy_to_device
+
+    def copy_to_device(*args: Any) -> None:
+        original_copy(*args)
+        issued.set()
+
+    backend.copy_to_device = copy_to_device  # type: ignore[method-assign]
+    enqueuer = start(running, OrderedEnqueuer(Numbered(), device=backend, prefetch_depth=2))
+    assert issued.wait(5)  # a copy is in flight: its stream waits on the gate
+    stopper = threading.Thread(target=enqueuer.stop, args=(10,))
+    stopper.start()
+    gate.set()  # the device finishes its copies, as a GPU always does
+    stopper.join(15)
+    assert not stopper.is_alive()
     assert not any(t.is_alive() for t in enqueuer._run.threads)
+    assert "free pinned" in backend.log
+    first_free = backend.log.index("free pinned")
+    assert "copy 0" in backend.log[:first_free]  # the copy completed before its memory went
 
 
 def test_prefetch_picks_the_enqueuer_and_stops_everything() -> None:

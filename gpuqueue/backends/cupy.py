@@ -9,6 +9,7 @@ events have timing disabled.
 from __future__ import annotations
 
 import ctypes
+import math
 from typing import Any
 
 import cupy
@@ -108,7 +109,7 @@ class CupyBackend:
         )
 
     def view(self, arena: Any, meta: LeafMeta) -> Any:
-        count = int(np.prod(meta.shape, dtype=np.int64))
+        count = math.prod(meta.shape)
         flat = arena[meta.offset : meta.offset + count * meta.dtype.itemsize].view(meta.dtype)
         return flat.reshape(meta.shape)
 

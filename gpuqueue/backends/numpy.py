@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -74,7 +75,7 @@ class NumpyBackend:
         np.copyto(dst[:nbytes], src[:nbytes])
 
     def view(self, arena: Any, meta: LeafMeta) -> Any:
-        count = int(np.prod(meta.shape, dtype=np.int64))
+        count = math.prod(meta.shape)
         flat = arena[meta.offset : meta.offset + count * meta.dtype.itemsize].view(meta.dtype)
         return flat.reshape(meta.shape)
 

@@ -1,0 +1,55 @@
+"""A description of the machine a benchmark ran on, for its JSON."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def describe_machine(backend_name: str) -> dict[str, Any]:
+    """CPU, Python and package versions, and the GPU when CuPy sees one."""
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "backend": backend_name,
+        "packages": {
+            name: _version(name)
+            for name in (
+                "gpuqueue",
+                "numpy",
+                "cupy-cuda12x",
+                "cupy-cuda13x",
+                "torch",
+                "nvidia-ml-py",
+                "tf-keras",
+                "tensorflow-cpu",
+                "tensorflow",
+            )
+            if _version(name) is not None
+        },
+    }
+    if backend_name == "cupy":
+        import cupy
+
+        runtime = cupy.cuda.runtime
+        props = runtime.getDeviceProperties(0)
+        info["gpu"] = {
+            "name": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+            "memory_bytes": int(props["totalGlobalMem"]),
+            "cuda_runtime": runtime.runtimeGetVersion(),
+            "cuda_driver": runtime.driverGetVersion(),
+        }
+    return info
