@@ -28,6 +28,7 @@ import secrets
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -106,8 +107,12 @@ class _Stats:
 
 @dataclass
 class _Run:
-    """Everything one ``start()`` made, so ``stop()`` can undo exactly that."""
+    """Everything one ``start()`` made, so ``stop()`` can undo exactly that.
 
+    The threads see only this, never the enqueuer.
+    """
+
+    name: str
     coord: Coordinator
     tasks: SequenceTasks | GeneratorTasks
     host_queue: FIFOQueue[Item]
@@ -122,6 +127,9 @@ class _Run:
     held: tuple[DeviceSlot, Any] | None = None  # the device slot the consumer holds
     closed: bool = False
     close_lock: threading.Lock = field(default_factory=threading.Lock)
+    spec: BatchSpec | None = None  # the first batch's structure, dtypes and ranks
+    stats: _Stats = field(default_factory=_Stats)
+    stats_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class SequenceEnqueuer:
@@ -191,11 +199,8 @@ class SequenceEnqueuer:
         self.max_queue_size = 0
         self._lock = threading.Lock()
         self._run: _Run | None = None
-        self._spec: BatchSpec | None = None
         self._error: BaseException | None = None
         self._error_traceback: TracebackType | None = None
-        self._stats = _Stats()
-        self._stats_lock = threading.Lock()
 
     # -- life cycle ---------------------------------------------------------
 
@@ -225,22 +230,21 @@ class SequenceEnqueuer:
             self._close_run()
             self.workers, self.max_queue_size = workers, max_queue_size
             self._error = self._error_traceback = None
-            self._spec = None
-            self._stats = _Stats()
             run = self._prepare(workers, max_queue_size)
             self._run = run
             try:
                 self._launch(run, workers)
             except BaseException:
-                self._stop_run(run, DEFAULT_STOP_TIMEOUT)
+                _shutdown(run, DEFAULT_STOP_TIMEOUT)
                 raise
+            weakref.finalize(self, _abandon, run)
 
     def _prepare(self, workers: int, max_queue_size: int) -> _Run:
         """Makes the run's queues, pools and backend; starts nothing."""
         coord = Coordinator()
         tasks = self._make_tasks()
         host_queue: FIFOQueue[Item] = FIFOQueue(max_queue_size, name=f"{self._name}-host")
-        run = _Run(coord, tasks, host_queue, host_queue, [])
+        run = _Run(self._name, coord, tasks, host_queue, host_queue, [])
         if self.device is not None:
             backend = resolve(self.device)
             run.backend, run.own_backend = backend, backend is not self.device
@@ -269,8 +273,8 @@ class SequenceEnqueuer:
             if isinstance(tasks, SequenceTasks) and overrides_on_epoch_end(self.sequence):
                 tasks.epoch_ended = run.processes.sequence_changed
         sequencer = Sequencer()
-        read = self._reader(run)
-        ops = [self._worker_op(i, run, read, sequencer) for i in range(workers)]
+        read = _reader(run)
+        ops = [_worker_op(i, run, read, sequencer) for i in range(workers)]
         for stop_callback in (tasks.close, sequencer.close, lambda: _drop(run.host_queue)):
             coord.add_stop_callback(stop_callback)
         if run.output_queue is not run.host_queue:
@@ -291,86 +295,6 @@ class SequenceEnqueuer:
     def _make_tasks(self) -> SequenceTasks | GeneratorTasks:
         raise NotImplementedError
 
-    def _reader(self, run: _Run) -> Callable[[Task], Described]:
-        """Returns the function a worker calls to read (and stage) one task."""
-        tasks, processes, pinned = run.tasks, run.processes, run.pinned
-
-        if processes is not None:
-
-            def read_in_process(task: Task) -> Described:
-                assert task.index is not None
-                staged = processes.read(task.index, task.where())
-                if staged is None:
-                    return _SKIPPED
-                return Described(staged.treedef, staged.metas, staged=staged)
-
-            return read_in_process
-
-        def read_in_thread(task: Task) -> Described:
-            batch = tasks.read(task)
-            if batch is None:
-                return _SKIPPED
-            treedef, leaves = describe(batch)
-            metas, nbytes = layout(leaves)
-            if pinned is None:
-                return Described(treedef, metas, batch=batch)
-            return Described(treedef, metas, staged=pinned.stage(treedef, metas, nbytes, leaves))
-
-        return read_in_thread
-
-    def _worker_op(
-        self,
-        number: int,
-        run: _Run,
-        read: Callable[[Task], Described],
-        sequencer: Sequencer,
-    ) -> Callable[[], None]:
-        tasks, queue = run.tasks, run.host_queue
-
-        def enqueue_one() -> None:
-            task = tasks.claim()  # OutOfRangeError here ends this worker cleanly
-            item = Item(task)
-            try:
-                if task.failure is not None:
-                    raise task.failure
-                try:
-                    item.described = read(task)
-                finally:
-                    tasks.done_reading(task)
-            except CancelledError:
-                raise
-            except Exception as error:
-                tasks.close()
-                note_thread(error, f"reading {task.where()}")
-                item.error = error
-            started = time.monotonic()
-            try:
-                sequencer.wait_turn(task.seq_no)
-                if item.described is not None and not item.described.skipped:
-                    try:
-                        self._check(item.described, task)
-                    except Exception as error:
-                        tasks.close()
-                        item.error = error
-                queue.put(item)
-            except BaseException:
-                item.release_staging()
-                raise
-            sequencer.advance()
-            with self._stats_lock:
-                self._stats.produced += 1
-                self._stats.producer_blocked_s += time.monotonic() - started
-
-        enqueue_one.__name__ = f"worker{number}"
-        return enqueue_one
-
-    def _check(self, described: Described, task: Task) -> None:
-        """Checks a batch against the first; runs in stream order."""
-        if self._spec is None:
-            self._spec = BatchSpec.of(described.treedef, described.metas)
-        else:
-            self._spec.check(described.treedef, described.metas, task.where())
-
     def stop(self, timeout: float | None = None) -> None:
         """Stops every thread and process and frees pinned and device memory.
 
@@ -381,43 +305,12 @@ class SequenceEnqueuer:
         """
         run = self._run
         if run is not None:
-            self._stop_run(run, DEFAULT_STOP_TIMEOUT if timeout is None else timeout)
-
-    def _stop_run(self, run: _Run, grace: float) -> None:
-        run.coord.request_stop()
-        with contextlib.suppress(Exception):  # the error reaches the consumer through get()
-            run.coord.join(run.threads, stop_grace_period_secs=grace, ignore_live_threads=True)
-        stragglers = [t.name for t in run.threads if t.is_alive()]
-        if stragglers:
-            warnings.warn(
-                f"{self._name}.stop(): threads still running after {grace} s, "
-                f"most likely inside the Sequence or generator: {', '.join(stragglers)}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        if run.processes is not None:
-            run.processes.close(grace)
-        if not stragglers:
-            self._free(run)
-
-    def _free(self, run: _Run) -> None:
-        """Frees pinned and device memory once no thread can touch it."""
-        with run.close_lock:
-            if run.closed:
-                return
-            run.closed = True
-        if run.pinned is not None:
-            run.pinned.close()
-        if run.ring is not None:
-            run.ring.close()
-        run.held = None
-        if run.own_backend and run.backend is not None:
-            run.backend.close()
+            _shutdown(run, DEFAULT_STOP_TIMEOUT if timeout is None else timeout)
 
     def _close_run(self) -> None:
         run = self._run
         if run is not None and not run.closed:
-            self._stop_run(run, DEFAULT_STOP_TIMEOUT)
+            _shutdown(run, DEFAULT_STOP_TIMEOUT)
 
     def __enter__(self) -> SequenceEnqueuer:
         if not self.is_running():
@@ -466,9 +359,9 @@ class SequenceEnqueuer:
                     self._fail(run.coord.exception)
                     continue
                 return
-            with self._stats_lock:
-                self._stats.consumer_wait_s += time.monotonic() - started
-                self._stats.occupancy_sum += queue.qsize()
+            with run.stats_lock:
+                run.stats.consumer_wait_s += time.monotonic() - started
+                run.stats.occupancy_sum += queue.qsize()
             if item.error is not None:
                 item.release_staging()
                 self._fail(item.error)
@@ -486,8 +379,8 @@ class SequenceEnqueuer:
                 run.coord.request_stop(error)
                 self.stop()
                 continue
-            with self._stats_lock:
-                self._stats.consumed += 1
+            with run.stats_lock:
+                run.stats.consumed += 1
             yield batch
 
     def _fail(self, error: BaseException) -> None:
@@ -566,8 +459,8 @@ class SequenceEnqueuer:
             stage), ``pinned_bytes`` and ``device_bytes``.
         """
         run = self._run
-        with self._stats_lock:
-            s = self._stats
+        s, lock = (run.stats, run.stats_lock) if run is not None else (_Stats(), threading.Lock())
+        with lock:
             gets = s.consumed + (s.produced > s.consumed)
             stats: dict[str, Any] = {
                 "batches_produced": s.produced,
@@ -597,6 +490,145 @@ class SequenceEnqueuer:
                 device_bytes=ring.device_bytes,
             )
         return stats
+
+
+# -- what the threads run: functions of the run alone, never of the enqueuer,
+# so an enqueuer nobody holds any more can be collected (and its finaliser
+# stop them) while they run.
+
+
+def _reader(run: _Run) -> Callable[[Task], Described]:
+    """Returns the function a worker calls to read (and stage) one task."""
+    tasks, processes, pinned = run.tasks, run.processes, run.pinned
+
+    if processes is not None:
+
+        def read_in_process(task: Task) -> Described:
+            assert task.index is not None
+            staged = processes.read(task.index, task.where())
+            if staged is None:
+                return _SKIPPED
+            return Described(staged.treedef, staged.metas, staged=staged)
+
+        return read_in_process
+
+    def read_in_thread(task: Task) -> Described:
+        batch = tasks.read(task)
+        if batch is None:
+            return _SKIPPED
+        treedef, leaves = describe(batch)
+        metas, nbytes = layout(leaves)
+        if pinned is None:
+            return Described(treedef, metas, batch=batch)
+        return Described(treedef, metas, staged=pinned.stage(treedef, metas, nbytes, leaves))
+
+    return read_in_thread
+
+
+def _worker_op(
+    number: int, run: _Run, read: Callable[[Task], Described], sequencer: Sequencer
+) -> Callable[[], None]:
+    """One worker's enqueue op: claim, read, then in turn check and enqueue."""
+    tasks, queue = run.tasks, run.host_queue
+
+    def enqueue_one() -> None:
+        task = tasks.claim()  # OutOfRangeError here ends this worker cleanly
+        item = Item(task)
+        try:
+            if task.failure is not None:
+                raise task.failure
+            try:
+                item.described = read(task)
+            finally:
+                tasks.done_reading(task)
+        except CancelledError:
+            raise
+        except Exception as error:
+            tasks.close()
+            note_thread(error, f"reading {task.where()}")
+            item.error = error
+        started = time.monotonic()
+        try:
+            sequencer.wait_turn(task.seq_no)
+            if item.described is not None and not item.described.skipped:
+                try:
+                    _check(run, item.described, task)
+                except Exception as error:
+                    tasks.close()
+                    item.error = error
+            queue.put(item)
+        except BaseException:
+            item.release_staging()
+            raise
+        sequencer.advance()
+        with run.stats_lock:
+            run.stats.produced += 1
+            run.stats.producer_blocked_s += time.monotonic() - started
+
+    enqueue_one.__name__ = f"worker{number}"
+    return enqueue_one
+
+
+def _check(run: _Run, described: Described, task: Task) -> None:
+    """Checks a batch against the first; runs in stream order (under the turn)."""
+    if run.spec is None:
+        run.spec = BatchSpec.of(described.treedef, described.metas)
+    else:
+        run.spec.check(described.treedef, described.metas, task.where())
+
+
+def _shutdown(run: _Run, grace: float) -> None:
+    """Stops the run's threads and processes, then frees its memory.
+
+    Threads still inside user code after ``grace`` seconds are named in a
+    ``RuntimeWarning``, and their memory is left for the garbage collector.
+    """
+    run.coord.request_stop()
+    try:
+        run.coord.join(run.threads, stop_grace_period_secs=grace, ignore_live_threads=True)
+    except BaseException as error:
+        if error is not run.coord.exception:  # a real Ctrl-C during stop() goes on up
+            raise
+        # the recorded error reaches the consumer through get(), not through stop()
+    stragglers = [t.name for t in run.threads if t.is_alive()]
+    if stragglers:
+        warnings.warn(
+            f"{run.name}.stop(): threads still running after {grace} s, "
+            f"most likely inside the Sequence or generator: {', '.join(stragglers)}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if run.processes is not None:
+        run.processes.close(grace)
+    if not stragglers:
+        _free(run)
+
+
+def _free(run: _Run) -> None:
+    """Frees pinned and device memory once no thread can touch it."""
+    with run.close_lock:
+        if run.closed:
+            return
+        run.closed = True
+    if run.pinned is not None:
+        run.pinned.close()
+    if run.ring is not None:
+        run.ring.close()
+    run.held = None
+    if run.own_backend and run.backend is not None:
+        run.backend.close()
+
+
+def _abandon(run: _Run) -> None:
+    """The finaliser of an enqueuer collected (or left at exit) without ``stop()``.
+
+    It only asks everything to stop, which wakes every thread and process so
+    they end on their own; it never joins, since a finaliser may run in any
+    thread, a worker's included. Memory goes with the run once they have.
+    """
+    run.coord.request_stop()
+    if run.processes is not None:
+        run.processes.abandon()
 
 
 def _drop(queue: FIFOQueue[Item]) -> None:

@@ -74,12 +74,30 @@ def _portable_error(error: BaseException) -> BaseException:
     return clone
 
 
-def worker_main(conn: multiprocessing.connection.Connection, sequence: Any) -> None:
+def _receive_or_stop(
+    conn: multiprocessing.connection.Connection, stop: multiprocessing.connection.Connection
+) -> Any:
+    """The next message from the parent, or None once the pipeline stops or the parent is gone."""
+    ready = multiprocessing.connection.wait([conn, stop])
+    if stop in ready:
+        return None
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
+
+
+def worker_main(
+    conn: multiprocessing.connection.Connection,
+    stop: multiprocessing.connection.Connection,
+    sequence: Any,
+) -> None:
     """The loop of a worker process: read, pack, reply, until told to stop.
 
     Messages in: ``("sequence", obj)`` replaces the Sequence (after
     ``on_epoch_end`` ran in the parent); ``("read", index, slot, capacity)``
-    reads a batch; ``None`` stops. Replies: ``("ok", treedef, metas, nbytes)``,
+    reads a batch; ``None``, or anything on the ``stop`` pipe (which the
+    parent's stop callback writes), stops. Replies: ``("ok", treedef, metas, nbytes)``,
     ``("none",)``, ``("grow", nbytes)`` (then a new ``(slot, capacity)``), or
     ``("error", exception)``.
     """
@@ -87,10 +105,7 @@ def worker_main(conn: multiprocessing.connection.Connection, sequence: Any) -> N
     attached: dict[str, shared_memory.SharedMemory] = {}
     try:
         while True:
-            try:
-                message = conn.recv()
-            except EOFError:
-                return
+            message = _receive_or_stop(conn, stop)
             if message is None:
                 return
             if message[0] == "sequence":
@@ -106,7 +121,10 @@ def worker_main(conn: multiprocessing.connection.Connection, sequence: Any) -> N
                 metas, nbytes = layout(leaves)
                 if nbytes > capacity:
                     conn.send(("grow", nbytes))
-                    slot, capacity = conn.recv()
+                    reply = _receive_or_stop(conn, stop)
+                    if reply is None:
+                        return
+                    slot, capacity = reply
                 if slot not in attached:
                     attached[slot] = _attach(slot)
                 pack(leaves, metas, attached[slot].buf)
@@ -121,9 +139,22 @@ def worker_main(conn: multiprocessing.connection.Connection, sequence: Any) -> N
             shm.close()
 
 
+class _Segment(shared_memory.SharedMemory):
+    """A shared-memory segment whose collection tolerates views still alive.
+
+    When an abandoned pipeline is collected, a NumPy view of the segment and
+    the segment can go in the same garbage cycle; ``SharedMemory.__del__``
+    would then print a ``BufferError``. The mapping goes with the view.
+    """
+
+    def __del__(self) -> None:
+        with contextlib.suppress(BufferError, OSError):
+            self.close()
+
+
 @dataclass
 class _Slot:
-    shm: shared_memory.SharedMemory | None = None
+    shm: _Segment | None = None
     array: np.ndarray | None = None  # the segment as uint8, registered with the backend
     copy_done: Any = None  # the event of the last copy that read this slot
 
@@ -142,6 +173,7 @@ class _Worker:
     conn: multiprocessing.connection.Connection
     sequence_version: int = 0
     busy_with: str = field(default="")
+    closed: bool = False  # Process.close() was called: it ended and was reaped
 
 
 class ProcessPool:
@@ -181,6 +213,8 @@ class ProcessPool:
             ) from error
         self._sequence = sequence
         self._backend = backend
+        self._closed = False
+        self._abandoned = False
         self._sequence_version = 0
         self._lock = threading.Lock()
         self._name = name
@@ -193,7 +227,7 @@ class ProcessPool:
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=worker_main,
-                args=(child_end, sequence),
+                args=(child_end, self._stop_reader, sequence),
                 name=f"{name}-process{number}",
                 daemon=True,
             )
@@ -280,7 +314,7 @@ class ProcessPool:
         if worker.conn in ready:
             try:
                 return worker.conn.recv()
-            except EOFError:
+            except (EOFError, OSError):  # the pipe broke: the process is gone
                 pass
         elif self._stop_reader in ready:
             raise CancelledError("the pipeline is stopping")
@@ -293,7 +327,12 @@ class ProcessPool:
     def _grow(self, slot: _Slot, nbytes: int) -> None:
         self._free_slot(slot)
         self._largest = max(self._largest, nbytes)
-        shm = shared_memory.SharedMemory(create=True, size=max(1, int(self._largest * _GROWTH)))
+        shm = _Segment(create=True, size=max(1, int(self._largest * _GROWTH)))
+        with self._lock:
+            abandoned = self._abandoned
+        if abandoned:  # abandon() has already unlinked every slot; do not leave this one
+            _free(shm)
+            raise CancelledError("the pipeline was abandoned")
         slot.shm = shm
         slot.array = np.frombuffer(shm.buf, dtype=np.uint8)  # type: ignore[arg-type]
         if self._backend is not None:
@@ -320,12 +359,36 @@ class ProcessPool:
     def processes(self) -> list[Any]:
         return [w.process for w in self._workers]
 
+    def alive(self) -> list[str]:
+        """The names of the worker processes still running."""
+        return [w.process.name for w in self._workers if not w.closed and w.process.is_alive()]
+
+    def abandon(self) -> None:
+        """Tells every process to exit and unlinks every slot, without waiting.
+
+        For a finaliser: the processes exit on their own (they are daemons,
+        so also at interpreter exit), and each segment's memory goes once the
+        last mapping of it is closed.
+        """
+        with self._lock:
+            self._abandoned = True
+        for worker in self._workers:
+            with contextlib.suppress(OSError, ValueError):
+                worker.conn.send(None)
+        for slot in self._all_slots:
+            if slot.shm is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    slot.shm.unlink()
+
     def close(self, timeout: float) -> list[str]:
-        """Ends every process and frees every slot.
+        """Ends every process and frees every slot. Idempotent.
 
         Returns:
             The names of processes that had to be killed.
         """
+        if self._closed:
+            return []
+        self._closed = True
         killed = []
         for worker in self._workers:
             with contextlib.suppress(OSError, ValueError):
@@ -338,6 +401,9 @@ class ProcessPool:
                 worker.process.join(5)
                 killed.append(worker.process.name)
             worker.conn.close()
+            if not worker.process.is_alive():
+                worker.process.close()  # releases its sentinel's file descriptor now
+                worker.closed = True
         for slot in self._all_slots:
             self._free_slot(slot)
         self._stop_reader.close()
@@ -347,7 +413,8 @@ class ProcessPool:
 
 def _free(shm: shared_memory.SharedMemory) -> None:
     """Unlinks a segment; its memory goes once the last view of it is gone."""
-    shm.unlink()
+    with contextlib.suppress(FileNotFoundError):  # abandon() may have unlinked it
+        shm.unlink()
     # A batch may still refer to it; then the mapping goes with that batch.
     with contextlib.suppress(BufferError):
         shm.close()

@@ -33,7 +33,7 @@ def enqueuers() -> Iterator[list[OrderedEnqueuer]]:
     assert shm_segments() - before == set()
     for enqueuer in made:
         if enqueuer._run.processes is not None:
-            assert not any(p.is_alive() for p in enqueuer._run.processes.processes)
+            assert enqueuer._run.processes.alive() == []
 
 
 def started(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import weakref
 from typing import Any
 
 import cupy
@@ -29,6 +30,13 @@ def device_count() -> int:
     return int(cupy.cuda.runtime.getDeviceCount())
 
 
+def _free_all_pinned(pinned: dict[int, int]) -> None:
+    # cudaFreeHost waits for the device, so a copy still reading a slot finishes first.
+    for address in list(pinned):
+        cupy.cuda.runtime.freeHost(address)
+    pinned.clear()
+
+
 def _address(buffer: np.ndarray) -> int:
     return int(buffer.ctypes.data)
 
@@ -46,6 +54,8 @@ class CupyBackend:
         self.device: int | None = device
         self._cuda_device = cupy.cuda.Device(device)
         self._pinned: dict[int, int] = {}  # address -> bytes, for free_pinned
+        # Frees what is left if the backend is collected without close().
+        self._finalizer = weakref.finalize(self, _free_all_pinned, self._pinned)
 
     def enter_device(self) -> None:
         self._cuda_device.use()
@@ -117,6 +127,4 @@ class CupyBackend:
         return int(cupy.get_default_memory_pool().total_bytes())
 
     def close(self) -> None:
-        for address in list(self._pinned):
-            cupy.cuda.runtime.freeHost(address)
-        self._pinned.clear()
+        self._finalizer()
