@@ -187,8 +187,9 @@ def torch_dataloader(seq: Any, step: Any, workers: int, n: int, warmup: int) -> 
                 on_device = host.cuda(non_blocking=True)
                 yield cupy.from_dlpack(on_device)
 
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-    with stream:
+    from gpuqueue.backends.cupy import wrap_stream
+
+    with wrap_stream(torch.cuda.current_stream(), 0):
         return _loop(batches(), step, n, warmup)
 
 

@@ -38,14 +38,30 @@ class GpuqueueError(Exception):
     """Base class of every error gpuqueue raises itself."""
 
 
-class OutOfRangeError(GpuqueueError):
+class _TensorFlowSignature(GpuqueueError):
+    """Also accepts TensorFlow's ``(node_def, op, message)`` constructor arguments.
+
+    Code that raises ``tf.errors.OutOfRangeError(None, None, "done")`` then
+    runs unchanged with gpuqueue's error; ``str()`` is the message.
+    """
+
+    def __init__(self, *args: object) -> None:
+        self.node_def: object = None
+        self.op: object = None
+        if len(args) == 3:
+            self.node_def, self.op, message = args
+            args = (message,)
+        super().__init__(*args)
+
+
+class OutOfRangeError(_TensorFlowSignature):
     """The end of the data: a closed queue has been drained.
 
     A ``Coordinator`` treats it as a clean stop by default.
     """
 
 
-class CancelledError(GpuqueueError):
+class CancelledError(_TensorFlowSignature):
     """The queue was cancelled: blocked calls woke and queued items were dropped."""
 
 

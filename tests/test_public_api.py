@@ -45,3 +45,9 @@ def test_cupy_presence_matches_what_ci_installed() -> None:
     if os.environ.get("GPUQUEUE_CI_EXPECT_CUPY") != "1":
         pytest.skip("only CI's second run installs cupy-cuda12x")
     assert importlib.util.find_spec("cupy") is not None
+
+
+def test_errors_accept_tensorflow_constructor_arguments() -> None:
+    error = gpuqueue.OutOfRangeError(None, None, "end of input")
+    assert str(error) == "end of input" and error.node_def is None and error.op is None
+    assert str(gpuqueue.CancelledError("plain")) == "plain"

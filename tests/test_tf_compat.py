@@ -1,9 +1,9 @@
 """Code written for ``tf.compat.v1.train`` runs unchanged against gpuqueue.
 
-Everything below the import is written against TensorFlow's documented API;
-to run it against TensorFlow, replace the import with
-``from tensorflow.compat.v1 import train`` and ``errors`` with
-``tensorflow.errors``.
+Everything below the import is written against TensorFlow's documented API.
+The first four tests were also run against TensorFlow 2.21 itself by binding
+``train = tf.compat.v1.train`` and ``errors = tf.errors`` (the QueueRunner one
+needs TensorFlow's graph queues and sessions, which gpuqueue drops).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def test_context_manager_and_clean_stop() -> None:
     threads = [
         threading.Thread(
             target=raise_on_event_using_context_manager,
-            args=(coord, ev_1, errors.OutOfRangeError("end of input")),
+            args=(coord, ev_1, errors.OutOfRangeError(None, None, "end of input")),
         )
     ]
     for t in threads:
@@ -123,7 +123,7 @@ def test_queue_runner_with_coordinator() -> None:
         try:
             queue.put(next(items))
         except StopIteration:
-            raise errors.OutOfRangeError("done") from None
+            raise errors.OutOfRangeError(None, None, "done") from None
 
     coord = train.Coordinator()
     qr = train.QueueRunner(queue, [enqueue])

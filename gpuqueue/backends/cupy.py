@@ -18,7 +18,7 @@ import numpy as np
 
 from ..staging import LeafMeta
 
-__all__ = ["CupyBackend", "device_count"]
+__all__ = ["CupyBackend", "device_count", "wrap_stream"]
 
 _HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 _HOST_ALLOC_PORTABLE = 1  # cudaHostAllocPortable: pinned for every context
@@ -35,6 +35,17 @@ def _free_all_pinned(pinned: dict[int, int]) -> None:
     for address in list(pinned):
         cupy.cuda.runtime.freeHost(address)
     pinned.clear()
+
+
+def wrap_stream(stream: Any, device: int | None) -> Any:
+    """A CuPy view of another library's CUDA stream (PyTorch's, say).
+
+    Uses the CUDA stream protocol (``Stream.from_external``, CuPy 14+) where
+    the stream speaks it, else ``ExternalStream`` on the raw pointer.
+    """
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+        return cupy.cuda.Stream.from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, -1 if device is None else device)
 
 
 def _address(buffer: np.ndarray) -> int:
@@ -97,8 +108,7 @@ class CupyBackend:
         """PyTorch's current stream on this device, as a CuPy stream (for ``output="torch"``)."""
         import torch
 
-        pointer = torch.cuda.current_stream(self.device).cuda_stream
-        return cupy.cuda.ExternalStream(pointer, self.device)
+        return wrap_stream(torch.cuda.current_stream(self.device), self.device)
 
     def create_event(self) -> Any:
         with self._cuda_device:
