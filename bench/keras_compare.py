@@ -8,7 +8,10 @@ alternating runs. Two workloads:
   costs a memcpy, which NumPy runs without the GIL, so workers overlap).
 
 Epochs are short (64 batches) so epoch boundaries count, as they do in real
-training with ``steps_per_epoch``.
+training with ``steps_per_epoch``. A third measurement isolates the epoch
+boundary: trivial batches in epochs of 10 against one long epoch, for each
+library; ``epoch_cost`` is the ratio of time per batch (1.0 = boundaries are
+free).
 
 Run (needs ``pip install tf-keras tensorflow-cpu`` in the same environment)::
 
@@ -112,6 +115,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/keras_compare.json"))
     args = parser.parse_args()
 
+    short = compare("epochs of 10", Trivial(10), args.workers, 1000, args.repeats, 4)
+    long = compare("one long epoch", Trivial(10**6), args.workers, 1000, args.repeats, 4)
+    epoch_cost = {
+        library: long[library]["batches_per_s"] / short[library]["batches_per_s"]
+        for library in ("gpuqueue", "tf_keras")
+    }
     results = [
         compare("trivial", Trivial(64), args.workers, args.trivial_batches, args.repeats, 4),
         compare(
@@ -124,6 +133,7 @@ def main() -> None:
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "machine": describe_machine("numpy"),
         "results": results,
+        "epoch_boundaries": {"short": short, "long": long, "epoch_cost": epoch_cost},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -133,6 +143,10 @@ def main() -> None:
             f"tf_keras {r['tf_keras']['batches_per_s']:10.1f} batches/s, "
             f"speedup {r['speedup']:.2f}x"
         )
+    print(
+        "epoch boundaries (time per batch in 10-batch epochs / in one long epoch): "
+        + ", ".join(f"{lib} {cost:.2f}x" for lib, cost in epoch_cost.items())
+    )
     print(f"wrote {args.out}")
 
 

@@ -196,6 +196,7 @@ class SequenceTasks(_TaskSource):
         self._position = position
         self._order = self._make_order(epoch)
         self._reads_in_flight = 0
+        self._boundary_waiters = 0  # workers waiting for the epoch's last read
         self._epoch_end_running = False
         # Called after on_epoch_end(), before the next epoch's first read.
         self.epoch_ended: Callable[[], None] | None = None
@@ -232,7 +233,11 @@ class SequenceTasks(_TaskSource):
                 if self._reads_in_flight == 0 and not self._epoch_end_running:
                     self._epoch_end_running = True
                     break
-                self._cond.wait()
+                self._boundary_waiters += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._boundary_waiters -= 1
         # The epoch's last read has finished and nobody else may start one.
         failure = None
         try:
@@ -264,7 +269,7 @@ class SequenceTasks(_TaskSource):
     def done_reading(self, task: Task) -> None:
         with self._cond:
             self._reads_in_flight -= 1
-            if self._reads_in_flight == 0:
+            if self._reads_in_flight == 0 and self._boundary_waiters:
                 self._cond.notify_all()
 
     def fail(self) -> None:
@@ -317,7 +322,9 @@ class Sequencer:
         self._lock = threading.Lock()
         self._next = 0
         self._closed = False
-        self._waiters: dict[int, threading.Event] = {}
+        # seq_no -> a lock held until that item's turn: the cheapest one-shot gate
+        # (what threading.Condition uses for its waiters; an Event costs a Condition).
+        self._waiters: dict[int, Any] = {}
 
     def wait_turn(self, seq_no: int) -> None:
         """Blocks until every item before ``seq_no`` is on the queue.
@@ -330,8 +337,9 @@ class Sequencer:
                 raise CancelledError("the pipeline is stopping")
             if self._next == seq_no:
                 return
-            turn = self._waiters[seq_no] = threading.Event()
-        turn.wait()
+            turn = self._waiters[seq_no] = threading.Lock()
+            turn.acquire()
+        turn.acquire()  # released by advance() or close()
         if self._closed:
             raise CancelledError("the pipeline is stopping")
 
@@ -341,7 +349,7 @@ class Sequencer:
             self._next += 1
             turn = self._waiters.pop(self._next, None)
         if turn is not None:
-            turn.set()
+            turn.release()
 
     def close(self) -> None:
         """Wakes every waiter; they raise ``CancelledError``."""
@@ -349,4 +357,4 @@ class Sequencer:
             self._closed = True
             waiters, self._waiters = self._waiters, {}
         for turn in waiters.values():
-            turn.set()
+            turn.release()
