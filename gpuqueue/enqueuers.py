@@ -51,7 +51,7 @@ from .sources import (
     overrides_on_epoch_end,
     resolve_shard,
 )
-from .staging import BatchSpec, LeafMeta, TreeDef, describe, layout, rebuild, unpack
+from .staging import BatchSpec, LeafMeta, TreeDef, describe, flatten, layout, rebuild, unpack
 
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer", "keep", "prefetch"]
 
@@ -424,8 +424,8 @@ class SequenceEnqueuer:
         import torch
 
         convert = torch.from_numpy if backend.name != "cupy" else torch.from_dlpack
-        treedef, leaves = describe_arrays(batch)
-        return rebuild(treedef, [convert(leaf) for leaf in leaves])
+        treedef, leaves = flatten(batch)
+        return rebuild(treedef, [convert(leaf) for _, leaf in leaves])
 
     def release(self) -> None:
         """Gives the device slot of the last batch back now, instead of at the next ``get``.
@@ -599,7 +599,14 @@ def _shutdown(run: _Run, grace: float) -> None:
             stacklevel=3,
         )
     if run.processes is not None:
-        run.processes.close(grace)
+        killed = run.processes.close(grace)
+        if killed:
+            warnings.warn(
+                f"{run.name}.stop(): worker processes did not exit within {grace} s and were "
+                f"killed, most likely inside the Sequence: {', '.join(killed)}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     if not stragglers:
         _free(run)
 
@@ -637,32 +644,14 @@ def _drop(queue: FIFOQueue[Item]) -> None:
         item.release_staging()
 
 
-def describe_arrays(batch: Any) -> tuple[TreeDef, list[Any]]:
-    """Splits a batch of any array type (NumPy, CuPy) into structure and leaves."""
-    leaves: list[Any] = []
-
-    def walk(node: Any) -> TreeDef:
-        if isinstance(node, dict):
-            keys = tuple(node)
-            return TreeDef("dict", tuple(walk(node[k]) for k in keys), keys=keys)
-        if isinstance(node, (tuple, list)):
-            kind = "list" if isinstance(node, list) else "tuple"
-            node_type = type(node) if hasattr(node, "_fields") else None
-            return TreeDef(kind, tuple(walk(v) for v in node), node_type=node_type)
-        leaves.append(node)
-        return TreeDef("leaf")
-
-    return walk(batch), leaves
-
-
 def keep(batch: Any) -> Any:
     """Copies a device batch so it stays valid after the next ``get()``.
 
     Works for CuPy, NumPy and PyTorch leaves; the copy is ordered on the
     current stream like any other work.
     """
-    treedef, leaves = describe_arrays(batch)
-    copies = [leaf.clone() if hasattr(leaf, "clone") else leaf.copy() for leaf in leaves]
+    treedef, leaves = flatten(batch)
+    copies = [leaf.clone() if hasattr(leaf, "clone") else leaf.copy() for _, leaf in leaves]
     return rebuild(treedef, copies)
 
 

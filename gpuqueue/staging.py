@@ -66,43 +66,55 @@ class LeafMeta:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _describe(node: Any, path: str, leaves: list[tuple[str, np.ndarray]]) -> TreeDef:
+def _flatten(node: Any, path: str, leaves: list[tuple[str, Any]]) -> TreeDef:
     if isinstance(node, dict):
         keys = tuple(node)
-        children = tuple(_describe(node[k], f"{path}[{k!r}]", leaves) for k in keys)
+        children = tuple(_flatten(node[k], f"{path}[{k!r}]", leaves) for k in keys)
         return TreeDef("dict", children, keys=keys)
     if isinstance(node, (tuple, list)):
         kind = "list" if isinstance(node, list) else "tuple"
         node_type = type(node) if hasattr(node, "_fields") else None
-        children = tuple(_describe(v, f"{path}[{i}]", leaves) for i, v in enumerate(node))
+        children = tuple(_flatten(v, f"{path}[{i}]", leaves) for i, v in enumerate(node))
         return TreeDef(kind, children, node_type=node_type)
-    if isinstance(node, np.ndarray):
-        array = node
-    elif isinstance(node, _SCALAR_TYPES):
-        array = np.asarray(node)
+    leaves.append((path or "<batch>", node))
+    return TreeDef("leaf")
+
+
+def flatten(batch: Any) -> tuple[TreeDef, list[tuple[str, Any]]]:
+    """Splits a batch into its structure and its ``(path, leaf)`` pairs, any leaf type.
+
+    Paths read like ``[0]['image']``; they name fields in error messages.
+    """
+    leaves: list[tuple[str, Any]] = []
+    return _flatten(batch, "", leaves), leaves
+
+
+def _as_array(path: str, leaf: Any) -> np.ndarray:
+    if isinstance(leaf, np.ndarray):
+        array = leaf
+    elif isinstance(leaf, _SCALAR_TYPES):
+        array = np.asarray(leaf)
     else:
         raise BatchError(
-            f"field {path or '<batch>'} is a {type(node).__name__}; expected a NumPy array, "
+            f"field {path} is a {type(leaf).__name__}; expected a NumPy array, "
             "a scalar, or a tuple, list or dict of them"
         )
     if array.dtype.hasobject:
         raise BatchError(
-            f"field {path or '<batch>'} has dtype {array.dtype}, which holds Python objects; "
+            f"field {path} has dtype {array.dtype}, which holds Python objects; "
             "expected a numeric or boolean dtype"
         )
-    leaves.append((path or "<batch>", array))
-    return TreeDef("leaf")
+    return array
 
 
 def describe(batch: Any) -> tuple[TreeDef, list[tuple[str, np.ndarray]]]:
-    """Splits a batch into its structure and its ``(path, array)`` leaves.
+    """Splits a host batch into its structure and its ``(path, array)`` leaves.
 
     Raises:
         BatchError: If a leaf is not an array or scalar, or holds objects.
     """
-    leaves: list[tuple[str, np.ndarray]] = []
-    treedef = _describe(batch, "", leaves)
-    return treedef, leaves
+    treedef, leaves = flatten(batch)
+    return treedef, [(path, _as_array(path, leaf)) for path, leaf in leaves]
 
 
 def _rebuild(treedef: TreeDef, leaves: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -62,3 +63,19 @@ class Worker(threading.Thread):
         self.join(timeout)
         assert not self.is_alive(), f"{self.name} is still blocked"
         return self
+
+
+@pytest.fixture
+def running() -> Iterator[list[Any]]:
+    """Enqueuers a test starts (with ``start``); stopped afterwards whatever happens."""
+    started: list[Any] = []
+    yield started
+    for enqueuer in started:
+        enqueuer.stop(timeout=5)
+
+
+def start(running: list[Any], enqueuer: Any, workers: int = 2, max_queue_size: int = 4) -> Any:
+    """Starts ``enqueuer`` and hands it to the ``running`` fixture to stop."""
+    running.append(enqueuer)
+    enqueuer.start(workers=workers, max_queue_size=max_queue_size)
+    return enqueuer

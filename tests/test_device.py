@@ -15,7 +15,7 @@ from gpuqueue import GeneratorEnqueuer, OrderedEnqueuer, PipelineError
 from gpuqueue.backends import resolve
 from gpuqueue.backends.numpy import NumpyBackend
 from gpuqueue.backends.simulated import SimulatedBackend
-from tests.conftest import wait_entered
+from tests.conftest import start, wait_entered
 from tests.seqs import FailsAt, Growing, Numbered
 
 
@@ -26,20 +26,6 @@ def backends() -> Iterator[list[SimulatedBackend]]:
     yield made
     for backend in made:
         backend.close()
-
-
-@pytest.fixture
-def running() -> Iterator[list[Any]]:
-    started: list[Any] = []
-    yield started
-    for enqueuer in started:
-        enqueuer.stop(timeout=5)
-
-
-def start(running: list[Any], enqueuer: Any, workers: int = 2, max_queue_size: int = 4) -> Any:
-    running.append(enqueuer)
-    enqueuer.start(workers=workers, max_queue_size=max_queue_size)
-    return enqueuer
 
 
 def on_host(enqueuer: Any) -> None:

@@ -13,27 +13,12 @@ import pytest
 
 import gpuqueue
 from gpuqueue import BatchError, GeneratorEnqueuer, OrderedEnqueuer, PipelineError, Sequence
-from tests.conftest import Worker, wait_entered
+from tests.conftest import Worker, start, wait_entered
 from tests.seqs import FailsAt, Numbered
 
 
 def indices(batches: list[Any]) -> list[int]:
     return [int(b[1]["index"]) for b in batches]
-
-
-@pytest.fixture
-def running() -> Iterator[list[gpuqueue.SequenceEnqueuer]]:
-    """Enqueuers a test starts; stopped afterwards whatever happens."""
-    started: list[gpuqueue.SequenceEnqueuer] = []
-    yield started
-    for enqueuer in started:
-        enqueuer.stop(timeout=5)
-
-
-def start(running: list[Any], enqueuer: Any, workers: int = 1, max_queue_size: int = 10) -> Any:
-    running.append(enqueuer)
-    enqueuer.start(workers=workers, max_queue_size=max_queue_size)
-    return enqueuer
 
 
 # -- order, epochs ------------------------------------------------------------

@@ -118,3 +118,40 @@ def test_an_unpicklable_sequence_is_a_clear_error() -> None:
     ):
         enqueuer.start(workers=2)
     assert not enqueuer.is_running()
+
+
+class Stuck(Numbered):
+    """Reading index 1 never returns (a hung read inside a worker process)."""
+
+    def __getitem__(self, index: int) -> Any:
+        if index == 1:
+            threading.Event().wait()
+        return super().__getitem__(index)
+
+
+def test_a_process_stuck_in_user_code_is_killed_and_named(
+    enqueuers: list[OrderedEnqueuer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpuqueue import workers
+
+    sent = threading.Event()
+    receive = workers.ProcessPool._receive
+
+    def receive_after_send(pool: Any, worker: Any) -> Any:
+        if "batch index 1 " in worker.busy_with:
+            sent.set()  # the request for index 1 is in the process's pipe
+        return receive(pool, worker)
+
+    monkeypatch.setattr(workers.ProcessPool, "_receive", receive_after_send)
+    enqueuer = started(enqueuers, Stuck(), workers=1)
+    next(enqueuer.get())
+    assert sent.wait(5)
+    with pytest.warns(RuntimeWarning) as record:
+        enqueuer.stop(timeout=0.5)
+    messages = [str(w.message) for w in record]
+    assert any(
+        "worker processes did not exit within 0.5 s and were killed" in m
+        and "OrderedEnqueuer-process0" in m
+        for m in messages
+    ), messages
+    assert enqueuer._run.processes.alive() == []
