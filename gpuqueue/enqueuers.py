@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import resolve
+from .backends import check_device, resolve
 from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator
@@ -102,7 +102,8 @@ class _Stats:
     consumed: int = 0
     consumer_wait_s: float = 0.0
     producer_blocked_s: float = 0.0
-    occupancy_sum: int = 0
+    occupancy_sum: int = 0  # batches queued, summed over the consumer's gets
+    gets: int = 0
 
 
 @dataclass
@@ -187,6 +188,8 @@ class SequenceEnqueuer:
             raise ValueError(f"prefetch_depth must be an int >= 0, got {prefetch_depth!r}")
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
+        if device is not None:
+            check_device(device)
         if device is None and (output == "torch" or stream is not None):
             raise ValueError("output='torch' and stream need a device (device='auto', 0, ...)")
         self.sequence = sequence
@@ -201,6 +204,7 @@ class SequenceEnqueuer:
         self._run: _Run | None = None
         self._error: BaseException | None = None
         self._error_traceback: TracebackType | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     # -- life cycle ---------------------------------------------------------
 
@@ -237,16 +241,19 @@ class SequenceEnqueuer:
             except BaseException:
                 _shutdown(run, DEFAULT_STOP_TIMEOUT)
                 raise
-            weakref.finalize(self, _abandon, run)
+            if self._finalizer is not None:
+                self._finalizer.detach()  # the previous run was stopped above
+            self._finalizer = weakref.finalize(self, _abandon, run)
 
     def _prepare(self, workers: int, max_queue_size: int) -> _Run:
         """Makes the run's queues, pools and backend; starts nothing."""
+        # The device first: if it is unusable, nothing (a generator) has been consumed.
+        backend = resolve(self.device) if self.device is not None else None
         coord = Coordinator()
         tasks = self._make_tasks()
         host_queue: FIFOQueue[Item] = FIFOQueue(max_queue_size, name=f"{self._name}-host")
         run = _Run(self._name, coord, tasks, host_queue, host_queue, [])
-        if self.device is not None:
-            backend = resolve(self.device)
+        if backend is not None:
             run.backend, run.own_backend = backend, backend is not self.device
             ring_size = self.prefetch_depth + 1
             run.ring = DeviceRing(backend, ring_size, name=f"{self._name}-device-slots")
@@ -345,7 +352,7 @@ class SequenceEnqueuer:
     def _batches(self, run: _Run) -> Iterator[Any]:
         queue = run.output_queue
         while True:
-            self.release()
+            _release_held(run)
             if self._error is not None:
                 raise self._error.with_traceback(self._error_traceback)
             started = time.monotonic()
@@ -362,6 +369,7 @@ class SequenceEnqueuer:
             with run.stats_lock:
                 run.stats.consumer_wait_s += time.monotonic() - started
                 run.stats.occupancy_sum += queue.qsize()
+                run.stats.gets += 1
             if item.error is not None:
                 item.release_staging()
                 self._fail(item.error)
@@ -373,6 +381,8 @@ class SequenceEnqueuer:
                 continue
             try:
                 batch = self._deliver(run, item)
+            except CancelledError:  # stopped from another thread while copying (depth 0)
+                return
             except Exception as error:
                 note_thread(error, f"delivering {item.task.where()}")
                 self._fail(error)
@@ -434,12 +444,8 @@ class SequenceEnqueuer:
         consumer's stream is done, so it is safe to call right after
         launching the step that reads the batch.
         """
-        run = self._run
-        if run is None or run.held is None or run.ring is None:
-            return
-        slot, stream = run.held
-        run.held = None
-        run.ring.release(slot, stream)
+        if self._run is not None:
+            _release_held(self._run)
 
     def _received(self, task: Task) -> None:
         """Records that the consumer received ``task`` (for ``state_dict``)."""
@@ -461,7 +467,6 @@ class SequenceEnqueuer:
         run = self._run
         s, lock = (run.stats, run.stats_lock) if run is not None else (_Stats(), threading.Lock())
         with lock:
-            gets = s.consumed + (s.produced > s.consumed)
             stats: dict[str, Any] = {
                 "batches_produced": s.produced,
                 "batches_consumed": s.consumed,
@@ -469,7 +474,7 @@ class SequenceEnqueuer:
                 "producer_blocked_s": s.producer_blocked_s,
                 "queue_size": run.output_queue.qsize() if run is not None else 0,
                 "queue_capacity": run.output_queue.capacity if run is not None else 0,
-                "mean_queue_occupancy": s.occupancy_sum / gets if gets else 0.0,
+                "mean_queue_occupancy": s.occupancy_sum / s.gets if s.gets else 0.0,
             }
         if run is not None and run.ring is not None and run.backend is not None:
             ring = run.ring
@@ -624,6 +629,15 @@ def _free(run: _Run) -> None:
     run.held = None
     if run.own_backend and run.backend is not None:
         run.backend.close()
+
+
+def _release_held(run: _Run) -> None:
+    """Gives back the device slot the consumer holds, fenced on its stream."""
+    if run.held is None or run.ring is None:
+        return
+    slot, stream = run.held
+    run.held = None
+    run.ring.release(slot, stream)
 
 
 def _abandon(run: _Run) -> None:

@@ -272,10 +272,6 @@ class SequenceTasks(_TaskSource):
             if self._reads_in_flight == 0 and self._boundary_waiters:
                 self._cond.notify_all()
 
-    def fail(self) -> None:
-        """Stops handing out tasks after a read failed."""
-        self.close()
-
 
 class GeneratorTasks(_TaskSource):
     """Items of an iterator, read one at a time under the lock.
@@ -305,9 +301,6 @@ class GeneratorTasks(_TaskSource):
 
     def read(self, task: Task) -> Any:
         return task.batch
-
-    def fail(self) -> None:
-        self.close()
 
 
 class Sequencer:

@@ -330,6 +330,8 @@ def test_device_arguments() -> None:
         OrderedEnqueuer(Numbered(), output="torch")
     with pytest.raises(ValueError, match=r"^device must be None, 'auto', 'cpu', an int"):
         resolve("tpu")
+    with pytest.raises(ValueError, match=r"^device must be None, 'auto', 'cpu', an int.*'tpu'"):
+        OrderedEnqueuer(Numbered(), device="tpu")  # at construction, not at start()
 
 
 def test_auto_falls_back_to_numpy_without_a_gpu() -> None:
@@ -350,3 +352,19 @@ def test_auto_falls_back_to_numpy_without_a_gpu() -> None:
         resolve(0)
     with pytest.raises(PipelineError, match=r"^device=1 needs"):
         resolve("cuda:1")
+
+
+def test_an_unusable_device_leaves_the_generator_unread() -> None:
+    try:
+        from gpuqueue.backends import cupy as cupy_backend
+
+        if cupy_backend.device_count() > 0:
+            pytest.skip("a GPU is usable here")
+    except Exception:
+        pass
+    items = iter(range(3))
+    enqueuer = GeneratorEnqueuer(((np.full(2, i),) for i in items), device=0)
+    with pytest.raises(PipelineError, match=r"^device=0 needs"):
+        enqueuer.start()
+    assert next(items) == 0  # nothing was consumed by the failed start
+    assert not enqueuer.is_running()

@@ -20,7 +20,7 @@ from typing import Any
 from ..errors import PipelineError
 from .base import Backend
 
-__all__ = ["Backend", "resolve"]
+__all__ = ["Backend", "check_device", "resolve"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,17 @@ def _device_index(device: Any) -> int | None:
     return None
 
 
+def check_device(device: Any) -> None:
+    """Raises ``ValueError`` unless ``device`` has an accepted form; creates nothing."""
+    if device in ("cpu", "simulated", "auto") or _device_index(device) is not None:
+        return
+    if hasattr(device, "copy_to_device") and hasattr(device, "alloc_device"):
+        return
+    raise ValueError(
+        f"device must be None, 'auto', 'cpu', an int, 'cuda:N' or a backend, got {device!r}"
+    )
+
+
 def resolve(device: Any) -> Backend:
     """Returns the backend for a ``device`` argument.
 
@@ -83,11 +94,8 @@ def resolve(device: Any) -> Backend:
             return NumpyBackend()
         logger.debug("device='auto': using CuPy on GPU 0")
         return backend
+    check_device(device)
     index = _device_index(device)
     if index is not None:
         return _cupy_backend(index)
-    if hasattr(device, "copy_to_device") and hasattr(device, "alloc_device"):
-        return device  # type: ignore[no-any-return]
-    raise ValueError(
-        f"device must be None, 'auto', 'cpu', an int, 'cuda:N' or a backend, got {device!r}"
-    )
+    return device  # type: ignore[no-any-return]
