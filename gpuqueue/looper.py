@@ -194,6 +194,10 @@ class DeviceRing:
             backend.wait_event(stream, slot.released)
         backend.copy_to_device(slot.arena, staged.buffer, staged.nbytes, stream)
         backend.record(slot.ready, stream)
+        # The pinned slot is fenced by this device slot's ready event. Should the
+        # device slot be reused first, the event then marks a later copy on the
+        # same stream: waiting for it still waits for this one, and it never
+        # waits on the host.
         staged.release(slot.ready)
         now = time.monotonic()
         self.first_copy_at = self.first_copy_at or now
