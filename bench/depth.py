@@ -64,6 +64,16 @@ class Progress:
             sys.stderr.write("\n")
 
 
+def median_run(repeats: int, run: Any) -> Any:
+    """Runs ``run()`` ``repeats`` times; returns the result with the median time.
+
+    Results are floats (seconds) or dicts with ``step_time_s``.
+    """
+    results = [run() for _ in range(repeats)]
+    results.sort(key=lambda r: r["step_time_s"] if isinstance(r, dict) else r)
+    return results[len(results) // 2]
+
+
 def run_gpuqueue(
     args: argparse.Namespace,
     backend_name: str,
@@ -115,16 +125,23 @@ def measure_size(
     step = make_step(backend_name, args.step_ms)
     n, warmup = args.batches, args.warmup
     seq = SyntheticBatches(nbytes, host_work_ms=args.host_work_ms)
-    raw = baselines.raw_copy_gbps(backend_name, nbytes, max(n, 20))
+    reps = args.repeats
+    raw = -median_run(reps, lambda: -baselines.raw_copy_gbps(backend_name, nbytes, max(n, 20)))
     copy_time = nbytes / (raw * 1e9)
-    resident = baselines.resident(backend_name, nbytes, step, n, warmup)
+    resident = median_run(reps, lambda: baselines.resident(backend_name, nbytes, step, n, warmup))
     progress.advance(f"{human(nbytes)} baselines")
     base: dict[str, Any] = {
         "raw_pinned_gbps": raw,
-        "pageable_gbps": baselines.raw_copy_gbps(backend_name, nbytes, max(n, 20), pinned=False),
+        "pageable_gbps": -median_run(
+            reps, lambda: -baselines.raw_copy_gbps(backend_name, nbytes, max(n, 20), pinned=False)
+        ),
         "resident_step_time_s": resident,
-        "synchronous_step_time_s": baselines.synchronous(backend_name, seq, step, n, warmup),
-        "one_ahead_step_time_s": baselines.one_ahead(backend_name, seq, step, n, warmup),
+        "synchronous_step_time_s": median_run(
+            reps, lambda: baselines.synchronous(backend_name, seq, step, n, warmup)
+        ),
+        "one_ahead_step_time_s": median_run(
+            reps, lambda: baselines.one_ahead(backend_name, seq, step, n, warmup)
+        ),
     }
     for name, run in (
         ("torch_dataloader_step_time_s", baselines.torch_dataloader),
@@ -134,7 +151,7 @@ def measure_size(
         if not wanted:
             continue
         try:
-            base[name] = run(seq, step, args.workers, n, warmup)
+            base[name] = median_run(reps, lambda run=run: run(seq, step, args.workers, n, warmup))
         except ImportError as error:
             base[name] = f"not installed: {error.name}"
         except Exception as error:  # a baseline failing must not lose the rest
@@ -142,7 +159,9 @@ def measure_size(
 
     rows = []
     for depth in args.depths:
-        row = run_gpuqueue(args, backend_name, nbytes, depth, step, nvml)
+        row = median_run(
+            reps, lambda depth=depth: run_gpuqueue(args, backend_name, nbytes, depth, step, nvml)
+        )
         loaded = row["step_time_s"]
         row.update(
             size_bytes=nbytes,
@@ -157,7 +176,9 @@ def measure_size(
     # Throughput through the queue with no step at all, against the raw loop.
     throughput_args = argparse.Namespace(**{**vars(args), "batches": max(n, 50)})
     no_step = make_step(backend_name, 0)
-    flat_out = run_gpuqueue(throughput_args, backend_name, nbytes, 2, no_step, nvml)
+    flat_out = median_run(
+        reps, lambda: run_gpuqueue(throughput_args, backend_name, nbytes, 2, no_step, nvml)
+    )
     progress.advance(f"{human(nbytes)} throughput")
     return {
         "size_bytes": nbytes,
@@ -250,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host-work-ms", type=float, default=0.0, help="host work per batch")
     parser.add_argument("--batches", type=int, default=60, help="measured batches per run")
     parser.add_argument("--warmup", type=int, default=8, help="unmeasured batches per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median kept)")
     parser.add_argument("--workers", type=int, default=None, help="worker threads")
     parser.add_argument("--max-queue-size", type=int, default=4)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', or a GPU index")
@@ -262,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.smoke:  # tiny sizes and few batches: checks the harness, not the machine
         args.sizes, args.depths, args.step_ms = "64KiB", "0,1,2", 1.0
-        args.batches, args.warmup = 12, 2
+        args.batches, args.warmup, args.repeats = 12, 2, 1
     args.sizes = [parse_size(s) for s in args.sizes.split(",")]
     args.depths = [int(d) for d in args.depths.split(",")]
     if args.workers is None:
@@ -287,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "host_work_ms": args.host_work_ms,
             "batches": args.batches,
             "warmup": args.warmup,
+            "repeats": args.repeats,
             "workers": args.workers,
             "max_queue_size": args.max_queue_size,
         },
