@@ -269,16 +269,23 @@ class SequenceEnqueuer:
         if self.use_multiprocessing:
             from .workers import ProcessPool
 
-            run.processes = ProcessPool(
+            # A generator has one reader: one process runs it (as many would
+            # each run a copy and repeat the data); threads handle the rest.
+            reading = isinstance(tasks, GeneratorTasks)
+            processes = ProcessPool(
                 self.sequence,
-                workers,
+                1 if reading else workers,
                 coord,
                 name=self._name,
                 slots=workers + self.max_queue_size + 1,
                 backend=run.backend,
+                seed=getattr(self, "random_seed", None),
             )
-            if isinstance(tasks, SequenceTasks) and overrides_on_epoch_end(self.sequence):
-                tasks.epoch_ended = run.processes.sequence_changed
+            run.processes = processes
+            if isinstance(tasks, GeneratorTasks):
+                tasks.fetch = lambda position: processes.read(None, f"generator item {position}")
+            elif overrides_on_epoch_end(self.sequence):
+                tasks.epoch_ended = processes.sequence_changed
         sequencer = Sequencer()
         read = _reader(run)
         ops = [_worker_op(i, run, read, sequencer) for i in range(workers)]
@@ -509,8 +516,8 @@ def _reader(run: _Run) -> Callable[[Task], Described]:
     if processes is not None:
 
         def read_in_process(task: Task) -> Described:
-            assert task.index is not None
-            staged = processes.read(task.index, task.where())
+            # A generator's item was read by the process while claiming it.
+            staged = task.batch if task.index is None else processes.read(task.index, task.where())
             if staged is None:
                 return _SKIPPED
             return Described(staged.treedef, staged.metas, staged=staged)
@@ -629,6 +636,10 @@ def _free(run: _Run) -> None:
     run.held = None
     if run.own_backend and run.backend is not None:
         run.backend.close()
+
+
+def _not_launched(position: int) -> Any:
+    raise PipelineError("the generator's worker process was not started")
 
 
 def _release_held(run: _Run) -> None:
@@ -800,17 +811,21 @@ class GeneratorEnqueuer(SequenceEnqueuer):
 
     Args:
         generator: Any iterable.
-        use_multiprocessing: Not supported: a generator's state cannot be
-            shared between processes; use an ``OrderedEnqueuer`` over a
-            ``Sequence``.
-        random_seed: Accepted for Keras compatibility; with threads there is
-            no per-worker random state to seed.
+        use_multiprocessing: Run the generator in a worker process, which
+            writes each item into shared memory. There is one such process
+            whatever ``workers`` is (a generator has one reader; Keras runs a
+            copy in every process and repeats the data), so ``generator`` must
+            be picklable: the generator function (``make_batches``, not
+            ``make_batches()``) or a picklable iterable.
+        random_seed: Seeds NumPy's global random state in that process, as
+            Keras does; unused with threads.
         **device_options: ``device``, ``prefetch_depth``, ``output``,
             ``stream``, as in ``SequenceEnqueuer``.
 
     Raises:
-        TypeError: If ``generator`` is not iterable.
-        ValueError: If ``use_multiprocessing`` is true.
+        TypeError: If ``generator`` is not iterable (or, with processes, a
+            generator function).
+        PipelineError: With processes, if ``generator`` cannot be pickled.
     """
 
     _name = "GeneratorEnqueuer"
@@ -822,24 +837,27 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         random_seed: int | None = None,
         **device_options: Any,
     ) -> None:
-        if not hasattr(generator, "__iter__") and not hasattr(generator, "__next__"):
+        iterable = hasattr(generator, "__iter__") or hasattr(generator, "__next__")
+        if not iterable and not (use_multiprocessing and callable(generator)):
             raise TypeError(f"GeneratorEnqueuer needs an iterable, got {type(generator).__name__}")
         if use_multiprocessing:
-            raise ValueError(
-                "GeneratorEnqueuer cannot use processes: a generator's state cannot be shared "
-                "between them; wrap the data in a Sequence and use OrderedEnqueuer"
-            )
+            from .workers import check_picklable
+
+            check_picklable(generator, "the generator function or a picklable iterable")
         super().__init__(generator, use_multiprocessing, **device_options)
         self.random_seed = random_seed
         self._used = False
 
     def _make_tasks(self) -> GeneratorTasks:
-        if self._used:
+        restartable = self.use_multiprocessing and not hasattr(self.sequence, "__next__")
+        if self._used and not restartable:
             raise PipelineError(
                 "GeneratorEnqueuer was already started once and its generator is consumed; "
                 "make a new enqueuer with a new generator"
             )
         self._used = True
+        if self.use_multiprocessing:
+            return GeneratorTasks(None, fetch=_not_launched)  # _launch points it at the process
         return GeneratorTasks(self.sequence)
 
 

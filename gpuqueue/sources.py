@@ -274,30 +274,55 @@ class SequenceTasks(_TaskSource):
 
 
 class GeneratorTasks(_TaskSource):
-    """Items of an iterator, read one at a time under the lock.
+    """Items of an iterator, read one at a time.
 
-    The iterator need not be thread-safe. Once it raised, or ended, it is
-    never called again, even if it would yield more.
+    The iterator need not be thread-safe: a read lock lets one worker call
+    it at a time. The state lock is never held while user code runs, so
+    ``close()`` (from ``stop()``) never waits for a generator stuck in
+    ``next()``. Once the iterator raised, or ended, it is never called again,
+    even if it would yield more.
+
+    Args:
+        iterable: What to read; ``None`` when ``fetch`` is set later.
+        fetch: Replaces ``next(iterator)``: called with the item's position,
+            it returns the item, or raises ``StopIteration`` or
+            ``OutOfRangeError`` at the end (a worker process reading the
+            generator uses this).
     """
 
-    def __init__(self, iterable: Iterable[Any]) -> None:
+    def __init__(
+        self, iterable: Iterable[Any] | None, fetch: Callable[[int], Any] | None = None
+    ) -> None:
         super().__init__()
-        self._iterator = iter(iterable)
+        self._read_lock = threading.Lock()
+        if fetch is None:
+            assert iterable is not None
+            iterator = iter(iterable)
+
+            def fetch(position: int) -> Any:
+                return next(iterator)
+
+        self.fetch = fetch
 
     def claim(self) -> Task:
-        with self._cond:
-            if self._ended:
-                raise OutOfRangeError("the generator is exhausted")
-            seq_no = self._seq_no
+        with self._read_lock:  # one reader at a time; held while user code runs
+            with self._cond:
+                if self._ended:
+                    raise OutOfRangeError("the generator is exhausted")
+                position = self._seq_no  # taken only once an item (or an error) exists
             try:
-                batch = next(self._iterator)
-            except StopIteration:
-                self._ended = True
+                batch = self.fetch(position)
+            except (StopIteration, OutOfRangeError):
+                self.close()
                 raise OutOfRangeError("the generator is exhausted") from None
+            except CancelledError:
+                raise
             except BaseException as error:
-                self._ended = True
-                return Task(self._next_seq_no(), 0, seq_no, failure=error)
-            return Task(self._next_seq_no(), 0, seq_no, batch=batch)
+                with self._cond:
+                    self._ended = True
+                    return Task(self._next_seq_no(), 0, position, failure=error)
+            with self._cond:
+                return Task(self._next_seq_no(), 0, position, batch=batch)
 
     def read(self, task: Task) -> Any:
         return task.batch

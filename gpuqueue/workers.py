@@ -17,6 +17,7 @@ never plain ``fork``, which is unsafe once CUDA or threads exist.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import multiprocessing
 import multiprocessing.connection
 import pickle
@@ -33,13 +34,30 @@ import numpy as np
 from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator
-from .errors import CancelledError, PipelineError, WorkerDiedError
+from .errors import CancelledError, OutOfRangeError, PipelineError, WorkerDiedError
 from .looper import Staged
 from .staging import describe, layout, pack
 
 __all__ = ["ProcessPool"]
 
 _GROWTH = 1.25  # a slot that must grow takes a margin, so a slowly growing batch size settles
+
+
+def check_picklable(source: Any, what: str) -> None:
+    """Raises ``PipelineError`` if ``source`` cannot be sent to a worker process."""
+    try:
+        pickle.dumps(source)
+    except Exception as error:
+        hint = (
+            "pass the generator function itself (make_batches, not make_batches()), "
+            "defined at module level, or a picklable iterable"
+            if inspect.isgenerator(source)
+            else "define it at module level without locks, open files or lambdas, or use threads"
+        )
+        raise PipelineError(
+            f"use_multiprocessing=True needs {what}, but pickling "
+            f"{type(source).__name__} failed: {error}; {hint}"
+        ) from error
 
 
 def _start_method() -> str:
@@ -87,21 +105,34 @@ def _receive_or_stop(
         return None
 
 
+def _iterate(source: Any) -> Any:
+    """An iterator over a generator function's output, or over an iterable."""
+    if callable(source) and not hasattr(source, "__iter__"):
+        return iter(source())
+    return iter(source)
+
+
 def worker_main(
     conn: multiprocessing.connection.Connection,
     stop: multiprocessing.connection.Connection,
     sequence: Any,
+    seed: int | None = None,
 ) -> None:
     """The loop of a worker process: read, pack, reply, until told to stop.
 
     Messages in: ``("sequence", obj)`` replaces the Sequence (after
     ``on_epoch_end`` ran in the parent); ``("read", index, slot, capacity)``
-    reads a batch; ``None``, or anything on the ``stop`` pipe (which the
-    parent's stop callback writes), stops. Replies: ``("ok", treedef, metas, nbytes)``,
-    ``("none",)``, ``("grow", nbytes)`` (then a new ``(slot, capacity)``), or
-    ``("error", exception)``.
+    reads ``sequence[index]``, or with ``index`` None the next item of the
+    generator ``sequence`` makes; ``None``, or anything on the ``stop`` pipe
+    (which the parent's stop callback writes), stops. Replies:
+    ``("ok", treedef, metas, nbytes)``, ``("none",)``, ``("end",)`` (the
+    generator is exhausted), ``("grow", nbytes)`` (then a new
+    ``(slot, capacity)``), or ``("error", exception)``.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if seed is not None:
+        np.random.seed(seed)  # as Keras's random_seed: the process's global NumPy state
+    iterator: Any = None
     attached: dict[str, shared_memory.SharedMemory] = {}
     try:
         while True:
@@ -113,7 +144,16 @@ def worker_main(
                 continue
             _, index, slot, capacity = message
             try:
-                batch = sequence[index]
+                if index is not None:
+                    batch = sequence[index]
+                else:
+                    if iterator is None:
+                        iterator = _iterate(sequence)
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        conn.send(("end",))
+                        continue
                 if batch is None:
                     conn.send(("none",))
                     continue
@@ -185,6 +225,8 @@ class ProcessPool:
         coord: The enqueuer's coordinator; stopping it wakes every waiting thread.
         name: For process names and messages.
         slots: Number of shared-memory slots (workers + queue size + 1).
+        seed: Seeds NumPy's global random state in each process (Keras's
+            ``random_seed``).
         backend: Page-locks each slot (``cudaHostRegister``) so the copy to
             the device reads it directly, and fences its reuse; None on the
             host-only path.
@@ -202,15 +244,9 @@ class ProcessPool:
         name: str,
         slots: int,
         backend: Backend | None = None,
+        seed: int | None = None,
     ) -> None:
-        try:
-            pickle.dumps(sequence)
-        except Exception as error:
-            raise PipelineError(
-                f"use_multiprocessing=True needs a picklable Sequence, but pickling "
-                f"{type(sequence).__name__} failed: {error}; define it at module level "
-                "without locks, open files or lambdas, or use threads"
-            ) from error
+        check_picklable(sequence, "a picklable Sequence")
         self._sequence = sequence
         self._backend = backend
         self._closed = False
@@ -227,7 +263,7 @@ class ProcessPool:
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=worker_main,
-                args=(child_end, self._stop_reader, sequence),
+                args=(child_end, self._stop_reader, sequence, seed),
                 name=f"{name}-process{number}",
                 daemon=True,
             )
@@ -252,8 +288,8 @@ class ProcessPool:
         with self._lock:
             self._sequence_version += 1
 
-    def read(self, index: int, where: str) -> Staged | None:
-        """Reads ``sequence[index]`` in a process, into a shared-memory slot.
+    def read(self, index: int | None, where: str) -> Staged | None:
+        """Reads ``sequence[index]`` (or, with None, the generator's next item) into a slot.
 
         Returns:
             The staged batch (its ``release(event)`` returns the slot once the
@@ -263,7 +299,8 @@ class ProcessPool:
         Raises:
             The error the Sequence raised, as its own type with the worker's
             traceback in a note; ``WorkerDiedError`` if the process died;
-            ``CancelledError`` if the pipeline is stopping.
+            ``CancelledError`` if the pipeline is stopping;
+            ``OutOfRangeError`` when the generator is exhausted.
         """
         worker = self._idle.get()
         slot = self._free_slots.get()
@@ -298,6 +335,9 @@ class ProcessPool:
         if reply[0] == "none":
             self._return_slot(slot)
             return None
+        if reply[0] == "end":
+            self._return_slot(slot)
+            raise OutOfRangeError("the generator is exhausted")
         _, treedef, metas, nbytes = reply
         assert slot.array is not None
         return Staged(treedef, metas, nbytes, slot.array, lambda e: self._return_slot(slot, e))

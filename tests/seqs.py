@@ -70,3 +70,29 @@ class Growing(gpuqueue.Sequence):
 
     def __getitem__(self, index: int) -> Any:
         return np.arange((index + 1) * 1000, dtype=np.int32)
+
+
+def twenty_batches() -> Any:
+    """A generator function (for a worker process): 20 numbered batches."""
+    for i in range(20):
+        yield (np.full((2, 3), i, np.float32), {"index": np.int64(i)})
+
+
+def fails_at_three() -> Any:
+    for i in range(10):
+        if i == 3:
+            raise KeyError(f"cannot make item {i}")
+        yield (np.full((2, 3), i, np.float32), {"index": np.int64(i)})
+
+
+def dies_at_three() -> Any:
+    for i in range(10):
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield (np.full((2, 3), i, np.float32), {"index": np.int64(i)})
+
+
+def random_batches() -> Any:
+    """Draws from NumPy's global state, which random_seed seeds in the process."""
+    for _ in range(5):
+        yield np.random.random(3)

@@ -368,3 +368,11 @@ def test_an_unusable_device_leaves_the_generator_unread() -> None:
         enqueuer.start()
     assert next(items) == 0  # nothing was consumed by the failed start
     assert not enqueuer.is_running()
+
+
+def test_a_generator_process_feeds_the_device_path(running: list[Any]) -> None:
+    from tests.seqs import twenty_batches
+
+    enqueuer = GeneratorEnqueuer(twenty_batches, use_multiprocessing=True, device="simulated")
+    start(running, enqueuer, workers=2)
+    assert [check_numbered(b, enqueuer) for b in enqueuer.get()] == list(range(20))

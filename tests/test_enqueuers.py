@@ -393,7 +393,11 @@ def test_generator_error_is_sticky_and_the_generator_is_not_called_again(
 def test_generator_enqueuer_arguments() -> None:
     with pytest.raises(TypeError, match=r"^GeneratorEnqueuer needs an iterable, got int$"):
         GeneratorEnqueuer(3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"^GeneratorEnqueuer cannot use processes"):
+    with pytest.raises(
+        PipelineError,
+        match=r"^use_multiprocessing=True needs the generator function or a picklable iterable, "
+        r"but pickling generator failed: .*; pass the generator function itself",
+    ):
         GeneratorEnqueuer(numbered_items(1), use_multiprocessing=True)
     enqueuer = GeneratorEnqueuer(numbered_items(1), random_seed=3)
     with enqueuer:

@@ -12,8 +12,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpuqueue import OrderedEnqueuer, PipelineError, WorkerDiedError
-from tests.seqs import DiesAt, FailsAt, Growing, Numbered, ShiftsEachEpoch
+from gpuqueue import GeneratorEnqueuer, OrderedEnqueuer, PipelineError, WorkerDiedError
+from tests.seqs import (
+    DiesAt,
+    FailsAt,
+    Growing,
+    Numbered,
+    ShiftsEachEpoch,
+    dies_at_three,
+    fails_at_three,
+    random_batches,
+    twenty_batches,
+)
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs POSIX shared memory")
 
@@ -155,3 +165,59 @@ def test_a_process_stuck_in_user_code_is_killed_and_named(
         for m in messages
     ), messages
     assert enqueuer._run.processes.alive() == []
+
+
+# -- generators in a worker process -------------------------------------------------
+
+
+def run_generator(source: Any, workers: int = 2, **options: Any) -> list[Any]:
+    before = shm_segments()
+    enqueuer = GeneratorEnqueuer(source, use_multiprocessing=True, **options)
+    enqueuer.start(workers=workers, max_queue_size=3)
+    try:
+        return list(enqueuer.get())
+    finally:
+        enqueuer.stop(timeout=10)
+        assert enqueuer._run.processes.alive() == []
+        assert shm_segments() - before == set()
+
+
+def test_a_generator_function_runs_in_one_process_in_order() -> None:
+    batches = run_generator(twenty_batches, workers=3)
+    assert [int(b[1]["index"]) for b in batches] == list(range(20))  # once each, in order
+    assert all(np.all(b[0] == int(b[1]["index"])) for b in batches)
+
+
+def test_random_seed_seeds_the_generator_process() -> None:
+    first = run_generator(random_batches, random_seed=7)
+    again = run_generator(random_batches, random_seed=7)
+    other = run_generator(random_batches, random_seed=8)
+    assert len(first) == 5 and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_a_generator_error_in_the_process_arrives_after_the_items_before_it() -> None:
+    enqueuer = GeneratorEnqueuer(fails_at_three, use_multiprocessing=True)
+    enqueuer.start(workers=2)
+    got = []
+    try:
+        with pytest.raises(KeyError, match=r"cannot make item 3") as info:
+            for batch in enqueuer.get():
+                got.append(int(batch[1]["index"]))
+    finally:
+        enqueuer.stop(timeout=10)
+    assert got == [0, 1, 2]
+    assert "traceback in the worker process" in "\n".join(info.value.__notes__)
+
+
+def test_a_killed_generator_process_is_a_clear_error() -> None:
+    enqueuer = GeneratorEnqueuer(dies_at_three, use_multiprocessing=True)
+    enqueuer.start(workers=2)
+    got = []
+    try:
+        with pytest.raises(WorkerDiedError, match=r"died with signal SIGKILL while reading"):
+            for batch in enqueuer.get():
+                got.append(int(batch[1]["index"]))
+    finally:
+        enqueuer.stop(timeout=10)
+    assert got == [0, 1, 2]

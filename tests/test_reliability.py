@@ -206,6 +206,31 @@ def test_stop_during_an_epoch_boundary() -> None:
     assert not any(t.is_alive() for t in enqueuer._run.threads)
 
 
+def test_stop_returns_while_a_generator_is_stuck_in_next() -> None:
+    """The regression: stop() used to wait for the lock a stuck next() held."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def stuck_after_one() -> Any:
+        yield np.zeros(1)
+        entered.set()
+        gate.wait(10)
+        yield np.ones(1)
+
+    enqueuer = GeneratorEnqueuer(stuck_after_one())
+    enqueuer.start(workers=3)
+    next(enqueuer.get())
+    assert entered.wait(5)  # one worker is inside next(); two wait to read after it
+    try:
+        with pytest.warns(RuntimeWarning, match=r"threads still running after 0.2 s"):
+            stopper = Worker(enqueuer.stop, 0.2, name="stopper")
+            stopper.start()
+            stopper.finish(5)  # returned within its timeout, naming the stuck worker
+    finally:
+        gate.set()
+        enqueuer.stop(timeout=5)
+    assert not any(t.is_alive() for t in enqueuer._run.threads)
+
+
 # -- hostile input through the whole pipeline --------------------------------------
 
 
