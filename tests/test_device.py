@@ -16,6 +16,7 @@ from gpuqueue.backends import resolve
 from gpuqueue.backends.numpy import NumpyBackend
 from gpuqueue.backends.simulated import SimulatedBackend
 from tests.conftest import start, wait_entered
+from tests.faults import failing
 from tests.seqs import FailsAt, Growing, Numbered
 
 
@@ -159,32 +160,6 @@ def test_pinned_fence_keeps_a_host_slot_until_its_copy_is_done(
     assert not all(outcomes[False])
 
 
-class FailingBackend(NumpyBackend):
-    """Fails the named operation at its ``at``-th call."""
-
-    def __init__(self, operation: str, at: int) -> None:
-        super().__init__()
-        self.operation, self.at, self.calls = operation, at, 0
-
-    def _maybe_fail(self, operation: str) -> None:
-        if operation == self.operation:
-            self.calls += 1
-            if self.calls == self.at:
-                raise MemoryError(f"{operation} failed")
-
-    def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
-        self._maybe_fail("copy_to_device")
-        super().copy_to_device(dst, src, nbytes, stream)
-
-    def alloc_pinned(self, nbytes: int) -> np.ndarray:
-        self._maybe_fail("alloc_pinned")
-        return super().alloc_pinned(nbytes)
-
-    def alloc_device(self, nbytes: int) -> Any:
-        self._maybe_fail("alloc_device")
-        return super().alloc_device(nbytes)
-
-
 @pytest.mark.parametrize(
     ("operation", "at", "before"),
     [("copy_to_device", 4, 3), ("alloc_pinned", 1, 0), ("alloc_device", 2, 1)],
@@ -192,7 +167,7 @@ class FailingBackend(NumpyBackend):
 def test_errors_at_the_device_stage_arrive_in_order(
     running: list[Any], operation: str, at: int, before: int
 ) -> None:
-    backend = FailingBackend(operation, at)
+    backend = failing(NumpyBackend, operation, at)()
     enqueuer = start(running, OrderedEnqueuer(Numbered(length=10), device=backend), workers=1)
     batches = enqueuer.get()
     assert [check_numbered(next(batches)) for _ in range(before)] == list(range(before))

@@ -130,20 +130,15 @@ def test_processes_write_into_registered_shared_memory() -> None:
 
 def test_a_copy_error_reaches_the_consumer_in_order() -> None:
     from gpuqueue.backends.cupy import CupyBackend
+    from tests.faults import failing
 
-    class FailsThirdCopy(CupyBackend):
-        copies = 0
-
-        def copy_to_device(self, *args: Any) -> None:
-            self.copies += 1
-            if self.copies == 3:
-                raise MemoryError("simulated cudaErrorMemoryAllocation")
-            super().copy_to_device(*args)
-
-    enqueuer = OrderedEnqueuer(Stamped(8, 256), device=FailsThirdCopy(0), shard=None)
+    enqueuer = OrderedEnqueuer(
+        Stamped(8, 256), device=failing(CupyBackend, "copy_to_device", 3)(0), shard=None
+    )
     enqueuer.start(workers=1)
     batches = enqueuer.get()
     assert [int(next(batches)[1]) for _ in range(2)] == [0, 1]
-    with pytest.raises(MemoryError, match="simulated cudaErrorMemoryAllocation"):
+    with pytest.raises(MemoryError, match="copy_to_device failed"):
         next(batches)
     assert not enqueuer.is_running()
+    enqueuer.stop()

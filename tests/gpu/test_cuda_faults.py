@@ -7,34 +7,17 @@ import os
 from itertools import islice
 from typing import Any
 
-import numpy as np
 import pytest
 
 from gpuqueue import OrderedEnqueuer, WorkerDiedError
+from tests.faults import failing
 from tests.seqs import DiesAt, FailsAt, Numbered
 
 
 def failing_backend(operation: str, at: int) -> Any:
     from gpuqueue.backends.cupy import CupyBackend
 
-    class Failing(CupyBackend):
-        calls = 0
-
-        def _maybe_fail(self, name: str) -> None:
-            if name == operation:
-                self.calls += 1
-                if self.calls == at:
-                    raise MemoryError(f"{name} failed")
-
-        def alloc_pinned(self, nbytes: int) -> np.ndarray:
-            self._maybe_fail("alloc_pinned")
-            return super().alloc_pinned(nbytes)
-
-        def alloc_device(self, nbytes: int) -> Any:
-            self._maybe_fail("alloc_device")
-            return super().alloc_device(nbytes)
-
-    return Failing(0)
+    return failing(CupyBackend, operation, at)(0)
 
 
 @pytest.mark.parametrize(
