@@ -43,6 +43,10 @@ __all__ = ["ProcessPool"]
 _GROWTH = 1.25  # a slot that must grow takes a margin, so a slowly growing batch size settles
 
 
+# "Stop", pickled once (see ProcessPool._send for why bytes, not send()).
+_STOP = pickle.dumps(None)
+
+
 def check_picklable(source: Any, what: str) -> None:
     """Raises ``PipelineError`` if ``source`` cannot be sent to a worker process."""
     try:
@@ -310,17 +314,17 @@ class ProcessPool:
             slot.copy_done = None
             if slot.capacity < self._largest:
                 self._grow(slot, self._largest)
+            worker.busy_with = where
             with self._lock:
                 version = self._sequence_version
             if worker.sequence_version != version:
-                worker.conn.send(("sequence", self._sequence))
+                self._send(worker, ("sequence", self._sequence))
                 worker.sequence_version = version
-            worker.busy_with = where
-            worker.conn.send(("read", index, slot.name, slot.capacity))
+            self._send(worker, ("read", index, slot.name, slot.capacity))
             reply = self._receive(worker)
             if reply[0] == "grow":
                 self._grow(slot, reply[1])
-                worker.conn.send((slot.name, slot.capacity))
+                self._send(worker, (slot.name, slot.capacity))
                 reply = self._receive(worker)
         except BaseException:
             self._return_slot(slot)
@@ -358,8 +362,21 @@ class ProcessPool:
                 pass
         elif self._stop_reader in ready:
             raise CancelledError("the pipeline is stopping")
+        raise self._died(worker)
+
+    def _send(self, worker: _Worker, message: Any) -> None:
+        # Pickled to bytes here: Connection.send pickles into a buffer that a
+        # broken pipe's traceback would strand (recv() unpickles either alike).
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            worker.conn.send_bytes(data)
+        except (OSError, ValueError):  # the pipe broke: the process is gone
+            raise self._died(worker) from None
+
+    @staticmethod
+    def _died(worker: _Worker) -> WorkerDiedError:
         worker.process.join(5)
-        raise WorkerDiedError(
+        return WorkerDiedError(
             f"worker process {worker.process.name} (pid {worker.process.pid}) died with "
             f"{_describe_exit(worker.process.exitcode)} while reading {worker.busy_with}"
         )
@@ -367,13 +384,13 @@ class ProcessPool:
     def _grow(self, slot: _Slot, nbytes: int) -> None:
         self._free_slot(slot)
         self._largest = max(self._largest, nbytes)
-        shm = _Segment(create=True, size=max(1, int(self._largest * _GROWTH)))
+        # Created and assigned under the lock abandon() unlinks under, so no
+        # segment is made after, or missed by, its pass over the slots.
         with self._lock:
-            abandoned = self._abandoned
-        if abandoned:  # abandon() has already unlinked every slot; do not leave this one
-            _free(shm)
-            raise CancelledError("the pipeline was abandoned")
-        slot.shm = shm
+            if self._abandoned:
+                raise CancelledError("the pipeline was abandoned")
+            shm = _Segment(create=True, size=max(1, int(self._largest * _GROWTH)))
+            slot.shm = shm
         slot.array = np.frombuffer(shm.buf, dtype=np.uint8)  # type: ignore[arg-type]
         if self._backend is not None:
             self._backend.register_host(slot.array)
@@ -412,13 +429,13 @@ class ProcessPool:
         """
         with self._lock:
             self._abandoned = True
+            for slot in self._all_slots:
+                if slot.shm is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        slot.shm.unlink()
         for worker in self._workers:
             with contextlib.suppress(OSError, ValueError):
-                worker.conn.send(None)
-        for slot in self._all_slots:
-            if slot.shm is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    slot.shm.unlink()
+                worker.conn.send_bytes(_STOP)
 
     def close(self, timeout: float) -> list[str]:
         """Ends every process and frees every slot. Idempotent.
@@ -432,7 +449,7 @@ class ProcessPool:
         killed = []
         for worker in self._workers:
             with contextlib.suppress(OSError, ValueError):
-                worker.conn.send(None)
+                worker.conn.send_bytes(_STOP)
         deadline_each = max(0.1, timeout / max(1, len(self._workers)))
         for worker in self._workers:
             worker.process.join(deadline_each)
