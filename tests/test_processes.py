@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gpuqueue import GeneratorEnqueuer, OrderedEnqueuer, PipelineError, WorkerDiedError
+from tests.conftest import Worker
 from tests.seqs import (
     DiesAt,
     FailsAt,
@@ -131,31 +132,35 @@ def test_an_unpicklable_sequence_is_a_clear_error() -> None:
 
 
 class Stuck(Numbered):
-    """Reading index 1 never returns (a hung read inside a worker process)."""
+    """Reading index 1 never returns; entering it writes a byte to the named pipe ``fifo``."""
+
+    def __init__(self, fifo: str) -> None:
+        super().__init__()
+        self.fifo = fifo
 
     def __getitem__(self, index: int) -> Any:
         if index == 1:
+            with open(self.fifo, "wb") as entered:  # blocks until the test opens its end
+                entered.write(b"x")
             threading.Event().wait()
         return super().__getitem__(index)
 
 
 def test_a_process_stuck_in_user_code_is_killed_and_named(
-    enqueuers: list[OrderedEnqueuer], monkeypatch: pytest.MonkeyPatch
+    enqueuers: list[OrderedEnqueuer], tmp_path: Any
 ) -> None:
-    from gpuqueue import workers
+    fifo = str(tmp_path / "entered")
+    os.mkfifo(fifo)
 
-    sent = threading.Event()
-    receive = workers.ProcessPool._receive
+    def read_marker() -> bytes:
+        with open(fifo, "rb") as entered:
+            return entered.read(1)
 
-    def receive_after_send(pool: Any, worker: Any) -> Any:
-        if "batch index 1 " in worker.busy_with:
-            sent.set()  # the request for index 1 is in the process's pipe
-        return receive(pool, worker)
-
-    monkeypatch.setattr(workers.ProcessPool, "_receive", receive_after_send)
-    enqueuer = started(enqueuers, Stuck(), workers=1)
+    marker = Worker(read_marker, name="marker-reader")
+    marker.start()
+    enqueuer = started(enqueuers, Stuck(fifo), workers=1)
     next(enqueuer.get())
-    assert sent.wait(5)
+    assert marker.finish(10).result == b"x"  # the process is inside __getitem__(1)
     with pytest.warns(RuntimeWarning) as record:
         enqueuer.stop(timeout=0.5)
     messages = [str(w.message) for w in record]
