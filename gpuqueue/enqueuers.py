@@ -414,9 +414,7 @@ class SequenceEnqueuer:
                 return described.batch
             # From a worker process: copy out of the shared-memory slot (one
             # memcpy per array, no pickling) and give the slot back at once.
-            views = unpack(staged.treedef, staged.metas, staged.buffer)
-            treedef, leaves = describe(views)
-            batch = rebuild(treedef, [array.copy() for _, array in leaves])
+            batch = unpack(staged.treedef, staged.metas, staged.buffer, copy=True)
             staged.release(None)
             return batch
         assert staged is not None and run.backend is not None

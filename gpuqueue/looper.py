@@ -34,7 +34,7 @@ from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator, LooperThread
 from .errors import CancelledError, OutOfRangeError, note_thread
-from .staging import LeafMeta, TreeDef, pack, rebuild
+from .staging import LeafMeta, TreeDef, arena_view, pack, rebuild
 
 __all__ = ["CopyLooper", "DeviceSlot", "PinnedPool", "PinnedSlot", "Staged"]
 
@@ -213,7 +213,7 @@ class DeviceRing:
     def batch(self, slot: DeviceSlot, staged: Staged, consumer_stream: Any) -> Any:
         """The batch in ``slot`` as device arrays, ordered after its copy on ``consumer_stream``."""
         self.backend.wait_event(consumer_stream, slot.ready)
-        return rebuild(staged.treedef, [self.backend.view(slot.arena, m) for m in staged.metas])
+        return rebuild(staged.treedef, [arena_view(slot.arena, m) for m in staged.metas])
 
     @property
     def device_bytes(self) -> int:

@@ -61,10 +61,6 @@ class LeafMeta:
     shape: tuple[int, ...]
     offset: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
 
 def _flatten(node: Any, path: str, leaves: list[tuple[str, Any]]) -> TreeDef:
     if isinstance(node, dict):
@@ -203,6 +199,13 @@ def _view(arena: Any, meta: LeafMeta) -> np.ndarray:
     return flat.reshape(meta.shape)
 
 
-def unpack(treedef: TreeDef, metas: Sequence[LeafMeta], arena: Any) -> Any:
-    """Rebuilds a batch whose arrays are views of ``arena``."""
-    return rebuild(treedef, [_view(arena, meta) for meta in metas])
+def arena_view(arena: Any, meta: LeafMeta) -> Any:
+    """An array of ``meta``'s dtype and shape over a uint8 array ``arena`` (NumPy or CuPy)."""
+    end = meta.offset + math.prod(meta.shape) * meta.dtype.itemsize
+    return arena[meta.offset : end].view(meta.dtype).reshape(meta.shape)
+
+
+def unpack(treedef: TreeDef, metas: Sequence[LeafMeta], arena: Any, copy: bool = False) -> Any:
+    """Rebuilds a batch whose arrays are views of ``arena`` (or, with ``copy``, copies)."""
+    views = [_view(arena, meta) for meta in metas]
+    return rebuild(treedef, [view.copy() for view in views] if copy else views)

@@ -12,8 +12,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..staging import LeafMeta
-
 __all__ = ["Backend"]
 
 
@@ -59,12 +57,6 @@ class Backend(Protocol):
 
     def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
         """Copies ``nbytes`` from host ``src`` to device ``dst`` asynchronously on ``stream``."""
-
-    def view(self, arena: Any, meta: LeafMeta) -> Any:
-        """An array of ``meta``'s dtype and shape over ``arena`` at ``meta.offset``."""
-
-    def device_bytes(self) -> int:
-        """Device memory this backend's allocator holds now (0 when unknown)."""
 
     def close(self) -> None:
         """Releases what the backend itself holds (helper threads, pools)."""

@@ -9,14 +9,11 @@ events have timing disabled.
 from __future__ import annotations
 
 import ctypes
-import math
 import weakref
 from typing import Any
 
 import cupy
 import numpy as np
-
-from ..staging import LeafMeta
 
 __all__ = ["CupyBackend", "device_count", "wrap_stream"]
 
@@ -93,9 +90,6 @@ class CupyBackend:
         with self._cuda_device:
             return cupy.empty(max(1, nbytes), dtype=cupy.uint8)
 
-    def free_device(self, buffer: Any) -> None:
-        pass  # CuPy frees the arena when its last view is gone
-
     def create_stream(self) -> Any:
         with self._cuda_device:
             return cupy.cuda.Stream(non_blocking=True)
@@ -127,14 +121,6 @@ class CupyBackend:
         cupy.cuda.runtime.memcpyAsync(
             dst.data.ptr, _address(src), nbytes, _HOST_TO_DEVICE, stream.ptr
         )
-
-    def view(self, arena: Any, meta: LeafMeta) -> Any:
-        count = math.prod(meta.shape)
-        flat = arena[meta.offset : meta.offset + count * meta.dtype.itemsize].view(meta.dtype)
-        return flat.reshape(meta.shape)
-
-    def device_bytes(self) -> int:
-        return int(cupy.get_default_memory_pool().total_bytes())
 
     def close(self) -> None:
         self._finalizer()

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
-
-from ..staging import LeafMeta
 
 __all__ = ["NumpyBackend"]
 
@@ -28,9 +25,6 @@ class NumpyBackend:
     name = "numpy"
     device: int | None = None
 
-    def __init__(self) -> None:
-        self._device_bytes = 0
-
     def enter_device(self) -> None:
         pass
 
@@ -47,11 +41,7 @@ class NumpyBackend:
         pass
 
     def alloc_device(self, nbytes: int) -> np.ndarray:
-        self._device_bytes += nbytes
         return np.empty(nbytes, dtype=np.uint8)
-
-    def free_device(self, buffer: np.ndarray) -> None:
-        self._device_bytes -= buffer.nbytes
 
     def create_stream(self) -> Any:
         return None
@@ -73,14 +63,6 @@ class NumpyBackend:
 
     def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
         np.copyto(dst[:nbytes], src[:nbytes])
-
-    def view(self, arena: Any, meta: LeafMeta) -> Any:
-        count = math.prod(meta.shape)
-        flat = arena[meta.offset : meta.offset + count * meta.dtype.itemsize].view(meta.dtype)
-        return flat.reshape(meta.shape)
-
-    def device_bytes(self) -> int:
-        return self._device_bytes
 
     def close(self) -> None:
         pass
