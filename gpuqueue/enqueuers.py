@@ -627,13 +627,15 @@ def _free(run: _Run) -> None:
         if run.closed:
             return
         run.closed = True
-    if run.pinned is not None:
-        run.pinned.close()
-    if run.ring is not None:
-        run.ring.close()
     run.held = None
-    if run.own_backend and run.backend is not None:
-        run.backend.close()
+    # Each is closed even if one before it raised (a sticky CUDA error, say).
+    with contextlib.ExitStack() as closing:
+        if run.own_backend and run.backend is not None:
+            closing.callback(run.backend.close)
+        if run.ring is not None:
+            closing.callback(run.ring.close)
+        if run.pinned is not None:
+            closing.callback(run.pinned.close)
 
 
 def _not_launched(position: int) -> Any:

@@ -220,8 +220,19 @@ class DeviceRing:
         return sum(slot.capacity for slot in self.slots)
 
     def close(self) -> None:
+        """Drops every arena once the GPU is done with it.
+
+        A copy writes through a raw pointer and the consumer's kernels read
+        through one: memory handed back to the allocator while either is
+        still queued could be given to someone else and overwritten (or
+        read) from under them.
+        """
         self.free.cancel()
         for slot in self.slots:
+            if slot.arena is not None:
+                self.backend.synchronize(slot.ready)
+                if slot.released_once:
+                    self.backend.synchronize(slot.released)
             slot.arena = None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
@@ -15,6 +16,8 @@ from gpuqueue import GeneratorEnqueuer, OrderedEnqueuer, PipelineError
 from gpuqueue.backends import resolve
 from gpuqueue.backends.numpy import NumpyBackend
 from gpuqueue.backends.simulated import SimulatedBackend
+from gpuqueue.looper import DeviceRing, PinnedPool
+from gpuqueue.staging import describe, layout
 from tests.conftest import start, wait_entered
 from tests.faults import failing
 from tests.seqs import FailsAt, Growing, Numbered
@@ -27,6 +30,7 @@ def backends() -> Iterator[list[SimulatedBackend]]:
     yield made
     for backend in made:
         backend.close()
+        assert backend.stream_errors == []
 
 
 def on_host(enqueuer: Any) -> None:
@@ -276,6 +280,55 @@ def test_stop_with_copies_in_flight_frees_pinned_memory_only_after_them(
     assert "copy 0" in backend.log[:first_free]  # the copy completed before its memory went
 
 
+class LazyDevice(SimulatedBackend):
+    """Runs no copy until the host waits for one, so closing first drops memory under it."""
+
+    def __init__(self) -> None:
+        super().__init__(copy_gate=threading.Event())
+
+    def synchronize(self, event: Any) -> None:
+        assert self.copy_gate is not None
+        self.copy_gate.set()
+        super().synchronize(event)
+
+
+@pytest.mark.parametrize("closed_first", ["device ring", "pinned pool"])
+def test_closing_waits_for_the_copy_before_dropping_its_memory(
+    backends: list[SimulatedBackend], closed_first: str
+) -> None:
+    backend = LazyDevice()
+    backends.append(backend)
+    pool, ring = PinnedPool(backend, 2, name="pool"), DeviceRing(backend, 2, name="ring")
+    stream = backend.create_stream()
+    treedef, leaves = describe(np.arange(1000, dtype=np.int64))
+    metas, nbytes = layout(leaves)
+    ring.copy(ring.free.get(), pool.stage(treedef, metas, nbytes, leaves), stream)
+    first, then = (ring, pool) if closed_first == "device ring" else (pool, ring)
+    first.close()
+    assert backend.copy_gate is not None
+    backend.copy_gate.set()  # the copy runs now, unless close() already waited for it
+    backend.synchronize_stream(stream)  # raises the copy's error, as CUDA would
+    then.close()
+
+
+def test_a_failed_simulated_copy_surfaces_at_the_next_synchronize() -> None:
+    backend = SimulatedBackend()
+    try:
+        stream = backend.create_stream()
+        src = backend.alloc_pinned(8)
+        backend.free_pinned(src)
+        dst = backend.alloc_device(8)
+        backend.copy_to_device(dst, src, 8, stream)
+        with pytest.raises(
+            RuntimeError, match=r"^copy 0: its pinned buffer was freed while queued$"
+        ):
+            backend.synchronize_stream(stream)
+        with pytest.raises(RuntimeError, match=r"^copy 0:"):  # sticky, as CUDA's errors are
+            backend.synchronize(backend.create_event())
+    finally:
+        backend.close()
+
+
 def test_prefetch_picks_the_enqueuer_and_stops_everything() -> None:
     with gpuqueue.prefetch(Numbered(length=4), device="cpu", workers=2, epochs=2) as batches:
         assert [check_numbered(b) for b in batches] == [0, 1, 2, 3] * 2
@@ -351,3 +404,19 @@ def test_a_generator_process_feeds_the_device_path(running: list[Any]) -> None:
     enqueuer = GeneratorEnqueuer(twenty_batches, use_multiprocessing=True, device="simulated")
     start(running, enqueuer, workers=2)
     assert [check_numbered(b, enqueuer) for b in enqueuer.get()] == list(range(20))
+
+
+def test_a_foreign_stream_is_wrapped_without_deprecated_calls() -> None:
+    """PyTorch's streams have a raw ``cuda_stream`` handle; CuPy 14 wants the stream protocol.
+
+    Runs wherever CuPy imports (CI's second run), GPU or not: wrapping makes no CUDA call.
+    """
+    pytest.importorskip("cupy")
+    from gpuqueue.backends.cupy import wrap_stream
+
+    class TorchLike:
+        cuda_stream = 0xC0FFEE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ExternalStream is deprecated since CuPy 14
+        assert wrap_stream(TorchLike(), 0).ptr == 0xC0FFEE

@@ -27,20 +27,34 @@ def device_count() -> int:
     return int(cupy.cuda.runtime.getDeviceCount())
 
 
-def _free_all_pinned(pinned: dict[int, int]) -> None:
+def _free_all_pinned(device: int, pinned: dict[int, int]) -> None:
     # cudaFreeHost waits for the device, so a copy still reading a slot finishes first.
-    for address in list(pinned):
-        cupy.cuda.runtime.freeHost(address)
+    with cupy.cuda.Device(device):
+        for address in list(pinned):
+            cupy.cuda.runtime.freeHost(address)
     pinned.clear()
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` that speaks the CUDA stream protocol."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
 
 
 def wrap_stream(stream: Any, device: int | None) -> Any:
     """A CuPy view of another library's CUDA stream (PyTorch's, say).
 
-    Uses the CUDA stream protocol (``Stream.from_external``, CuPy 14+) where
-    the stream speaks it, else ``ExternalStream`` on the raw pointer.
+    Uses the CUDA stream protocol (``Stream.from_external``, CuPy 14+), on
+    the stream itself where it speaks it, else on its raw handle
+    (``cuda_stream``, as PyTorch names it); ``ExternalStream`` before CuPy 14.
     """
-    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        if not hasattr(stream, "__cuda_stream__"):
+            stream = _StreamHandle(int(stream.cuda_stream))
         return cupy.cuda.Stream.from_external(stream)
     return cupy.cuda.ExternalStream(stream.cuda_stream, -1 if device is None else device)
 
@@ -63,14 +77,19 @@ class CupyBackend:
         self._cuda_device = cupy.cuda.Device(device)
         self._pinned: dict[int, int] = {}  # address -> bytes, for free_pinned
         # Frees what is left if the backend is collected without close().
-        self._finalizer = weakref.finalize(self, _free_all_pinned, self._pinned)
+        self._finalizer = weakref.finalize(self, _free_all_pinned, device, self._pinned)
+        self._torch_stream: tuple[int, Any] | None = None  # (handle, its CuPy view)
 
     def enter_device(self) -> None:
         self._cuda_device.use()
 
+    # Host-memory calls run in any thread (workers, the consumer, a finaliser):
+    # each enters the device, so none makes a context on GPU 0 by default.
+
     def alloc_pinned(self, nbytes: int) -> np.ndarray:
         nbytes = max(1, nbytes)
-        address = cupy.cuda.runtime.hostAlloc(nbytes, _HOST_ALLOC_PORTABLE)
+        with self._cuda_device:
+            address = cupy.cuda.runtime.hostAlloc(nbytes, _HOST_ALLOC_PORTABLE)
         self._pinned[address] = nbytes
         raw = (ctypes.c_uint8 * nbytes).from_address(address)
         return np.ctypeslib.as_array(raw)
@@ -78,13 +97,16 @@ class CupyBackend:
     def free_pinned(self, buffer: np.ndarray) -> None:
         address = _address(buffer)
         if self._pinned.pop(address, None) is not None:
-            cupy.cuda.runtime.freeHost(address)
+            with self._cuda_device:
+                cupy.cuda.runtime.freeHost(address)
 
     def register_host(self, buffer: np.ndarray) -> None:
-        cupy.cuda.runtime.hostRegister(_address(buffer), buffer.nbytes, _HOST_REGISTER_PORTABLE)
+        with self._cuda_device:
+            cupy.cuda.runtime.hostRegister(_address(buffer), buffer.nbytes, _HOST_REGISTER_PORTABLE)
 
     def unregister_host(self, buffer: np.ndarray) -> None:
-        cupy.cuda.runtime.hostUnregister(_address(buffer))
+        with self._cuda_device:
+            cupy.cuda.runtime.hostUnregister(_address(buffer))
 
     def alloc_device(self, nbytes: int) -> Any:
         with self._cuda_device:
@@ -99,10 +121,17 @@ class CupyBackend:
             return cupy.cuda.get_current_stream()
 
     def torch_stream(self) -> Any:
-        """PyTorch's current stream on this device, as a CuPy stream (for ``output="torch"``)."""
+        """PyTorch's current stream on this device, as a CuPy stream (for ``output="torch"``).
+
+        Asked at every ``get``, so the view of the last one is kept.
+        """
         import torch
 
-        return wrap_stream(torch.cuda.current_stream(self.device), self.device)
+        stream = torch.cuda.current_stream(self.device)
+        last = self._torch_stream
+        if last is None or last[0] != stream.cuda_stream:
+            last = self._torch_stream = (stream.cuda_stream, wrap_stream(stream, self.device))
+        return last[1]
 
     def create_event(self) -> Any:
         with self._cuda_device:

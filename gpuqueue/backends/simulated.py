@@ -6,12 +6,18 @@ issued them has returned, as a GPU does. Events complete when their stream
 reaches them. With ``fences=False``, ``wait_event`` and ``synchronize`` do
 nothing, so a test can show that, without the fences, a slot is rewritten
 while its previous batch is still being read.
+
+Copies hold their buffers as a GPU does, by address alone: a copy that runs
+after its pinned buffer was freed, or after its device buffer was dropped,
+fails. Failures on a stream surface at the next ``synchronize``, as CUDA's
+do, and stay in ``stream_errors``.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +64,8 @@ class SimStream:
             except CancelledError:
                 return
             except BaseException as error:  # surfaces at the next synchronize
-                self._backend.stream_errors.append(error)
+                with self._backend._cond:
+                    self._backend.stream_errors.append(error)
 
     def close(self) -> None:
         self._ops.cancel()
@@ -97,6 +104,7 @@ class SimulatedBackend(NumpyBackend):
         self._copies = itertools.count()
         self._default_stream: SimStream | None = None
         self._gates: list[threading.Event] = []
+        self._freed_pinned: set[int] = set()  # addresses of pinned buffers freed
 
     def create_stream(self) -> SimStream:
         with self._cond:
@@ -146,14 +154,39 @@ class SimulatedBackend(NumpyBackend):
     def synchronize(self, event: SimEvent) -> None:
         if self.fences:
             self._wait_for(event, event.recorded)
+        self._raise_stream_error()
+
+    def _raise_stream_error(self) -> None:
+        with self._cond:
+            error = self.stream_errors[0] if self.stream_errors else None
+        if error is not None:
+            raise error
+
+    def alloc_pinned(self, nbytes: int) -> np.ndarray:
+        buffer = super().alloc_pinned(nbytes)
+        with self._cond:
+            self._freed_pinned.discard(buffer.ctypes.data)
+        return buffer
+
+    def free_pinned(self, buffer: np.ndarray) -> None:
+        with self._cond:
+            self._freed_pinned.add(buffer.ctypes.data)
 
     def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: SimStream) -> None:
         number = next(self._copies)
+        device, host = weakref.ref(dst), src.ctypes.data  # as a GPU holds them: by address
 
         def copy() -> None:
             if self.copy_gate is not None:
                 self._wait_gate(self.copy_gate)
-            np.copyto(dst[:nbytes], src[:nbytes])
+            target = device()
+            with self._cond:
+                source_freed = host in self._freed_pinned
+            if target is None:
+                raise RuntimeError(f"copy {number}: its device buffer was dropped while queued")
+            if source_freed:
+                raise RuntimeError(f"copy {number}: its pinned buffer was freed while queued")
+            np.copyto(target[:nbytes], src[:nbytes])
             if self.on_copy is not None:
                 self.on_copy(number)
 
@@ -176,6 +209,7 @@ class SimulatedBackend(NumpyBackend):
         event = self.create_event()
         self.record(event, stream)
         self._wait_for(event, event.recorded)
+        self._raise_stream_error()
 
     def close(self) -> None:
         with self._cond:
