@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import numpy as np
@@ -170,27 +170,33 @@ def torch_dataloader(seq: Any, step: Any, workers: int, n: int, warmup: int) -> 
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    class Wrapped(Dataset[Any]):
+    class Wrapped(Dataset[Any]):  # type: ignore[misc, unused-ignore]  # Any without torch stubs
         def __len__(self) -> int:
             return len(seq)
 
         def __getitem__(self, index: int) -> Any:
             return torch.from_numpy(seq[index])
 
+    from gpuqueue.backends.cupy import wrap_stream
+
+    gpu = cupy.cuda.Device().id  # the GPU the benchmark made current
     loader = DataLoader(
         Wrapped(), batch_size=None, num_workers=workers, pin_memory=True, persistent_workers=True
     )
 
-    def batches() -> Iterator[Any]:
+    def batches() -> Generator[Any, None, None]:
         while True:
             for host in loader:
-                on_device = host.cuda(non_blocking=True)
+                on_device = host.cuda(gpu, non_blocking=True)
                 yield cupy.from_dlpack(on_device)
 
-    from gpuqueue.backends.cupy import wrap_stream
-
-    with wrap_stream(torch.cuda.current_stream(), 0):
-        return _loop(batches(), step, n, warmup)
+    feed = batches()
+    try:
+        with wrap_stream(torch.cuda.current_stream(gpu), gpu):
+            return _loop(feed, step, n, warmup)
+    finally:
+        # The loader goes with this frame; its iterator's finaliser ends the worker processes.
+        feed.close()
 
 
 def tf_keras_enqueuer(seq: Any, step: Any, workers: int, n: int, warmup: int) -> float:

@@ -292,16 +292,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.device != "auto" and args.device != "cpu":
         args.device = int(args.device)
     backend = resolve(args.device)
-    backend_name = backend.name
+    backend_name, gpu = backend.name, backend.device or 0
     backend.close()
-    nvml = Nvml(0)
+    if backend_name == "cupy":  # the baselines run on the current GPU
+        import cupy
+
+        cupy.cuda.Device(gpu).use()
+    nvml = Nvml(gpu)
 
     progress = Progress(len(args.sizes) * (len(args.depths) + 2))
     sizes = [measure_size(args, backend_name, n, nvml, progress) for n in args.sizes]
     report = {
         "benchmark": "gpuqueue prefetch depth",
         "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": describe_machine(backend_name),
+        "machine": describe_machine(backend_name, gpu, nvml),
         "config": {
             "device": str(args.device),
             "backend": backend_name,

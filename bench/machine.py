@@ -8,6 +8,8 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from bench.nvml import Nvml
+
 
 def _version(package: str) -> str | None:
     try:
@@ -16,8 +18,8 @@ def _version(package: str) -> str | None:
         return None
 
 
-def describe_machine(backend_name: str) -> dict[str, Any]:
-    """CPU, Python and package versions, and the GPU when CuPy sees one."""
+def describe_machine(backend_name: str, gpu: int = 0, nvml: Nvml | None = None) -> dict[str, Any]:
+    """CPU, Python and package versions, and GPU ``gpu`` when the backend is CuPy."""
     info: dict[str, Any] = {
         "hostname": platform.node(),
         "platform": platform.platform(),
@@ -45,11 +47,16 @@ def describe_machine(backend_name: str) -> dict[str, Any]:
         import cupy
 
         runtime = cupy.cuda.runtime
-        props = runtime.getDeviceProperties(0)
+        props = runtime.getDeviceProperties(gpu)
         info["gpu"] = {
+            "index": gpu,
             "name": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
             "memory_bytes": int(props["totalGlobalMem"]),
             "cuda_runtime": runtime.runtimeGetVersion(),
-            "cuda_driver": runtime.driverGetVersion(),
+            "cuda_driver_api": runtime.driverGetVersion(),
         }
+        if nvml is not None:
+            info["gpu"]["nvidia_driver"] = nvml.query(
+                "driver", lambda n, h: n.nvmlSystemGetDriverVersion()
+            )
     return info
