@@ -3,7 +3,8 @@
 Pinned memory comes straight from ``cudaHostAlloc`` (not CuPy's pinned pool,
 which frees eagerly): a slot must live until its copy is done, and gpuqueue
 tracks that itself. Copies are ``cudaMemcpyAsync`` on an explicit stream;
-events have timing disabled.
+events have timing disabled and block (rather than spin) a host thread that
+waits for them.
 """
 
 from __future__ import annotations
@@ -134,8 +135,11 @@ class CupyBackend:
         return last[1]
 
     def create_event(self) -> Any:
+        # Blocking: a host thread that must wait for one (a worker reusing a pinned
+        # slot behind a slow consumer) sleeps instead of spinning on a core the
+        # other workers need. A wait for an event already complete returns at once.
         with self._cuda_device:
-            return cupy.cuda.Event(block=False, disable_timing=True)
+            return cupy.cuda.Event(block=True, disable_timing=True)
 
     def record(self, event: Any, stream: Any) -> None:
         event.record(stream)
