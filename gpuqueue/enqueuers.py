@@ -673,7 +673,9 @@ def keep(batch: Any) -> Any:
     """Copies a device batch so it stays valid after the next ``get()``.
 
     Works for CuPy, NumPy and PyTorch leaves; the copy is ordered on the
-    current stream like any other work.
+    current stream like any other work. With an enqueuer given an explicit
+    ``stream``, call it with that stream current (``with stream:``), since
+    only that stream is ordered after the batch's copy.
     """
     treedef, leaves = flatten(batch)
     copies = [leaf.clone() if hasattr(leaf, "clone") else leaf.copy() for _, leaf in leaves]
