@@ -18,6 +18,10 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def describe_machine(backend_name: str, gpu: int = 0, nvml: Nvml | None = None) -> dict[str, Any]:
     """CPU, Python and package versions, and GPU ``gpu`` when the backend is CuPy."""
     info: dict[str, Any] = {
@@ -50,13 +54,13 @@ def describe_machine(backend_name: str, gpu: int = 0, nvml: Nvml | None = None) 
         props = runtime.getDeviceProperties(gpu)
         info["gpu"] = {
             "index": gpu,
-            "name": props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
+            "name": _text(props["name"]),
             "memory_bytes": int(props["totalGlobalMem"]),
             "cuda_runtime": runtime.runtimeGetVersion(),
             "cuda_driver_api": runtime.driverGetVersion(),
         }
         if nvml is not None:
             info["gpu"]["nvidia_driver"] = nvml.query(
-                "driver", lambda n, h: n.nvmlSystemGetDriverVersion()
+                "driver", lambda n, h: _text(n.nvmlSystemGetDriverVersion())
             )
     return info
