@@ -4,11 +4,15 @@ The host stage is a ``QueueRunner`` whose enqueue ops are the workers, under
 one ``Coordinator``. Each worker call:
 
 1. claims the next task (an index of the epoch's order, or the next item of a
-   generator, read under a lock);
+   generator, read under a lock), once fewer than ``workers`` items are out;
 2. reads the batch and, when a device is set, packs it into a pinned slot (in
    parallel with the other workers, in a thread or in its own process);
-3. waits for its turn, checks the batch against the first, and puts it on the
-   bounded host queue, so the queue holds batches in exactly the read order.
+3. hands it to the ``Sequencer``: if every item before it is on the queue, it
+   checks the batch against the first and puts it on the bounded host queue,
+   then does the same for the items after it that others finished early;
+   otherwise it leaves the item for whoever completes the turn and goes on.
+   The queue holds batches in exactly the read order, and no worker waits
+   for another's turn.
 
 With a device, a ``CopyLooper`` (``looper.py``) moves each staged batch to a
 device slot and onto the device queue (``prefetch_depth``), and ``get()``
@@ -286,7 +290,10 @@ class SequenceEnqueuer:
                 tasks.fetch = lambda position: processes.read(None, f"generator item {position}")
             elif overrides_on_epoch_end(self.sequence):
                 tasks.epoch_ended = processes.sequence_changed
-        sequencer = Sequencer()
+        # At most one item out per worker, as each staging pool counts on.
+        sequencer: Sequencer[Item] = Sequencer(
+            lambda item: _commit(run, item), Item.release_staging, limit=workers
+        )
         read = _reader(run)
         ops = [_worker_op(i, run, read, sequencer) for i in range(workers)]
         for stop_callback in (tasks.close, sequencer.close, lambda: _drop(run.host_queue)):
@@ -461,7 +468,7 @@ class SequenceEnqueuer:
         Returns:
             ``batches_produced``, ``batches_consumed``, ``consumer_wait_s``
             (time ``get()`` waited for a batch), ``producer_blocked_s`` (time
-            workers waited for their turn or for room in the queue),
+            workers waited for room: for an item to be committed, or in the queue),
             ``queue_size`` (now), ``queue_capacity``,
             ``mean_queue_occupancy`` (batches queued at each ``get``), and
             with a device: ``backend``, ``prefetch_depth``, ``bytes_copied``,
@@ -536,13 +543,20 @@ def _reader(run: _Run) -> Callable[[Task], Described]:
 
 
 def _worker_op(
-    number: int, run: _Run, read: Callable[[Task], Described], sequencer: Sequencer
+    number: int, run: _Run, read: Callable[[Task], Described], sequencer: Sequencer[Item]
 ) -> Callable[[], None]:
-    """One worker's enqueue op: claim, read, then in turn check and enqueue."""
-    tasks, queue = run.tasks, run.host_queue
+    """One worker's enqueue op: claim, read, then hand the item in to be committed in order."""
+    tasks = run.tasks
 
     def enqueue_one() -> None:
-        task = tasks.claim()  # OutOfRangeError here ends this worker cleanly
+        started = time.monotonic()
+        sequencer.reserve()  # waits while enough items are out (bounds staging slots)
+        try:
+            task = tasks.claim()  # OutOfRangeError here ends this worker cleanly
+        except BaseException:
+            sequencer.unreserve()
+            raise
+        waited = time.monotonic() - started
         item = Item(task)
         try:
             if task.failure is not None:
@@ -557,34 +571,32 @@ def _worker_op(
             tasks.close()
             note_thread(error, f"reading {task.where()}")
             item.error = error
-        started = time.monotonic()
-        try:
-            sequencer.wait_turn(task.seq_no)
-            if item.described is not None and not item.described.skipped:
-                try:
-                    _check(run, item.described, task)
-                except Exception as error:
-                    tasks.close()
-                    item.error = error
-            queue.put(item)
-        except BaseException:
-            item.release_staging()
-            raise
-        sequencer.advance()
-        with run.stats_lock:
-            run.stats.produced += 1
-            run.stats.producer_blocked_s += time.monotonic() - started
+        if waited:
+            with run.stats_lock:
+                run.stats.producer_blocked_s += waited
+        sequencer.submit(task.seq_no, item)
 
     enqueue_one.__name__ = f"worker{number}"
     return enqueue_one
 
 
-def _check(run: _Run, described: Described, task: Task) -> None:
-    """Checks a batch against the first; runs in stream order (under the turn)."""
-    if run.spec is None:
-        run.spec = BatchSpec.of(described.treedef, described.metas)
-    else:
-        run.spec.check(described.treedef, described.metas, task.where())
+def _commit(run: _Run, item: Item) -> None:
+    """Checks an item against the first batch and puts it on the host queue, in stream order."""
+    described = item.described
+    if described is not None and not described.skipped:
+        try:
+            if run.spec is None:
+                run.spec = BatchSpec.of(described.treedef, described.metas)
+            else:
+                run.spec.check(described.treedef, described.metas, item.task.where())
+        except Exception as error:
+            run.tasks.close()
+            item.error = error
+    started = time.monotonic()
+    run.host_queue.put(item)
+    with run.stats_lock:
+        run.stats.produced += 1
+        run.stats.producer_blocked_s += time.monotonic() - started
 
 
 def _shutdown(run: _Run, grace: float) -> None:

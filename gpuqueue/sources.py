@@ -2,8 +2,8 @@
 
 ``Sequence`` is Keras's dataset interface; ``epoch_order`` draws an epoch's
 (seeded, sharded) order; ``SequenceTasks`` and ``GeneratorTasks`` hand the
-workers one task at a time in stream order, and ``Sequencer`` lets the
-workers put their results on the queue in that same order.
+workers one task at a time in stream order, and ``Sequencer`` puts the
+workers' results on the queue in that same order.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,8 @@ __all__ = [
     "epoch_order",
     "resolve_shard",
 ]
+
+T = TypeVar("T")
 
 # Launcher variables, in the order they are tried: torchrun, then Open MPI.
 _LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
@@ -328,51 +330,107 @@ class GeneratorTasks(_TaskSource):
         return task.batch
 
 
-class Sequencer:
-    """Lets workers put their items on the queue in ``seq_no`` order.
+class Sequencer(Generic[T]):
+    """Puts the workers' items on the queue in ``seq_no`` order, and bounds how many are out.
 
-    Each waiting worker waits on an event of its own, and ``advance`` sets
-    only the next one's, so a batch costs one wake-up however many workers
-    wait (a shared condition would wake them all, every batch).
+    A worker that finishes an item out of turn leaves it here and goes on
+    reading; whichever worker completes the turn commits its own item and
+    every consecutive one left here. No worker waits for another's turn, so
+    a batch costs no hand-off between workers unless one waits for room.
+
+    Args:
+        commit: Puts one item on the queue, in order (it may block).
+        discard: Gives back what an item that will never be committed holds.
+        limit: The most items claimed and not yet committed: with the queue,
+            this bounds the staging slots that items hold.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, commit: Callable[[T], None], discard: Callable[[T], None], limit: int
+    ) -> None:
+        self._commit, self._discard, self._limit = commit, discard, limit
         self._lock = threading.Lock()
-        self._next = 0
+        self._room = threading.Condition(self._lock)
+        self._room_waiters = 0
+        self._next = 0  # the seq_no to commit next
+        self._out = 0  # reserved and not yet committed
+        self._pending: dict[int, T] = {}  # submitted out of turn
+        self._committing = False  # a thread is in _drain
         self._closed = False
-        # seq_no -> a lock held until that item's turn: the cheapest one-shot gate
-        # (what threading.Condition uses for its waiters; an Event costs a Condition).
-        self._waiters: dict[int, Any] = {}
 
-    def wait_turn(self, seq_no: int) -> None:
-        """Blocks until every item before ``seq_no`` is on the queue.
+    def reserve(self) -> None:
+        """Blocks until fewer than ``limit`` items are out, then counts one more.
 
         Raises:
-            CancelledError: If the sequencer was closed meanwhile.
+            CancelledError: If the sequencer was closed (before or while waiting).
         """
         with self._lock:
+            while self._out >= self._limit and not self._closed:
+                self._room_waiters += 1
+                try:
+                    self._room.wait()
+                finally:
+                    self._room_waiters -= 1
             if self._closed:
                 raise CancelledError("the pipeline is stopping")
-            if self._next == seq_no:
-                return
-            turn = self._waiters[seq_no] = threading.Lock()
-            turn.acquire()
-        turn.acquire()  # released by advance() or close()
-        if self._closed:
-            raise CancelledError("the pipeline is stopping")
+            self._out += 1
 
-    def advance(self) -> None:
-        """Hands the turn to the next item."""
+    def unreserve(self) -> None:
+        """Takes back a ``reserve()`` that will submit nothing."""
         with self._lock:
-            self._next += 1
-            turn = self._waiters.pop(self._next, None)
-        if turn is not None:
-            turn.release()
+            self._out -= 1
+            if self._room_waiters:
+                self._room.notify()
+
+    def submit(self, seq_no: int, item: T) -> None:
+        """Hands in a reserved item: commits it, and those after it, if its turn has come.
+
+        Raises:
+            CancelledError: If the sequencer was closed (the item is discarded).
+            Whatever ``commit`` raised (that item is discarded).
+        """
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                # Whoever is committing, or the turn's own worker, will take it. (The
+                # next item is never left here with nobody committing: see _drain.)
+                if self._committing or seq_no != self._next:
+                    self._pending[seq_no] = item
+                    return
+                self._committing = True
+        if closed:
+            self._discard(item)
+            raise CancelledError("the pipeline is stopping")
+        self._drain(item)
+
+    def _drain(self, item: T) -> None:
+        """Commits ``item`` (the next), then each next one already here; one thread at a time."""
+        while True:
+            try:
+                self._commit(item)
+            except BaseException:
+                with self._lock:
+                    self._committing = False
+                self._discard(item)
+                raise
+            with self._lock:
+                self._next += 1
+                self._out -= 1
+                if self._room_waiters:
+                    self._room.notify()
+                following = None if self._closed else self._pending.pop(self._next, None)
+                if following is None:
+                    # Under the lock that submit() takes: an item handed in after
+                    # this sees _committing False and commits itself.
+                    self._committing = False
+                    return
+            item = following
 
     def close(self) -> None:
-        """Wakes every waiter; they raise ``CancelledError``."""
+        """Discards what is left uncommitted; wakes every waiter (they raise ``CancelledError``)."""
         with self._lock:
             self._closed = True
-            waiters, self._waiters = self._waiters, {}
-        for turn in waiters.values():
-            turn.release()
+            dropped, self._pending = list(self._pending.values()), {}
+            self._room.notify_all()
+        for item in dropped:
+            self._discard(item)

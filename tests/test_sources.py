@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
-from gpuqueue.sources import Sequence, epoch_order, resolve_shard
+from gpuqueue.errors import CancelledError
+from gpuqueue.sources import Sequence, Sequencer, epoch_order, resolve_shard
+from tests.conftest import Worker, wait_entered
 
 
 def test_resolve_shard_explicit_and_none() -> None:
@@ -70,3 +74,85 @@ def test_sequence_base_class() -> None:
     Three().on_epoch_end()
     with pytest.raises(NotImplementedError):
         len(Sequence())
+
+
+class Committed:
+    """A Sequencer's commit and discard, recording what went where and from which thread."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.by: list[str] = []
+        self.discarded: list[str] = []
+
+    def commit(self, item: str) -> None:
+        self.items.append(item)
+        self.by.append(threading.current_thread().name)
+
+    def discard(self, item: str) -> None:
+        self.discarded.append(item)
+
+
+def make_sequencer(limit: int = 3) -> tuple[Sequencer[str], Committed]:
+    log = Committed()
+    return Sequencer(log.commit, log.discard, limit), log
+
+
+def test_items_handed_in_out_of_turn_are_committed_in_order_by_the_turns_worker() -> None:
+    sequencer, log = make_sequencer()
+    for _ in range(3):
+        sequencer.reserve()
+    sequencer.submit(2, "c")
+    sequencer.submit(1, "b")
+    assert log.items == []  # item 0 is still being read
+    reader = Worker(sequencer.submit, 0, "a", name="reader-of-0")
+    reader.start()
+    assert reader.finish().error is None
+    assert log.items == ["a", "b", "c"]
+    assert log.by == ["reader-of-0"] * 3  # the worker finishing the turn put all three
+    sequencer.reserve()  # and all three are no longer out
+    sequencer.reserve()
+    sequencer.reserve()
+
+
+def test_reserve_waits_for_a_commit_and_close_wakes_it() -> None:
+    sequencer, log = make_sequencer(limit=2)
+    sequencer.reserve()
+    sequencer.reserve()
+    room = wait_entered(sequencer._room)
+    waiting = Worker(sequencer.reserve)
+    waiting.start()
+    assert room.wait(5)  # blocked: two items are out
+    sequencer.submit(0, "a")
+    waiting.finish()  # a commit made room
+    assert waiting.error is None
+    room.clear()
+    blocked = Worker(sequencer.reserve)
+    blocked.start()
+    assert room.wait(5)
+    sequencer.submit(2, "c")  # out of turn: left for item 1's worker
+    sequencer.close()
+    assert isinstance(blocked.finish().error, CancelledError)
+    assert log.items == ["a"] and log.discarded == ["c"]
+    with pytest.raises(CancelledError):
+        sequencer.submit(1, "b")  # after close: discarded, never committed
+    assert log.discarded == ["c", "b"]
+
+
+def test_a_failed_commit_discards_the_item_and_the_next_one_still_commits() -> None:
+    log = Committed()
+
+    def commit(item: str) -> None:
+        if item == "b":
+            raise CancelledError("the queue was cancelled")
+        log.commit(item)
+
+    sequencer: Sequencer[str] = Sequencer(commit, log.discard, limit=3)
+    for _ in range(3):
+        sequencer.reserve()
+    sequencer.submit(1, "b")
+    sequencer.submit(2, "c")
+    with pytest.raises(CancelledError, match="cancelled"):
+        sequencer.submit(0, "a")  # commits a, then fails on b
+    assert log.items == ["a"] and log.discarded == ["b"]
+    sequencer.close()
+    assert log.discarded == ["b", "c"]  # what was left is discarded, once
