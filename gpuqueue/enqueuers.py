@@ -89,6 +89,7 @@ class Item:
     described: Described | None = None
     error: BaseException | None = None
     device_slot: DeviceSlot | None = None
+    claim_wait_s: float = 0.0  # how long its worker waited for room before claiming it
 
     @property
     def staged(self) -> Staged | None:
@@ -556,8 +557,7 @@ def _worker_op(
         except BaseException:
             sequencer.unreserve()
             raise
-        waited = time.monotonic() - started
-        item = Item(task)
+        item = Item(task, claim_wait_s=time.monotonic() - started)
         try:
             if task.failure is not None:
                 raise task.failure
@@ -571,9 +571,6 @@ def _worker_op(
             tasks.close()
             note_thread(error, f"reading {task.where()}")
             item.error = error
-        if waited:
-            with run.stats_lock:
-                run.stats.producer_blocked_s += waited
         sequencer.submit(task.seq_no, item)
 
     enqueue_one.__name__ = f"worker{number}"
@@ -594,9 +591,10 @@ def _commit(run: _Run, item: Item) -> None:
             item.error = error
     started = time.monotonic()
     run.host_queue.put(item)
+    blocked = item.claim_wait_s + time.monotonic() - started
     with run.stats_lock:
         run.stats.produced += 1
-        run.stats.producer_blocked_s += time.monotonic() - started
+        run.stats.producer_blocked_s += blocked
 
 
 def _shutdown(run: _Run, grace: float) -> None:
