@@ -1,10 +1,11 @@
-"""Worker processes for ``use_multiprocessing=True``.
+"""Worker processes for ``use_multiprocessing=True``: their life cycle and their protocol.
 
 Each worker thread of the host stage drives one process: it sends a batch
 index and a shared-memory slot, the process reads ``sequence[index]`` and
 packs the batch's arrays into the slot, and only the layout (a few hundred
-bytes) comes back through the pipe. Slots come from a fixed pool and are
-reused; a slot grows when a batch does not fit, never per batch.
+bytes) comes back through the pipe. Slots come from the run's ``SlotPool``
+(``shm.py``), fixed and reused; a slot grows when a batch does not fit,
+never per batch.
 
 Nothing blocks in a way ``stop()`` cannot wake: the thread waits on the
 process's pipe, the process's sentinel (so a killed or crashed process is an
@@ -22,7 +23,6 @@ import multiprocessing
 import multiprocessing.connection
 import pickle
 import signal
-import sys
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -36,12 +36,10 @@ from .channel import FIFOQueue
 from .coordinator import Coordinator
 from .errors import CancelledError, OutOfRangeError, PipelineError, WorkerDiedError
 from .looper import Staged
+from .shm import Slot, SlotPool, attach
 from .staging import describe, layout, pack
 
 __all__ = ["ProcessPool"]
-
-_GROWTH = 1.25  # a slot that must grow takes a margin, so a slowly growing batch size settles
-
 
 # "Stop", pickled once (see ProcessPool._send for why bytes, not send()).
 _STOP = pickle.dumps(None)
@@ -67,17 +65,6 @@ def check_picklable(source: Any, what: str) -> None:
 def _start_method() -> str:
     methods = multiprocessing.get_all_start_methods()
     return "forkserver" if "forkserver" in methods else "spawn"
-
-
-def _attach(name: str) -> shared_memory.SharedMemory:
-    """Opens a slot the parent created, without making this process its owner."""
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)
-    # Before 3.13 attaching registers the segment with the resource tracker
-    # again; forkserver and spawn children share the parent's tracker, whose
-    # registry is a set, so that is harmless, and the parent's unlink
-    # unregisters it once for all.
-    return shared_memory.SharedMemory(name=name)
 
 
 def _portable_error(error: BaseException) -> BaseException:
@@ -170,7 +157,7 @@ def worker_main(
                         return
                     slot, capacity = reply
                 if slot not in attached:
-                    attached[slot] = _attach(slot)
+                    attached[slot] = attach(slot)
                 pack(leaves, metas, attached[slot].buf)
                 conn.send(("ok", treedef, metas, nbytes))
             except Exception as error:
@@ -181,34 +168,6 @@ def worker_main(
     finally:
         for shm in attached.values():
             shm.close()
-
-
-class _Segment(shared_memory.SharedMemory):
-    """A shared-memory segment whose collection tolerates views still alive.
-
-    When an abandoned pipeline is collected, a NumPy view of the segment and
-    the segment can go in the same garbage cycle; ``SharedMemory.__del__``
-    would then print a ``BufferError``. The mapping goes with the view.
-    """
-
-    def __del__(self) -> None:
-        with contextlib.suppress(BufferError, OSError):
-            self.close()
-
-
-@dataclass
-class _Slot:
-    shm: _Segment | None = None
-    array: np.ndarray | None = None  # the segment as uint8, registered with the backend
-    copy_done: Any = None  # the event of the last copy that read this slot
-
-    @property
-    def name(self) -> str:
-        return "" if self.shm is None else self.shm.name
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self.shm is None else self.shm.size
 
 
 @dataclass
@@ -254,7 +213,6 @@ class ProcessPool:
         self._sequence = sequence
         self._backend = backend
         self._closed = False
-        self._abandoned = False
         self._sequence_version = 0
         self._lock = threading.Lock()
         self._name = name
@@ -276,13 +234,9 @@ class ProcessPool:
             worker = _Worker(process, parent_end)
             self._workers.append(worker)
             self._idle.put(worker)
-        self._largest = 0  # the largest batch seen: every slot grows straight to it
-        self._free_slots: FIFOQueue[_Slot] = FIFOQueue(slots, name=f"{name}-slots")
-        self._all_slots = [_Slot() for _ in range(slots)]
-        for slot in self._all_slots:
-            self._free_slots.put(slot)
+        self._slots = SlotPool(slots, name=name, backend=backend)
         coord.add_stop_callback(self._idle.cancel)
-        coord.add_stop_callback(self._free_slots.cancel)
+        coord.add_stop_callback(self._slots.cancel)
 
     def _wake_waiters(self) -> None:
         self._stop_writer.send(None)
@@ -307,13 +261,31 @@ class ProcessPool:
             ``OutOfRangeError`` when the generator is exhausted.
         """
         worker = self._idle.get()
-        slot = self._free_slots.get()
         try:
-            if slot.copy_done is not None and self._backend is not None:
-                self._backend.synchronize(slot.copy_done)
-            slot.copy_done = None
-            if slot.capacity < self._largest:
-                self._grow(slot, self._largest)
+            reply, slot = self._read_with(worker, index, where)
+        finally:
+            worker.busy_with = ""
+            if not self._idle.closed:
+                self._idle.put(worker)
+        if reply[0] == "error":
+            self._slots.give_back(slot)
+            raise reply[1]
+        if reply[0] == "none":
+            self._slots.give_back(slot)
+            return None
+        if reply[0] == "end":
+            self._slots.give_back(slot)
+            raise OutOfRangeError("the generator is exhausted")
+        _, treedef, metas, nbytes = reply
+        assert slot.array is not None
+        return Staged(
+            treedef, metas, nbytes, slot.array, lambda event: self._slots.give_back(slot, event)
+        )
+
+    def _read_with(self, worker: _Worker, index: int | None, where: str) -> tuple[Any, Slot]:
+        """Has ``worker`` read ``index`` into a free slot; returns its reply and the slot."""
+        slot = self._slots.take()
+        try:
             worker.busy_with = where
             with self._lock:
                 version = self._sequence_version
@@ -323,33 +295,13 @@ class ProcessPool:
             self._send(worker, ("read", index, slot.name, slot.capacity))
             reply = self._receive(worker)
             if reply[0] == "grow":
-                self._grow(slot, reply[1])
+                self._slots.grow(slot, reply[1])
                 self._send(worker, (slot.name, slot.capacity))
                 reply = self._receive(worker)
         except BaseException:
-            self._return_slot(slot)
+            self._slots.give_back(slot)
             raise
-        finally:
-            worker.busy_with = ""
-            if not self._idle.closed:
-                self._idle.put(worker)
-        if reply[0] == "error":
-            self._return_slot(slot)
-            raise reply[1]
-        if reply[0] == "none":
-            self._return_slot(slot)
-            return None
-        if reply[0] == "end":
-            self._return_slot(slot)
-            raise OutOfRangeError("the generator is exhausted")
-        _, treedef, metas, nbytes = reply
-        assert slot.array is not None
-        return Staged(treedef, metas, nbytes, slot.array, lambda e: self._return_slot(slot, e))
-
-    def _return_slot(self, slot: _Slot, copy_done: Any = None) -> None:
-        slot.copy_done = copy_done
-        if not self._free_slots.closed:
-            self._free_slots.put(slot)
+        return reply, slot
 
     def _receive(self, worker: _Worker) -> Any:
         ready = multiprocessing.connection.wait(
@@ -381,36 +333,10 @@ class ProcessPool:
             f"{_describe_exit(worker.process.exitcode)} while reading {worker.busy_with}"
         )
 
-    def _grow(self, slot: _Slot, nbytes: int) -> None:
-        self._free_slot(slot)
-        self._largest = max(self._largest, nbytes)
-        # Created and assigned under the lock abandon() unlinks under, so no
-        # segment is made after, or missed by, its pass over the slots.
-        with self._lock:
-            if self._abandoned:
-                raise CancelledError("the pipeline was abandoned")
-            shm = _Segment(create=True, size=max(1, int(self._largest * _GROWTH)))
-            slot.shm = shm
-        slot.array = np.frombuffer(shm.buf, dtype=np.uint8)  # type: ignore[arg-type]
-        if self._backend is not None:
-            self._backend.register_host(slot.array)
-
-    def _free_slot(self, slot: _Slot) -> None:
-        if slot.shm is None:
-            return
-        if self._backend is not None and slot.array is not None:
-            if slot.copy_done is not None:
-                self._backend.synchronize(slot.copy_done)
-            self._backend.unregister_host(slot.array)
-        slot.array = None
-        slot.copy_done = None
-        _free(slot.shm)
-        slot.shm = None
-
     @property
     def pinned_bytes(self) -> int:
         """Bytes held in shared-memory slots now."""
-        return sum(slot.capacity for slot in self._all_slots)
+        return self._slots.nbytes
 
     @property
     def processes(self) -> list[Any]:
@@ -427,12 +353,7 @@ class ProcessPool:
         so also at interpreter exit), and each segment's memory goes once the
         last mapping of it is closed.
         """
-        with self._lock:
-            self._abandoned = True
-            for slot in self._all_slots:
-                if slot.shm is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        slot.shm.unlink()
+        self._slots.abandon()
         for worker in self._workers:
             with contextlib.suppress(OSError, ValueError):
                 worker.conn.send_bytes(_STOP)
@@ -461,20 +382,10 @@ class ProcessPool:
             if not worker.process.is_alive():
                 worker.process.close()  # releases its sentinel's file descriptor now
                 worker.closed = True
-        for slot in self._all_slots:
-            self._free_slot(slot)
+        self._slots.close()
         self._stop_reader.close()
         self._stop_writer.close()
         return killed
-
-
-def _free(shm: shared_memory.SharedMemory) -> None:
-    """Unlinks a segment; its memory goes once the last view of it is gone."""
-    with contextlib.suppress(FileNotFoundError):  # abandon() may have unlinked it
-        shm.unlink()
-    # A batch may still refer to it; then the mapping goes with that batch.
-    with contextlib.suppress(BufferError):
-        shm.close()
 
 
 def _describe_exit(exitcode: int | None) -> str:
