@@ -7,7 +7,8 @@ code written for those runs after changing the import.
 
 from .channel import FIFOQueue
 from .coordinator import Coordinator, LooperThread
-from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer, keep, prefetch
+from .delivery import keep
+from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
 from .errors import (
     BatchError,
     CancelledError,
@@ -17,6 +18,7 @@ from .errors import (
     QueueClosedError,
     WorkerDiedError,
 )
+from .oneshot import prefetch
 from .runner import QueueRunner
 from .sources import Sequence
 

@@ -1,18 +1,19 @@
 """Where batches come from, and in what order.
 
 ``Sequence`` is Keras's dataset interface; ``epoch_order`` draws an epoch's
-(seeded, sharded) order; ``SequenceTasks`` and ``GeneratorTasks`` hand the
-workers one task at a time in stream order, and ``Sequencer`` puts the
-workers' results on the queue in that same order.
+(seeded, sharded) order and ``ReadingOrder`` remembers where a rank is in
+it; ``SequenceTasks`` and ``GeneratorTasks`` hand the workers one task at a
+time in stream order.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -20,15 +21,14 @@ from .errors import CancelledError, OutOfRangeError, PipelineError, add_note
 
 __all__ = [
     "GeneratorTasks",
+    "ReadingOrder",
     "Sequence",
     "SequenceTasks",
-    "Sequencer",
     "Task",
     "epoch_order",
     "resolve_shard",
 ]
 
-T = TypeVar("T")
 
 # Launcher variables, in the order they are tried: torchrun, then Open MPI.
 _LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
@@ -115,6 +115,105 @@ def epoch_order(
         order = np.arange(length)
     rank, world_size = shard
     return order[rank::world_size]
+
+
+@dataclass
+class ReadingOrder:
+    """What a rank reads of a Sequence, epoch after epoch, and how far its consumer got.
+
+    Args:
+        shuffle: Read each epoch in a permutation drawn from ``(seed, epoch)``.
+        seed: The shuffling seed (ranks must share it).
+        shard: ``(rank, world_size)``, as ``resolve_shard`` returns it.
+        epochs: How many epochs to read; None is endless.
+        epoch, position: The next batch to deliver: ``position`` of
+            ``epoch``'s order.
+    """
+
+    shuffle: bool
+    seed: int
+    shard: tuple[int, int]
+    epochs: int | None = None
+    epoch: int = 0
+    position: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        sequence: Any,
+        *,
+        shuffle: bool,
+        seed: int | None,
+        shard: tuple[int, int] | str | None,
+        epochs: int | None,
+    ) -> ReadingOrder:
+        """The order of a new enqueuer, its arguments checked; a seed is drawn if none is given.
+
+        Raises:
+            ValueError: If ``epochs`` or ``shard`` is malformed, or several
+                ranks shuffle without a shared ``seed``.
+            PipelineError: If the Sequence is empty.
+        """
+        if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+            raise ValueError(f"epochs must be None or a positive int, got {epochs!r}")
+        rank_and_size = resolve_shard(shard)
+        if shuffle and seed is None and rank_and_size[1] > 1:
+            raise ValueError(
+                f"shuffling across {rank_and_size[1]} ranks needs a seed that every rank shares"
+            )
+        length = len(sequence)
+        if length <= 0:
+            raise PipelineError(f"the Sequence is empty (len() returned {length})")
+        seed = seed if seed is not None else secrets.randbits(63)
+        return cls(shuffle, seed, rank_and_size, epochs)
+
+    def tasks(self, sequence: Any) -> SequenceTasks:
+        """The tasks of a run that starts at the next batch to deliver."""
+        return SequenceTasks(
+            sequence,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            shard=self.shard,
+            epoch=self.epoch,
+            position=self.position,
+            epochs=self.epochs,
+        )
+
+    def received(self, task: Task) -> None:
+        """The consumer received ``task``: the next to deliver is the one after it."""
+        self.epoch, self.position = task.epoch, task.position + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "shard": self.shard,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continues from ``state_dict()``'s point, after checking it fits this order.
+
+        Raises:
+            ValueError: If ``state`` lacks a field or disagrees with this
+                order's ``shuffle`` or ``shard``.
+        """
+        missing = {"epoch", "position", "seed"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)}")
+        for name in ("shuffle", "shard"):
+            if name in state and tuple(np.atleast_1d(state[name])) != tuple(
+                np.atleast_1d(getattr(self, name))
+            ):
+                raise ValueError(
+                    f"state has {name}={state[name]!r}, but this enqueuer has "
+                    f"{name}={getattr(self, name)!r}"
+                )
+        for name in ("epoch", "position"):
+            if not isinstance(state[name], int) or state[name] < 0:
+                raise ValueError(f"state {name} must be an int >= 0, got {state[name]!r}")
+        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
 
 
 @dataclass
@@ -328,109 +427,3 @@ class GeneratorTasks(_TaskSource):
 
     def read(self, task: Task) -> Any:
         return task.batch
-
-
-class Sequencer(Generic[T]):
-    """Puts the workers' items on the queue in ``seq_no`` order, and bounds how many are out.
-
-    A worker that finishes an item out of turn leaves it here and goes on
-    reading; whichever worker completes the turn commits its own item and
-    every consecutive one left here. No worker waits for another's turn, so
-    a batch costs no hand-off between workers unless one waits for room.
-
-    Args:
-        commit: Puts one item on the queue, in order (it may block).
-        discard: Gives back what an item that will never be committed holds.
-        limit: The most items claimed and not yet committed: with the queue,
-            this bounds the staging slots that items hold.
-    """
-
-    def __init__(
-        self, commit: Callable[[T], None], discard: Callable[[T], None], limit: int
-    ) -> None:
-        self._commit, self._discard, self._limit = commit, discard, limit
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
-        self._room_waiters = 0
-        self._next = 0  # the seq_no to commit next
-        self._out = 0  # reserved and not yet committed
-        self._pending: dict[int, T] = {}  # submitted out of turn
-        self._committing = False  # a thread is in _drain
-        self._closed = False
-
-    def reserve(self) -> None:
-        """Blocks until fewer than ``limit`` items are out, then counts one more.
-
-        Raises:
-            CancelledError: If the sequencer was closed (before or while waiting).
-        """
-        with self._lock:
-            while self._out >= self._limit and not self._closed:
-                self._room_waiters += 1
-                try:
-                    self._room.wait()
-                finally:
-                    self._room_waiters -= 1
-            if self._closed:
-                raise CancelledError("the pipeline is stopping")
-            self._out += 1
-
-    def unreserve(self) -> None:
-        """Takes back a ``reserve()`` that will submit nothing."""
-        with self._lock:
-            self._out -= 1
-            if self._room_waiters:
-                self._room.notify()
-
-    def submit(self, seq_no: int, item: T) -> None:
-        """Hands in a reserved item: commits it, and those after it, if its turn has come.
-
-        Raises:
-            CancelledError: If the sequencer was closed (the item is discarded).
-            Whatever ``commit`` raised (that item is discarded).
-        """
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                # Whoever is committing, or the turn's own worker, will take it. (The
-                # next item is never left here with nobody committing: see _drain.)
-                if self._committing or seq_no != self._next:
-                    self._pending[seq_no] = item
-                    return
-                self._committing = True
-        if closed:
-            self._discard(item)
-            raise CancelledError("the pipeline is stopping")
-        self._drain(item)
-
-    def _drain(self, item: T) -> None:
-        """Commits ``item`` (the next), then each next one already here; one thread at a time."""
-        while True:
-            try:
-                self._commit(item)
-            except BaseException:
-                with self._lock:
-                    self._committing = False
-                self._discard(item)
-                raise
-            with self._lock:
-                self._next += 1
-                self._out -= 1
-                if self._room_waiters:
-                    self._room.notify()
-                following = None if self._closed else self._pending.pop(self._next, None)
-                if following is None:
-                    # Under the lock that submit() takes: an item handed in after
-                    # this sees _committing False and commits itself.
-                    self._committing = False
-                    return
-            item = following
-
-    def close(self) -> None:
-        """Discards what is left uncommitted; wakes every waiter (they raise ``CancelledError``)."""
-        with self._lock:
-            self._closed = True
-            dropped, self._pending = list(self._pending.values()), {}
-            self._room.notify_all()
-        for item in dropped:
-            self._discard(item)

@@ -228,7 +228,7 @@ def test_stop_from_another_thread_with_every_stage_blocked(
             if name is not None and name.endswith("-host"):
                 self._not_full = wait_entered(self._not_full, host_full)
 
-    monkeypatch.setattr(gpuqueue.enqueuers, "FIFOQueue", WatchedQueue)
+    monkeypatch.setattr(gpuqueue.pipeline, "FIFOQueue", WatchedQueue)
     enqueuer = start(running, OrderedEnqueuer(Numbered(), device="simulated", prefetch_depth=2))
     batches = enqueuer.get()
     check_numbered(next(batches), enqueuer)

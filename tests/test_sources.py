@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from gpuqueue.errors import CancelledError
-from gpuqueue.sources import Sequence, Sequencer, epoch_order, resolve_shard
+from gpuqueue.host import Sequencer
+from gpuqueue.sources import Sequence, epoch_order, resolve_shard
 from tests.conftest import Worker, wait_entered
 
 

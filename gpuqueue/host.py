@@ -1,0 +1,293 @@
+"""The host stage: what each worker thread does, and what travels on the queues.
+
+Each call of a worker's enqueue op (a ``QueueRunner`` runs them):
+
+1. claims the next task (an index of the epoch's order, or the next item of a
+   generator, read under a lock), once fewer than ``workers`` items are out;
+2. reads the batch and, when a device is set, packs it into a pinned slot (in
+   parallel with the other workers, in a thread or in its own process);
+3. hands it to the ``Sequencer``: if every item before it is on the queue, it
+   checks the batch against the first and puts it on the bounded host queue,
+   then does the same for the items after it that others finished early;
+   otherwise it leaves the item for whoever completes the turn and goes on.
+   The queue holds batches in exactly the read order, and no worker waits
+   for another's turn.
+
+An error while reading travels down the queue in its place (an ``Item``
+whose ``error`` is set), so the consumer gets every batch before it first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from .channel import FIFOQueue
+from .errors import CancelledError, note_thread
+from .looper import DeviceSlot, PinnedPool, Staged
+from .sources import GeneratorTasks, SequenceTasks, Task
+from .staging import BatchSpec, LeafMeta, TreeDef, describe, layout
+
+__all__ = ["Counters", "Described", "HostStage", "Item", "Sequencer"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class Described:
+    """A batch a worker read: its structure, and the batch itself or its staged copy."""
+
+    treedef: TreeDef
+    metas: list[LeafMeta]
+    batch: Any = None  # the user's own batch (device=None, threads)
+    staged: Staged | None = None  # packed in a pinned or shared-memory slot
+    skipped: bool = False  # the source returned None
+
+
+_SKIPPED = Described(TreeDef("leaf"), [], skipped=True)
+
+
+@dataclass
+class Item:
+    """What travels on the queues: a batch, a skipped item, or the error in its place."""
+
+    task: Task
+    described: Described | None = None
+    error: BaseException | None = None
+    device_slot: DeviceSlot | None = None
+    claim_wait_s: float = 0.0  # how long its worker waited for room before claiming it
+
+    @property
+    def staged(self) -> Staged | None:
+        return None if self.described is None else self.described.staged
+
+    def release_staging(self) -> None:
+        """Returns a staging slot the item still holds (when it is dropped)."""
+        if self.staged is not None:
+            self.staged.release(None)
+
+
+@dataclass
+class Counters:
+    """What ``stats()`` reports of the host stage and the consumer; change under ``lock``."""
+
+    produced: int = 0
+    consumed: int = 0
+    consumer_wait_s: float = 0.0
+    producer_blocked_s: float = 0.0
+    occupancy_sum: int = 0  # batches queued, summed over the consumer's gets
+    gets: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class HostStage:
+    """The workers of one run, from claiming a task to its item on the host queue, in order.
+
+    The worker threads hold this, never the enqueuer, so an enqueuer nobody
+    holds can be collected (and its finaliser stop them) while they run.
+
+    Args:
+        tasks: Hands out the tasks in stream order.
+        host_queue: Where committed items go, in order.
+        counters: The run's counters.
+        workers: Number of workers: at most this many items are out at once,
+            as each staging pool counts on.
+        pinned: Packs thread workers' batches for the copy; None without a device.
+        processes: The worker processes (``workers.ProcessPool``), if any.
+    """
+
+    def __init__(
+        self,
+        tasks: SequenceTasks | GeneratorTasks,
+        host_queue: FIFOQueue[Item],
+        counters: Counters,
+        *,
+        workers: int,
+        pinned: PinnedPool | None,
+        processes: Any,
+    ) -> None:
+        self._tasks, self._host_queue, self._counters = tasks, host_queue, counters
+        self._pinned, self._processes = pinned, processes
+        self._spec: BatchSpec | None = None  # the first batch's structure, dtypes and ranks
+        self.sequencer: Sequencer[Item] = Sequencer(
+            self._commit, Item.release_staging, limit=workers
+        )
+        self._read = self._read_in_process if processes is not None else self._read_in_thread
+
+    def enqueue_op(self, number: int) -> Callable[[], None]:
+        """Worker ``number``'s enqueue op: claim, read, then hand the item in to be committed."""
+        tasks, sequencer, read = self._tasks, self.sequencer, self._read
+
+        def enqueue_one() -> None:
+            started = time.monotonic()
+            sequencer.reserve()  # waits while enough items are out (bounds staging slots)
+            try:
+                task = tasks.claim()  # OutOfRangeError here ends this worker cleanly
+            except BaseException:
+                sequencer.unreserve()
+                raise
+            item = Item(task, claim_wait_s=time.monotonic() - started)
+            try:
+                if task.failure is not None:
+                    raise task.failure
+                try:
+                    item.described = read(task)
+                finally:
+                    tasks.done_reading(task)
+            except CancelledError:
+                raise
+            except Exception as error:
+                tasks.close()
+                note_thread(error, f"reading {task.where()}")
+                item.error = error
+            sequencer.submit(task.seq_no, item)
+
+        enqueue_one.__name__ = f"worker{number}"
+        return enqueue_one
+
+    def _read_in_process(self, task: Task) -> Described:
+        # A generator's item was read by the process while claiming it.
+        staged = (
+            task.batch if task.index is None else self._processes.read(task.index, task.where())
+        )
+        if staged is None:
+            return _SKIPPED
+        return Described(staged.treedef, staged.metas, staged=staged)
+
+    def _read_in_thread(self, task: Task) -> Described:
+        batch = self._tasks.read(task)
+        if batch is None:
+            return _SKIPPED
+        treedef, leaves = describe(batch)
+        metas, nbytes = layout(leaves)
+        if self._pinned is None:
+            return Described(treedef, metas, batch=batch)
+        return Described(treedef, metas, staged=self._pinned.stage(treedef, metas, nbytes, leaves))
+
+    def _commit(self, item: Item) -> None:
+        """Checks an item against the first batch and puts it on the host queue, in order."""
+        described = item.described
+        if described is not None and not described.skipped:
+            try:
+                if self._spec is None:
+                    self._spec = BatchSpec.of(described.treedef, described.metas)
+                else:
+                    self._spec.check(described.treedef, described.metas, item.task.where())
+            except Exception as error:
+                self._tasks.close()
+                item.error = error
+        started = time.monotonic()
+        self._host_queue.put(item)
+        blocked = item.claim_wait_s + time.monotonic() - started
+        with self._counters.lock:
+            self._counters.produced += 1
+            self._counters.producer_blocked_s += blocked
+
+
+class Sequencer(Generic[T]):
+    """Puts the workers' items on the queue in ``seq_no`` order, and bounds how many are out.
+
+    A worker that finishes an item out of turn leaves it here and goes on
+    reading; whichever worker completes the turn commits its own item and
+    every consecutive one left here. No worker waits for another's turn, so
+    a batch costs no hand-off between workers unless one waits for room.
+
+    Args:
+        commit: Puts one item on the queue, in order (it may block).
+        discard: Gives back what an item that will never be committed holds.
+        limit: The most items claimed and not yet committed: with the queue,
+            this bounds the staging slots that items hold.
+    """
+
+    def __init__(
+        self, commit: Callable[[T], None], discard: Callable[[T], None], limit: int
+    ) -> None:
+        self._commit, self._discard, self._limit = commit, discard, limit
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._room_waiters = 0
+        self._next = 0  # the seq_no to commit next
+        self._out = 0  # reserved and not yet committed
+        self._pending: dict[int, T] = {}  # submitted out of turn
+        self._committing = False  # a thread is in _drain
+        self._closed = False
+
+    def reserve(self) -> None:
+        """Blocks until fewer than ``limit`` items are out, then counts one more.
+
+        Raises:
+            CancelledError: If the sequencer was closed (before or while waiting).
+        """
+        with self._lock:
+            while self._out >= self._limit and not self._closed:
+                self._room_waiters += 1
+                try:
+                    self._room.wait()
+                finally:
+                    self._room_waiters -= 1
+            if self._closed:
+                raise CancelledError("the pipeline is stopping")
+            self._out += 1
+
+    def unreserve(self) -> None:
+        """Takes back a ``reserve()`` that will submit nothing."""
+        with self._lock:
+            self._out -= 1
+            if self._room_waiters:
+                self._room.notify()
+
+    def submit(self, seq_no: int, item: T) -> None:
+        """Hands in a reserved item: commits it, and those after it, if its turn has come.
+
+        Raises:
+            CancelledError: If the sequencer was closed (the item is discarded).
+            Whatever ``commit`` raised (that item is discarded).
+        """
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                # Whoever is committing, or the turn's own worker, will take it. (The
+                # next item is never left here with nobody committing: see _drain.)
+                if self._committing or seq_no != self._next:
+                    self._pending[seq_no] = item
+                    return
+                self._committing = True
+        if closed:
+            self._discard(item)
+            raise CancelledError("the pipeline is stopping")
+        self._drain(item)
+
+    def _drain(self, item: T) -> None:
+        """Commits ``item`` (the next), then each next one already here; one thread at a time."""
+        while True:
+            try:
+                self._commit(item)
+            except BaseException:
+                with self._lock:
+                    self._committing = False
+                self._discard(item)
+                raise
+            with self._lock:
+                self._next += 1
+                self._out -= 1
+                if self._room_waiters:
+                    self._room.notify()
+                following = None if self._closed else self._pending.pop(self._next, None)
+                if following is None:
+                    # Under the lock that submit() takes: an item handed in after
+                    # this sees _committing False and commits itself.
+                    self._committing = False
+                    return
+            item = following
+
+    def close(self) -> None:
+        """Discards what is left uncommitted; wakes every waiter (they raise ``CancelledError``)."""
+        with self._lock:
+            self._closed = True
+            dropped, self._pending = list(self._pending.values()), {}
+            self._room.notify_all()
+        for item in dropped:
+            self._discard(item)

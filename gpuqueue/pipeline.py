@@ -1,0 +1,340 @@
+"""One run of the pipeline: source → host workers → copy looper → consumer.
+
+``PipelineConfig`` is every setting of a run, typed, frozen and validated
+where the user's arguments arrive. ``Run.start`` builds the run's queues,
+pools and backend from it and starts its threads (and processes); ``stop``
+joins them and frees the memory; ``abandon`` is the finaliser of a run
+nobody stopped. Nothing here knows Keras: the enqueuers translate their
+arguments into a config and delegate.
+
+The host stage (``host.py``) is a ``QueueRunner`` whose enqueue ops are the
+workers, under one ``Coordinator``; they put batches on the bounded host
+queue in exactly the read order. With a device, a ``CopyLooper``
+(``looper.py``) copies each staged batch to a device slot and puts it on the
+device queue (``prefetch_depth``); the consumer's side (``delivery.py``)
+hands out device arrays ordered after their copy.
+
+An error while reading (or copying) travels down the queues in its place, so
+the consumer gets every batch before it, then the original exception.
+Epochs follow one another without draining the queue: ``on_epoch_end()``
+runs as soon as the epoch's last read has finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from .backends import check_device, resolve
+from .backends.base import Backend
+from .channel import FIFOQueue
+from .coordinator import Coordinator
+from .errors import PipelineError
+from .host import Counters, HostStage, Item
+from .looper import CopyLooper, DeviceRing, DeviceSlot, PinnedPool
+from .runner import QueueRunner
+from .sources import GeneratorTasks, SequenceTasks, overrides_on_epoch_end
+
+__all__ = ["DEFAULT_STOP_TIMEOUT", "EMPTY_STATS", "OUTPUTS", "PipelineConfig", "Run"]
+
+# How long stop() waits for threads by default before naming the stragglers.
+DEFAULT_STOP_TIMEOUT = 60.0
+
+OUTPUTS = (None, "cupy", "numpy", "torch")
+
+
+def _check_count(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        wanted = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Every setting of one run, checked once when it is made.
+
+    Args:
+        name: Names the run's threads, queues and messages.
+        use_multiprocessing: Read in worker processes instead of threads.
+        workers: Number of worker threads (or processes).
+        max_queue_size: The most finished batches waiting in host memory.
+        device: ``None`` (host batches as the source made them), ``"auto"``,
+            ``"cpu"``, an int or ``"cuda:N"``, or a backend object.
+        prefetch_depth: Batches copied ahead of the consumer (0 = copy in
+            ``get()``).
+        output: ``None``, ``"cupy"``, ``"numpy"`` or ``"torch"``.
+        stream: The consumer's stream; None for the current one at each get.
+        process_seed: Seeds NumPy in a generator's worker process.
+
+    Raises:
+        ValueError: If a setting is out of range or settings contradict
+            each other.
+    """
+
+    name: str
+    use_multiprocessing: bool = False
+    workers: int = 1
+    max_queue_size: int = 10
+    device: Any = None
+    prefetch_depth: int = 2
+    output: str | None = None
+    stream: Any = None
+    process_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_count("workers", self.workers, 1)
+        _check_count("max_queue_size", self.max_queue_size, 1)
+        _check_count("prefetch_depth", self.prefetch_depth, 0)
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        if self.device is None:
+            if self.output == "torch" or self.stream is not None:
+                raise ValueError("output='torch' and stream need a device (device='auto', 0, ...)")
+        else:
+            check_device(self.device)
+
+
+TaskSource = SequenceTasks | GeneratorTasks
+
+
+@dataclass
+class Run:
+    """Everything one ``start()`` made, so ``stop()`` can undo exactly that.
+
+    The threads see only this, never the enqueuer, so an enqueuer nobody
+    holds can be collected (and its finaliser abandon the run) while they run.
+    """
+
+    config: PipelineConfig
+    coord: Coordinator
+    tasks: TaskSource
+    host_queue: FIFOQueue[Item]
+    output_queue: FIFOQueue[Item]
+    threads: list[threading.Thread] = field(default_factory=list)
+    backend: Backend | None = None
+    own_backend: bool = False
+    pinned: PinnedPool | None = None
+    processes: Any = None  # workers.ProcessPool
+    ring: DeviceRing | None = None
+    looper: CopyLooper | None = None
+    held: tuple[DeviceSlot, Any] | None = None  # the device slot the consumer holds
+    closed: bool = False
+    close_lock: threading.Lock = field(default_factory=threading.Lock)
+    counters: Counters = field(default_factory=Counters)
+    # The first error the consumer saw: every later get() raises it again.
+    error: BaseException | None = None
+    error_traceback: TracebackType | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @classmethod
+    def start(
+        cls, config: PipelineConfig, source: Any, make_tasks: Callable[[], TaskSource]
+    ) -> Run:
+        """Builds a run of ``source`` and starts its threads and processes.
+
+        The device is resolved before ``make_tasks`` is called, so an unusable
+        device consumes nothing (of a generator, say).
+
+        Raises:
+            PipelineError: If the device is unusable or the source cannot be
+                sent to worker processes.
+        """
+        # The device first: if it is unusable, nothing (a generator) has been consumed.
+        backend = resolve(config.device) if config.device is not None else None
+        host_queue: FIFOQueue[Item] = FIFOQueue(config.max_queue_size, name=f"{config.name}-host")
+        run = cls(config, Coordinator(), make_tasks(), host_queue, host_queue)
+        if backend is not None:
+            run.backend, run.own_backend = backend, backend is not config.device
+            ring_size = config.prefetch_depth + 1
+            run.ring = DeviceRing(backend, ring_size, name=f"{config.name}-device-slots")
+            if config.prefetch_depth > 0:
+                run.output_queue = FIFOQueue(config.prefetch_depth, name=f"{config.name}-device")
+            if not config.use_multiprocessing:
+                slots = config.workers + config.max_queue_size + 1
+                run.pinned = PinnedPool(backend, slots, name=f"{config.name}-pinned")
+        try:
+            run._launch(source)
+        except BaseException:
+            run.stop(DEFAULT_STOP_TIMEOUT)
+            raise
+        return run
+
+    def _launch(self, source: Any) -> None:
+        config, coord, tasks = self.config, self.coord, self.tasks
+        if config.use_multiprocessing:
+            from .workers import ProcessPool
+
+            # A generator has one reader: one process runs it (as many would
+            # each run a copy and repeat the data); threads handle the rest.
+            reading = isinstance(tasks, GeneratorTasks)
+            processes = ProcessPool(
+                source,
+                1 if reading else config.workers,
+                coord,
+                name=config.name,
+                slots=config.workers + config.max_queue_size + 1,
+                backend=self.backend,
+                seed=config.process_seed,
+            )
+            self.processes = processes
+            if isinstance(tasks, GeneratorTasks):
+                tasks.fetch = lambda position: processes.read(None, f"generator item {position}")
+            elif overrides_on_epoch_end(source):
+                tasks.epoch_ended = processes.sequence_changed
+        host = HostStage(
+            tasks,
+            self.host_queue,
+            self.counters,
+            workers=config.workers,
+            pinned=self.pinned,
+            processes=self.processes,
+        )
+        ops = [host.enqueue_op(number) for number in range(config.workers)]
+        for stop_callback in (tasks.close, host.sequencer.close, lambda: _drop(self.host_queue)):
+            coord.add_stop_callback(stop_callback)
+        if self.output_queue is not self.host_queue:
+            coord.add_stop_callback(lambda: _drop(self.output_queue))
+        if self.pinned is not None:
+            coord.add_stop_callback(self.pinned.cancel)
+        if self.ring is not None:
+            coord.add_stop_callback(self.ring.free.cancel)
+        runner = QueueRunner(self.host_queue, ops)
+        self.threads = runner.create_threads(coord, daemon=True, start=True)
+        if self.ring is not None and config.prefetch_depth > 0:
+            self.looper = CopyLooper(
+                coord, self.ring, self.host_queue, self.output_queue, name=f"{config.name}-copy"
+            )
+            self.threads.append(self.looper)
+            self.looper.start()
+
+    def stop(self, grace: float) -> None:
+        """Stops the run's threads and processes, then frees its memory.
+
+        Threads still inside user code after ``grace`` seconds are named in a
+        ``RuntimeWarning``, and their memory is left for the garbage collector.
+        """
+        self.coord.request_stop()
+        try:
+            self.coord.join(self.threads, stop_grace_period_secs=grace, ignore_live_threads=True)
+        except BaseException as error:
+            if error is not self.coord.exception:  # a real Ctrl-C during stop() goes on up
+                raise
+            # the recorded error reaches the consumer through get(), not through stop()
+        stragglers = [t.name for t in self.threads if t.is_alive()]
+        if stragglers:
+            warnings.warn(
+                f"{self.name}.stop(): threads still running after {grace} s, "
+                f"most likely inside the Sequence or generator: {', '.join(stragglers)}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if self.processes is not None:
+            killed = self.processes.close(grace)
+            if killed:
+                warnings.warn(
+                    f"{self.name}.stop(): worker processes did not exit within {grace} s and "
+                    f"were killed, most likely inside the Sequence: {', '.join(killed)}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        if not stragglers:
+            self._free()
+
+    def _free(self) -> None:
+        """Frees pinned and device memory once no thread can touch it."""
+        with self.close_lock:
+            if self.closed:
+                return
+            self.closed = True
+        self.held = None
+        # Each is closed even if one before it raised (a sticky CUDA error, say).
+        with contextlib.ExitStack() as closing:
+            if self.own_backend and self.backend is not None:
+                closing.callback(self.backend.close)
+            if self.ring is not None:
+                closing.callback(self.ring.close)
+            if self.pinned is not None:
+                closing.callback(self.pinned.close)
+
+    def abandon(self) -> None:
+        """The finaliser of an enqueuer collected (or left at exit) without ``stop()``.
+
+        It only asks everything to stop, which wakes every thread and process so
+        they end on their own; it never joins, since a finaliser may run in any
+        thread, a worker's included. Memory goes with the run once they have.
+        """
+        self.coord.request_stop()
+        if self.processes is not None:
+            self.processes.abandon()
+
+    def fail(self, error: BaseException) -> None:
+        """Makes ``error`` sticky: every later ``get()`` raises it, traceback intact."""
+        self.error, self.error_traceback = error, error.__traceback__
+
+    def release_held(self) -> None:
+        """Gives back the device slot the consumer holds, fenced on its stream."""
+        if self.held is None or self.ring is None:
+            return
+        slot, stream = self.held
+        self.held = None
+        self.ring.release(slot, stream)
+
+    def stats(self) -> dict[str, Any]:
+        """The run's counters; see ``SequenceEnqueuer.stats``."""
+        counters = self.counters
+        with counters.lock:
+            stats: dict[str, Any] = {
+                "batches_produced": counters.produced,
+                "batches_consumed": counters.consumed,
+                "consumer_wait_s": counters.consumer_wait_s,
+                "producer_blocked_s": counters.producer_blocked_s,
+                "queue_size": self.output_queue.qsize(),
+                "queue_capacity": self.output_queue.capacity,
+                "mean_queue_occupancy": (
+                    counters.occupancy_sum / counters.gets if counters.gets else 0.0
+                ),
+            }
+        ring, backend = self.ring, self.backend
+        if ring is not None and backend is not None:
+            span = (ring.last_copy_at or 0.0) - (ring.first_copy_at or 0.0)
+            host_bytes = self.pinned if self.pinned is not None else self.processes
+            stats.update(
+                backend=backend.name,
+                prefetch_depth=self.config.prefetch_depth,
+                bytes_copied=ring.bytes_copied,
+                h2d_gbps=ring.bytes_copied / span / 1e9 if span > 0 else 0.0,
+                copy_wait_for_host_s=self.looper.host_wait_s if self.looper else 0.0,
+                pinned_bytes=host_bytes.pinned_bytes if host_bytes is not None else 0,
+                device_bytes=ring.device_bytes,
+            )
+        return stats
+
+
+EMPTY_STATS: dict[str, Any] = {
+    "batches_produced": 0,
+    "batches_consumed": 0,
+    "consumer_wait_s": 0.0,
+    "producer_blocked_s": 0.0,
+    "queue_size": 0,
+    "queue_capacity": 0,
+    "mean_queue_occupancy": 0.0,
+}
+
+
+def _drop(queue: FIFOQueue[Item]) -> None:
+    """Cancels ``queue`` and gives back the slots its dropped items held."""
+    for item in queue.cancel():
+        item.release_staging()
+
+
+def not_launched(position: int) -> Any:
+    """The fetch of a generator's tasks until ``Run.start`` points it at the process."""
+    raise PipelineError("the generator's worker process was not started")
