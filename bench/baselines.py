@@ -177,8 +177,6 @@ def torch_dataloader(seq: Any, step: Any, workers: int, n: int, warmup: int) -> 
         def __getitem__(self, index: int) -> Any:
             return torch.from_numpy(seq[index])
 
-    from gpuqueue.backends.cupy import wrap_stream
-
     gpu = cupy.cuda.Device().id  # the GPU the benchmark made current
     loader = DataLoader(
         Wrapped(), batch_size=None, num_workers=workers, pin_memory=True, persistent_workers=True
@@ -192,7 +190,7 @@ def torch_dataloader(seq: Any, step: Any, workers: int, n: int, warmup: int) -> 
 
     feed = batches()
     try:
-        with wrap_stream(torch.cuda.current_stream(gpu), gpu):
+        with _cupy_view(torch.cuda.current_stream(gpu)):
             return _loop(feed, step, n, warmup)
     finally:
         # The loader goes with this frame; its iterator's finaliser ends the worker processes.
@@ -216,3 +214,20 @@ def tf_keras_enqueuer(seq: Any, step: Any, workers: int, n: int, warmup: int) ->
         return _loop(batches(), step, n, warmup)
     finally:
         enqueuer.stop()
+
+
+class _StreamProtocol:
+    """A raw ``cudaStream_t`` that speaks the CUDA stream protocol."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.handle)
+
+
+def _cupy_view(torch_stream: Any) -> Any:
+    """PyTorch's stream as a CuPy stream, so CuPy work runs in its order."""
+    import cupy
+
+    return cupy.cuda.Stream.from_external(_StreamProtocol(int(torch_stream.cuda_stream)))

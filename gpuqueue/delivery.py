@@ -3,8 +3,10 @@
 ``batches`` is the generator ``get()`` returns: it takes items off the run's
 output queue, yields each batch (on a device, ordered after its copy on the
 consumer's stream, in the output library the user asked for), and raises a
-worker's error in its place, after every batch before it. ``keep`` copies a
-batch the user wants to hold past the next ``get``.
+worker's error in its place, after every batch before it. Every batch is
+the consumer's to keep: its device memory is reused only once the last view
+of it is gone (``looper.DeviceArenas``). ``keep`` copies a batch all the same,
+for code written against the older "valid until the next get" rule.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ def batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
     """
     queue = run.output_queue
     while True:
-        run.release_held()
         if run.error is not None:
             raise run.error.with_traceback(run.error_traceback)
         started = time.monotonic()
@@ -67,7 +68,11 @@ def batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
             continue
         with run.counters.lock:
             run.counters.consumed += 1
-        yield batch
+        # The batch is the consumer's: this frame must not keep it (and its arena)
+        # alive while it waits here for the next call.
+        handed = [batch]
+        del batch, item
+        yield handed.pop()
 
 
 def _stop_with(run: Run, error: BaseException) -> None:
@@ -81,7 +86,7 @@ def _deliver(run: Run, item: Item) -> Any:
     described = item.described
     assert described is not None
     staged = described.staged
-    if run.ring is None:
+    if run.arenas is None:
         if staged is None:
             return described.batch
         # From a worker process: copy out of the shared-memory slot (one
@@ -89,19 +94,19 @@ def _deliver(run: Run, item: Item) -> Any:
         batch = unpack(staged.treedef, staged.metas, staged.buffer, copy=True)
         staged.release(None)
         return batch
-    assert staged is not None and run.backend is not None
+    assert run.backend is not None
     stream = _consumer_stream(run, run.backend)
-    slot = item.device_slot
-    if slot is None:  # prefetch_depth=0: copy now, on the consumer's stream
-        slot = run.ring.free.get()
-        run.ring.copy(slot, staged, stream)
-    run.held = (slot, stream)
-    return _to_output(run, run.backend, run.ring.batch(slot, staged, stream))
+    copied = item.copied
+    if copied is None:  # prefetch_depth=0: copy now, on the consumer's stream
+        assert staged is not None
+        run.arenas.reserve()
+        copied = run.arenas.copy(staged, stream)
+    return _to_output(run, run.backend, run.arenas.deliver(copied, stream))
 
 
 def _consumer_stream(run: Run, backend: Backend) -> Any:
     if run.config.stream is not None:
-        return run.config.stream
+        return backend.as_stream(run.config.stream)
     if run.config.output == "torch" and hasattr(backend, "torch_stream"):
         return backend.torch_stream()
     return backend.current_stream()
@@ -111,21 +116,40 @@ def _to_output(run: Run, backend: Backend, batch: Any) -> Any:
     if run.config.output != "torch":
         return batch
     import torch
+
+    treedef, leaves = flatten(batch)
+    if backend.name != "cupy":
+        return rebuild(treedef, [torch.from_numpy(leaf) for _, leaf in leaves])
     import torch.utils.dlpack
 
-    convert = torch.from_numpy if backend.name != "cupy" else torch.utils.dlpack.from_dlpack
-    treedef, leaves = flatten(batch)
-    return rebuild(treedef, [convert(leaf) for _, leaf in leaves])
+    # The batch is already ordered on the consumer's stream (one event for the
+    # whole batch), so each leaf is exported with no stream order of its own
+    # (DLPack's stream -1): no event per tensor.
+    return rebuild(
+        treedef,
+        [torch.utils.dlpack.from_dlpack(leaf.__dlpack__(stream=-1)) for _, leaf in leaves],
+    )
 
 
 def keep(batch: Any) -> Any:
-    """Copies a device batch so it stays valid after the next ``get()``.
+    """Copies a batch: its arrays and tensors are copied, other leaves are kept as they are.
 
-    Works for CuPy, NumPy and PyTorch leaves; the copy is ordered on the
-    current stream like any other work. With an enqueuer given an explicit
-    ``stream``, call it with that stream current (``with stream:``), since
-    only that stream is ordered after the batch's copy.
+    Batches are the consumer's already (they stay valid as long as they are
+    held), so this is only for code written for the older "valid until the
+    next get" rule, or that wants a copy anyway. Works for CuPy, NumPy and
+    PyTorch leaves, and any other leaf (a Python number, a string, None) is
+    returned as is. A device copy is ordered on the current stream like any
+    other work; with an enqueuer given an explicit ``stream``, call it with
+    that stream current (``with stream:``), since only that stream is
+    ordered after the batch's copy.
     """
     treedef, leaves = flatten(batch)
-    copies = [leaf.clone() if hasattr(leaf, "clone") else leaf.copy() for _, leaf in leaves]
-    return rebuild(treedef, copies)
+    return rebuild(treedef, [_copy_leaf(leaf) for _, leaf in leaves])
+
+
+def _copy_leaf(leaf: Any) -> Any:
+    if hasattr(leaf, "clone"):  # PyTorch
+        return leaf.clone()
+    if hasattr(leaf, "copy"):  # NumPy, CuPy
+        return leaf.copy()
+    return leaf

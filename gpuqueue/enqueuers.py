@@ -159,14 +159,12 @@ class SequenceEnqueuer:
         return batches(self._run, self._received)
 
     def release(self) -> None:
-        """Gives the device slot of the last batch back now, instead of at the next ``get``.
+        """Kept for code written against the older ring: batches are the consumer's now.
 
-        The slot is rewritten only after the work already queued on the
-        consumer's stream is done, so it is safe to call right after
-        launching the step that reads the batch.
+        A batch's device memory goes back for reuse when the last view of it
+        is gone (after the work queued on the consumer's stream), so there is
+        nothing to give back early; drop the batch instead.
         """
-        if self._run is not None:
-            self._run.release_held()
 
     def _received(self, task: Task) -> None:
         """Records that the consumer received ``task`` (for ``state_dict``)."""

@@ -27,9 +27,9 @@ from typing import Any, Generic, TypeVar
 
 from .channel import FIFOQueue
 from .errors import CancelledError, note_thread
-from .looper import DeviceSlot, PinnedPool, Staged
+from .looper import Copied, PinnedPool, Staged
 from .sources import GeneratorTasks, SequenceTasks, Task
-from .staging import BatchSpec, LeafMeta, TreeDef, describe, layout
+from .staging import BatchSpec, LeafMeta, TreeDef, describe, device_ready, layout
 
 __all__ = ["Counters", "Described", "HostStage", "Item", "Sequencer"]
 
@@ -57,7 +57,7 @@ class Item:
     task: Task
     described: Described | None = None
     error: BaseException | None = None
-    device_slot: DeviceSlot | None = None
+    copied: Copied | None = None  # its device copy, once the copy stage made it
     claim_wait_s: float = 0.0  # how long its worker waited for room before claiming it
 
     @property
@@ -97,6 +97,8 @@ class HostStage:
             as each staging pool counts on.
         pinned: Packs thread workers' batches for the copy; None without a device.
         processes: The worker processes (``workers.ProcessPool``), if any.
+        device: Batches go to a device: each staged batch is made ready for it
+            (byte order, dtypes) by the worker that read it.
     """
 
     def __init__(
@@ -108,9 +110,10 @@ class HostStage:
         workers: int,
         pinned: PinnedPool | None,
         processes: Any,
+        device: bool,
     ) -> None:
         self._tasks, self._host_queue, self._counters = tasks, host_queue, counters
-        self._pinned, self._processes = pinned, processes
+        self._pinned, self._processes, self._device = pinned, processes, device
         self._spec: BatchSpec | None = None  # the first batch's structure, dtypes and ranks
         self.sequencer: Sequencer[Item] = Sequencer(
             self._commit, Item.release_staging, limit=workers
@@ -155,7 +158,7 @@ class HostStage:
         )
         if staged is None:
             return _SKIPPED
-        return Described(staged.treedef, staged.metas, staged=staged)
+        return self._staged(staged, task)
 
     def _read_in_thread(self, task: Task) -> Described:
         batch = self._tasks.read(task)
@@ -165,7 +168,16 @@ class HostStage:
         metas, nbytes = layout(leaves)
         if self._pinned is None:
             return Described(treedef, metas, batch=batch)
-        return Described(treedef, metas, staged=self._pinned.stage(treedef, metas, nbytes, leaves))
+        return self._staged(self._pinned.stage(treedef, metas, nbytes, leaves), task)
+
+    def _staged(self, staged: Staged, task: Task) -> Described:
+        if self._device:
+            try:
+                staged.metas = device_ready(staged.metas, staged.buffer, task.where())
+            except BaseException:
+                staged.release(None)
+                raise
+        return Described(staged.treedef, staged.metas, staged=staged)
 
     def _commit(self, item: Item) -> None:
         """Checks an item against the first batch and puts it on the host queue, in order."""

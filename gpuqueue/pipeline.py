@@ -36,7 +36,7 @@ from .channel import FIFOQueue
 from .coordinator import Coordinator
 from .errors import PipelineError
 from .host import Counters, HostStage, Item
-from .looper import CopyLooper, DeviceRing, DeviceSlot, PinnedPool
+from .looper import CopyLooper, DeviceArenas, PinnedPool
 from .runner import QueueRunner
 from .sources import GeneratorTasks, SequenceTasks, overrides_on_epoch_end
 
@@ -120,9 +120,8 @@ class Run:
     own_backend: bool = False
     pinned: PinnedPool | None = None
     processes: Any = None  # workers.ProcessPool
-    ring: DeviceRing | None = None
+    arenas: DeviceArenas | None = None
     looper: CopyLooper | None = None
-    held: tuple[DeviceSlot, Any] | None = None  # the device slot the consumer holds
     closed: bool = False
     close_lock: threading.Lock = field(default_factory=threading.Lock)
     counters: Counters = field(default_factory=Counters)
@@ -153,8 +152,11 @@ class Run:
         run = cls(config, Coordinator(), make_tasks(), host_queue, host_queue)
         if backend is not None:
             run.backend, run.own_backend = backend, backend is not config.device
-            ring_size = config.prefetch_depth + 1
-            run.ring = DeviceRing(backend, ring_size, name=f"{config.name}-device-slots")
+            # What the consumer holds comes on top of the depth. One free arena is
+            # kept: a loop that holds one batch at a time then cycles depth + 2
+            # arenas (depth ahead, the one it holds, the one it just dropped)
+            # without allocating; arenas beyond that are freed as they come back.
+            run.arenas = DeviceArenas(backend, depth=config.prefetch_depth, keep=1)
             if config.prefetch_depth > 0:
                 run.output_queue = FIFOQueue(config.prefetch_depth, name=f"{config.name}-device")
             if not config.use_multiprocessing:
@@ -196,21 +198,26 @@ class Run:
             workers=config.workers,
             pinned=self.pinned,
             processes=self.processes,
+            device=self.backend is not None,
         )
         ops = [host.enqueue_op(number) for number in range(config.workers)]
-        for stop_callback in (tasks.close, host.sequencer.close, lambda: _drop(self.host_queue)):
+        for stop_callback in (
+            tasks.close,
+            host.sequencer.close,
+            lambda: self._drop(self.host_queue),
+        ):
             coord.add_stop_callback(stop_callback)
         if self.output_queue is not self.host_queue:
-            coord.add_stop_callback(lambda: _drop(self.output_queue))
+            coord.add_stop_callback(lambda: self._drop(self.output_queue))
         if self.pinned is not None:
             coord.add_stop_callback(self.pinned.cancel)
-        if self.ring is not None:
-            coord.add_stop_callback(self.ring.free.cancel)
+        if self.arenas is not None:
+            coord.add_stop_callback(self.arenas.cancel)
         runner = QueueRunner(self.host_queue, ops)
         self.threads = runner.create_threads(coord, daemon=True, start=True)
-        if self.ring is not None and config.prefetch_depth > 0:
+        if self.arenas is not None and config.prefetch_depth > 0:
             self.looper = CopyLooper(
-                coord, self.ring, self.host_queue, self.output_queue, name=f"{config.name}-copy"
+                coord, self.arenas, self.host_queue, self.output_queue, name=f"{config.name}-copy"
             )
             self.threads.append(self.looper)
             self.looper.start()
@@ -254,13 +261,12 @@ class Run:
             if self.closed:
                 return
             self.closed = True
-        self.held = None
         # Each is closed even if one before it raised (a sticky CUDA error, say).
         with contextlib.ExitStack() as closing:
             if self.own_backend and self.backend is not None:
                 closing.callback(self.backend.close)
-            if self.ring is not None:
-                closing.callback(self.ring.close)
+            if self.arenas is not None:
+                closing.callback(self.arenas.close)
             if self.pinned is not None:
                 closing.callback(self.pinned.close)
 
@@ -279,13 +285,12 @@ class Run:
         """Makes ``error`` sticky: every later ``get()`` raises it, traceback intact."""
         self.error, self.error_traceback = error, error.__traceback__
 
-    def release_held(self) -> None:
-        """Gives back the device slot the consumer holds, fenced on its stream."""
-        if self.held is None or self.ring is None:
-            return
-        slot, stream = self.held
-        self.held = None
-        self.ring.release(slot, stream)
+    def _drop(self, queue: FIFOQueue[Item]) -> None:
+        """Cancels ``queue`` and gives back the slots and arenas its dropped items held."""
+        for item in queue.cancel():
+            item.release_staging()
+            if item.copied is not None and self.arenas is not None:
+                self.arenas.discard(item.copied)
 
     def stats(self) -> dict[str, Any]:
         """The run's counters; see ``SequenceEnqueuer.stats``."""
@@ -302,18 +307,17 @@ class Run:
                     counters.occupancy_sum / counters.gets if counters.gets else 0.0
                 ),
             }
-        ring, backend = self.ring, self.backend
-        if ring is not None and backend is not None:
-            span = (ring.last_copy_at or 0.0) - (ring.first_copy_at or 0.0)
+        arenas, backend = self.arenas, self.backend
+        if arenas is not None and backend is not None:
             host_bytes = self.pinned if self.pinned is not None else self.processes
             stats.update(
                 backend=backend.name,
                 prefetch_depth=self.config.prefetch_depth,
-                bytes_copied=ring.bytes_copied,
-                h2d_gbps=ring.bytes_copied / span / 1e9 if span > 0 else 0.0,
+                bytes_copied=arenas.bytes_copied,
+                h2d_gbps=arenas.h2d_gbps,
                 copy_wait_for_host_s=self.looper.host_wait_s if self.looper else 0.0,
                 pinned_bytes=host_bytes.pinned_bytes if host_bytes is not None else 0,
-                device_bytes=ring.device_bytes,
+                device_bytes=arenas.device_bytes,
             )
         return stats
 
@@ -327,12 +331,6 @@ EMPTY_STATS: dict[str, Any] = {
     "queue_capacity": 0,
     "mean_queue_occupancy": 0.0,
 }
-
-
-def _drop(queue: FIFOQueue[Item]) -> None:
-    """Cancels ``queue`` and gives back the slots its dropped items held."""
-    for item in queue.cancel():
-        item.release_staging()
 
 
 def not_launched(position: int) -> Any:

@@ -11,6 +11,7 @@ memory to the device).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,16 @@ __all__ = ["ALIGNMENT", "BatchSpec", "LeafMeta", "TreeDef", "describe", "pack", 
 ALIGNMENT = 256
 
 _SCALAR_TYPES = (bool, int, float, complex, np.generic)
+
+# Dtype kinds a device computes with: booleans, integers, floats, complex numbers.
+_DEVICE_KINDS = frozenset("biufc")
+_KIND_NAMES = {
+    "U": "text",
+    "S": "bytes",
+    "V": "raw or structured",
+    "M": "datetime",
+    "m": "timedelta",
+}
 
 
 @dataclass(frozen=True)
@@ -203,6 +214,31 @@ def arena_view(arena: Any, meta: LeafMeta) -> Any:
     """An array of ``meta``'s dtype and shape over a uint8 array ``arena`` (NumPy or CuPy)."""
     end = meta.offset + math.prod(meta.shape) * meta.dtype.itemsize
     return arena[meta.offset : end].view(meta.dtype).reshape(meta.shape)
+
+
+def device_ready(metas: Sequence[LeafMeta], arena: np.ndarray, where: str) -> list[LeafMeta]:
+    """Makes a packed batch what a device expects, in place; returns its leaves' new metadata.
+
+    Leaves in non-native byte order are swapped in ``arena`` (a device reads
+    its own order; a copy moves bytes as they are), and dtypes with no
+    meaning on a device never reach a copy.
+
+    Raises:
+        BatchError: Naming ``where`` and the field, for a text, bytes, raw,
+            structured, datetime or timedelta leaf.
+    """
+    ready = list(metas)
+    for position, meta in enumerate(metas):
+        if meta.dtype.kind not in _DEVICE_KINDS:
+            kind = _KIND_NAMES.get(meta.dtype.kind, "unknown")
+            raise BatchError(
+                f"{where}: field {meta.path} has dtype {meta.dtype} ({kind} data), which has "
+                "no meaning on a device; expected a numeric or boolean dtype"
+            )
+        if not meta.dtype.isnative:
+            _view(arena, meta).byteswap(inplace=True)
+            ready[position] = dataclasses.replace(meta, dtype=meta.dtype.newbyteorder("="))
+    return ready
 
 
 def unpack(treedef: TreeDef, metas: Sequence[LeafMeta], arena: Any, copy: bool = False) -> Any:

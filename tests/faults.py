@@ -27,9 +27,9 @@ def failing(base: type, operation: str, at: int) -> type:
             self._maybe_fail("alloc_pinned")
             return super().alloc_pinned(nbytes)  # type: ignore[no-any-return]
 
-        def alloc_device(self, nbytes: int) -> Any:
+        def alloc_device(self, nbytes: int, stream: Any) -> Any:
             self._maybe_fail("alloc_device")
-            return super().alloc_device(nbytes)
+            return super().alloc_device(nbytes, stream)
 
         def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
             self._maybe_fail("copy_to_device")

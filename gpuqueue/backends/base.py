@@ -1,9 +1,14 @@
 """The protocol every backend implements: memory, streams, events, one copy.
 
 The pipeline is one code path; a backend only says how to allocate pinned
-host memory and device memory, make streams and events, and issue an
-asynchronous host-to-device copy. Streams and events are opaque to the
+host memory and device memory, make streams and events, issue an
+asynchronous host-to-device copy, and view device memory as an array that
+keeps an owner alive. Streams, events and device arenas are opaque to the
 pipeline.
+
+A backend's methods may be called from any thread (workers, the copy
+looper, the consumer, a finaliser); each runs in the backend's device
+context without leaving a context behind on any other device.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ class Backend(Protocol):
     device: int | None  # the GPU index, or None on the host
 
     def enter_device(self) -> None:
-        """Makes the device current in the calling thread (once per thread)."""
+        """Makes the device current in a thread gpuqueue owns (once, at its top)."""
 
     def alloc_pinned(self, nbytes: int) -> np.ndarray:
         """Page-locked host memory as a uint8 array; freed by ``free_pinned``."""
@@ -34,8 +39,18 @@ class Backend(Protocol):
 
     def unregister_host(self, buffer: np.ndarray) -> None: ...
 
-    def alloc_device(self, nbytes: int) -> Any:
-        """A device buffer of ``nbytes`` bytes."""
+    def alloc_device(self, nbytes: int, stream: Any) -> Any:
+        """A device arena of ``nbytes`` bytes, usable in ``stream``'s order from now."""
+
+    def free_device(self, arena: Any, stream: Any) -> None:
+        """Frees ``arena`` once the work queued on ``stream`` so far is done (None: now)."""
+
+    def device_view(self, arena: Any, nbytes: int, owner: object) -> Any:
+        """``arena``'s first ``nbytes`` as a uint8 device array that keeps ``owner`` alive.
+
+        Every view taken from it keeps ``owner`` alive too, so ``owner``'s
+        finaliser runs once the last view of a batch is gone.
+        """
 
     def create_stream(self) -> Any:
         """A non-blocking stream for copies."""
@@ -43,8 +58,11 @@ class Backend(Protocol):
     def current_stream(self) -> Any:
         """The stream the consumer's work runs on by default."""
 
-    def create_event(self) -> Any:
-        """An event with timing disabled."""
+    def as_stream(self, stream: Any) -> Any:
+        """The backend's form of a stream the user passed (a CuPy or PyTorch stream, say)."""
+
+    def create_event(self, timing: bool = False) -> Any:
+        """An event; with timing disabled unless ``timing``."""
 
     def record(self, event: Any, stream: Any) -> None:
         """Records ``event`` on ``stream``: it completes when the stream's work so far has."""
@@ -55,8 +73,11 @@ class Backend(Protocol):
     def synchronize(self, event: Any) -> None:
         """Blocks the calling thread until ``event`` has completed."""
 
+    def elapsed_s(self, start: Any, end: Any) -> float | None:
+        """Seconds between two completed timing events; None while either is pending."""
+
     def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
-        """Copies ``nbytes`` from host ``src`` to device ``dst`` asynchronously on ``stream``."""
+        """Copies ``nbytes`` from host ``src`` to arena ``dst``, asynchronously on ``stream``."""
 
     def close(self) -> None:
         """Releases what the backend itself holds (helper threads, pools)."""

@@ -1,63 +1,133 @@
 """The CUDA backend, through CuPy. The only module of gpuqueue that imports CuPy.
 
-Pinned memory comes straight from ``cudaHostAlloc`` (not CuPy's pinned pool,
-which frees eagerly): a slot must live until its copy is done, and gpuqueue
-tracks that itself. Copies are ``cudaMemcpyAsync`` on an explicit stream;
-events have timing disabled and block (rather than spin) a host thread that
-waits for them.
+It uses CuPy's thin wrappers of the CUDA runtime, and CuPy arrays only for
+what the consumer receives:
+
+- pinned memory straight from ``cudaHostAlloc`` (not CuPy's pinned pool,
+  which frees eagerly): a slot must live until its copy is done, and
+  gpuqueue tracks that itself;
+- device arenas from ``cudaMallocAsync`` and back with ``cudaFreeAsync``, in
+  stream order: growing or freeing an arena never synchronizes the device,
+  and no arena comes from a pool tied to another stream;
+- copies with ``cudaMemcpyAsync`` on an explicit stream; events with timing
+  disabled (but for the sampled copy timings) that block, rather than spin,
+  a host thread that waits for them;
+- a batch's views through ``UnownedMemory`` whose owner is the batch's
+  lease, so the arena returns only when the last view is gone.
+
+Every call runs in the backend's device context. Threads gpuqueue owns enter
+the device once; in any other thread (the consumer's, a worker's, a
+finaliser's) a call enters it and then restores the thread's device only if
+the thread already had a context, so no context appears on a device nobody
+asked for (``with cupy.cuda.Device(n)`` would restore device 0 in a fresh
+thread and make one there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import cupy
 import numpy as np
 
-__all__ = ["CupyBackend", "device_count", "wrap_stream"]
+__all__ = ["CupyBackend", "current_device", "device_count", "stream_handle"]
 
 _HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 _HOST_ALLOC_PORTABLE = 1  # cudaHostAllocPortable: pinned for every context
 _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
+_EVENT_BLOCKING_SYNC = 1  # cudaEventBlockingSync
+_EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
+_STREAM_NON_BLOCKING = 1  # cudaStreamNonBlocking
+_EVENT_NOT_READY = 600  # cudaErrorNotReady
+
+_runtime = cupy.cuda.runtime
 
 
 def device_count() -> int:
     """The number of usable GPUs; raises if the driver or runtime is missing."""
-    return int(cupy.cuda.runtime.getDeviceCount())
+    return int(_runtime.getDeviceCount())
 
 
-def _free_all_pinned(device: int, pinned: dict[int, int]) -> None:
-    # cudaFreeHost waits for the device, so a copy still reading a slot finishes first.
-    with cupy.cuda.Device(device):
-        for address in list(pinned):
-            cupy.cuda.runtime.freeHost(address)
-    pinned.clear()
+def current_device() -> int:
+    """The calling thread's current CUDA device (0 where it never chose one); makes no context."""
+    return int(_runtime.getDevice())
 
 
-class _StreamHandle:
-    """A raw ``cudaStream_t`` that speaks the CUDA stream protocol."""
+@contextlib.contextmanager
+def _on_device(device: int) -> Iterator[None]:
+    """Runs the block with ``device`` current, leaving no context on another device.
 
-    def __init__(self, handle: int) -> None:
-        self.handle = handle
+    A thread that already has a context gets its device back afterwards; a
+    thread without one (a fresh thread, whose device reads as 0 though it
+    has no context there) keeps ``device``, since switching "back" to 0
+    would create a context on GPU 0.
+    """
+    had_context = cupy.cuda.driver.ctxGetCurrent() != 0
+    previous = int(_runtime.getDevice()) if had_context else None
+    if previous != device:
+        _runtime.setDevice(device)
+    try:
+        yield
+    finally:
+        if previous is not None and previous != device:
+            _runtime.setDevice(previous)
+
+
+def stream_handle(stream: Any) -> int:
+    """The raw ``cudaStream_t`` of a CuPy or PyTorch stream, or of anything speaking
+    the CUDA stream protocol (``__cuda_stream__``); an int is taken as a handle."""
+    if isinstance(stream, int):
+        return stream
+    if hasattr(stream, "__cuda_stream__"):
+        return int(stream.__cuda_stream__()[1])
+    if hasattr(stream, "cuda_stream"):  # PyTorch
+        return int(stream.cuda_stream)
+    return int(stream.ptr)  # CuPy
+
+
+class Stream:
+    """A stream handle on one device; owns (and destroys) it when gpuqueue made it."""
+
+    def __init__(self, handle: int, device: int, owned: bool) -> None:
+        self.handle, self.device = handle, device
+        if owned:
+            weakref.finalize(self, _destroy_stream, handle, device)
 
     def __cuda_stream__(self) -> tuple[int, int]:
         return (0, self.handle)
 
 
-def wrap_stream(stream: Any, device: int | None) -> Any:
-    """A CuPy view of another library's CUDA stream (PyTorch's, say).
+class Event:
+    """An event handle on one device, destroyed with this object."""
 
-    Uses the CUDA stream protocol (``Stream.from_external``, CuPy 14+), on
-    the stream itself where it speaks it, else on its raw handle
-    (``cuda_stream``, as PyTorch names it); ``ExternalStream`` before CuPy 14.
-    """
-    if hasattr(cupy.cuda.Stream, "from_external"):
-        if not hasattr(stream, "__cuda_stream__"):
-            stream = _StreamHandle(int(stream.cuda_stream))
-        return cupy.cuda.Stream.from_external(stream)
-    return cupy.cuda.ExternalStream(stream.cuda_stream, -1 if device is None else device)
+    def __init__(self, device: int, timing: bool) -> None:
+        flags = _EVENT_BLOCKING_SYNC | (0 if timing else _EVENT_DISABLE_TIMING)
+        with _on_device(device):
+            self.handle = int(_runtime.eventCreateWithFlags(flags))
+        self.device = device
+        weakref.finalize(self, _destroy_event, self.handle, device)
+
+
+class Arena:
+    """A device allocation: its address and size."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.ptr, self.nbytes = ptr, nbytes
+
+
+def _destroy_stream(handle: int, device: int) -> None:
+    with contextlib.suppress(Exception), _on_device(device):  # the runtime may be gone at exit
+        _runtime.streamDestroy(handle)
+
+
+def _destroy_event(handle: int, device: int) -> None:
+    # An event still pending is released by the driver once it completes.
+    with contextlib.suppress(Exception), _on_device(device):
+        _runtime.eventDestroy(handle)
 
 
 def _address(buffer: np.ndarray) -> int:
@@ -65,7 +135,7 @@ def _address(buffer: np.ndarray) -> int:
 
 
 class CupyBackend:
-    """Pinned host slots, device arenas, a copy stream and events, on one GPU.
+    """Pinned host slots, device arenas, streams and events, on one GPU.
 
     Args:
         device: The GPU index.
@@ -75,22 +145,23 @@ class CupyBackend:
 
     def __init__(self, device: int) -> None:
         self.device: int | None = device
-        self._cuda_device = cupy.cuda.Device(device)
+        self._index = device
         self._pinned: dict[int, int] = {}  # address -> bytes, for free_pinned
-        # Frees what is left if the backend is collected without close().
-        self._finalizer = weakref.finalize(self, _free_all_pinned, device, self._pinned)
-        self._torch_stream: tuple[int, Any] | None = None  # (handle, its CuPy view)
+        self._torch_stream: Stream | None = None
+        # Frees what is left if the backend is collected without close(): by then no
+        # thread holds it, so no copy reads it. Not at exit, where a daemon copy
+        # thread may still run; the process's end frees it then.
+        finalizer = weakref.finalize(self, _free_all_pinned, device, self._pinned)
+        finalizer.atexit = False
+        self._finalizer = finalizer
 
     def enter_device(self) -> None:
-        self._cuda_device.use()
-
-    # Host-memory calls run in any thread (workers, the consumer, a finaliser):
-    # each enters the device, so none makes a context on GPU 0 by default.
+        _runtime.setDevice(self._index)
 
     def alloc_pinned(self, nbytes: int) -> np.ndarray:
         nbytes = max(1, nbytes)
-        with self._cuda_device:
-            address = cupy.cuda.runtime.hostAlloc(nbytes, _HOST_ALLOC_PORTABLE)
+        with _on_device(self._index):
+            address = int(_runtime.hostAlloc(nbytes, _HOST_ALLOC_PORTABLE))
         self._pinned[address] = nbytes
         raw = (ctypes.c_uint8 * nbytes).from_address(address)
         return np.ctypeslib.as_array(raw)
@@ -98,62 +169,91 @@ class CupyBackend:
     def free_pinned(self, buffer: np.ndarray) -> None:
         address = _address(buffer)
         if self._pinned.pop(address, None) is not None:
-            with self._cuda_device:
-                cupy.cuda.runtime.freeHost(address)
+            with _on_device(self._index):
+                _runtime.freeHost(address)
 
     def register_host(self, buffer: np.ndarray) -> None:
-        with self._cuda_device:
-            cupy.cuda.runtime.hostRegister(_address(buffer), buffer.nbytes, _HOST_REGISTER_PORTABLE)
+        with _on_device(self._index):
+            _runtime.hostRegister(_address(buffer), buffer.nbytes, _HOST_REGISTER_PORTABLE)
 
     def unregister_host(self, buffer: np.ndarray) -> None:
-        with self._cuda_device:
-            cupy.cuda.runtime.hostUnregister(_address(buffer))
+        with _on_device(self._index):
+            _runtime.hostUnregister(_address(buffer))
 
-    def alloc_device(self, nbytes: int) -> Any:
-        with self._cuda_device:
-            return cupy.empty(max(1, nbytes), dtype=cupy.uint8)
+    def alloc_device(self, nbytes: int, stream: Stream) -> Arena:
+        nbytes = max(1, nbytes)
+        with _on_device(self._index):
+            return Arena(int(_runtime.mallocAsync(nbytes, stream.handle)), nbytes)
 
-    def create_stream(self) -> Any:
-        with self._cuda_device:
-            return cupy.cuda.Stream(non_blocking=True)
+    def free_device(self, arena: Arena, stream: Stream | None) -> None:
+        with _on_device(self._index):
+            _runtime.freeAsync(arena.ptr, 0 if stream is None else stream.handle)
 
-    def current_stream(self) -> Any:
-        with self._cuda_device:
-            return cupy.cuda.get_current_stream()
+    def device_view(self, arena: Arena, nbytes: int, owner: object) -> Any:
+        memory = cupy.cuda.UnownedMemory(arena.ptr, max(1, nbytes), owner, self._index)
+        return cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(memory, 0))
 
-    def torch_stream(self) -> Any:
-        """PyTorch's current stream on this device, as a CuPy stream (for ``output="torch"``).
+    def create_stream(self) -> Stream:
+        with _on_device(self._index):
+            handle = int(_runtime.streamCreateWithFlags(_STREAM_NON_BLOCKING))
+        return Stream(handle, self._index, owned=True)
 
-        Asked at every ``get``, so the view of the last one is kept.
-        """
+    def current_stream(self) -> Stream:
+        with _on_device(self._index):
+            return Stream(stream_handle(cupy.cuda.get_current_stream()), self._index, False)
+
+    def as_stream(self, stream: Any) -> Stream:
+        if isinstance(stream, Stream):
+            return stream
+        return Stream(stream_handle(stream), self._index, owned=False)
+
+    def torch_stream(self) -> Stream:
+        """PyTorch's current stream on this device (for ``output="torch"``), asked at every get."""
         import torch
 
-        stream = torch.cuda.current_stream(self.device)
+        handle = int(torch.cuda.current_stream(self._index).cuda_stream)
         last = self._torch_stream
-        if last is None or last[0] != stream.cuda_stream:
-            last = self._torch_stream = (stream.cuda_stream, wrap_stream(stream, self.device))
-        return last[1]
+        if last is None or last.handle != handle:
+            last = self._torch_stream = Stream(handle, self._index, owned=False)
+        return last
 
-    def create_event(self) -> Any:
-        # Blocking: a host thread that must wait for one (a worker reusing a pinned
-        # slot behind a slow consumer) sleeps instead of spinning on a core the
-        # other workers need. A wait for an event already complete returns at once.
-        with self._cuda_device:
-            return cupy.cuda.Event(block=True, disable_timing=True)
+    def create_event(self, timing: bool = False) -> Event:
+        return Event(self._index, timing)
 
-    def record(self, event: Any, stream: Any) -> None:
-        event.record(stream)
+    def record(self, event: Event, stream: Stream) -> None:
+        with _on_device(self._index):
+            _runtime.eventRecord(event.handle, stream.handle)
 
-    def wait_event(self, stream: Any, event: Any) -> None:
-        stream.wait_event(event)
+    def wait_event(self, stream: Stream, event: Event) -> None:
+        with _on_device(self._index):
+            _runtime.streamWaitEvent(stream.handle, event.handle, 0)
 
-    def synchronize(self, event: Any) -> None:
-        event.synchronize()
+    def synchronize(self, event: Event) -> None:
+        with _on_device(self._index):
+            _runtime.eventSynchronize(event.handle)
 
-    def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
-        cupy.cuda.runtime.memcpyAsync(
-            dst.data.ptr, _address(src), nbytes, _HOST_TO_DEVICE, stream.ptr
-        )
+    def elapsed_s(self, start: Event, end: Event) -> float | None:
+        with _on_device(self._index):
+            for event in (start, end):
+                try:
+                    _runtime.eventQuery(event.handle)
+                except _runtime.CUDARuntimeError as error:
+                    if error.status == _EVENT_NOT_READY:
+                        return None
+                    raise
+            return float(_runtime.eventElapsedTime(start.handle, end.handle)) / 1e3
+
+    def copy_to_device(self, dst: Arena, src: np.ndarray, nbytes: int, stream: Stream) -> None:
+        with _on_device(self._index):
+            _runtime.memcpyAsync(dst.ptr, _address(src), nbytes, _HOST_TO_DEVICE, stream.handle)
 
     def close(self) -> None:
+        """Frees the pinned memory still allocated (after the device is done with it)."""
         self._finalizer()
+
+
+def _free_all_pinned(device: int, pinned: dict[int, int]) -> None:
+    with _on_device(device):
+        for address in list(pinned):
+            _runtime.freeHost(address)  # waits for the copies that read it
+    pinned.clear()

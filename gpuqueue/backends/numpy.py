@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import ctypes
+import time
 from typing import Any
 
 import numpy as np
 
-__all__ = ["NumpyBackend"]
+__all__ = ["NumpyBackend", "owned_view"]
 
 
 class _Event:
-    """A completed event: NumPy copies are done when the call returns."""
+    """A completed event: NumPy copies are done when the call returns.
 
-    __slots__ = ()
+    A timing event keeps the host clock of its last record.
+    """
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+
+
+def owned_view(arena: np.ndarray, nbytes: int, owner: object) -> np.ndarray:
+    """``arena[:nbytes]`` as a new uint8 array whose every view keeps ``owner`` alive.
+
+    NumPy collapses a view's ``base`` to the array that owns the memory, so a
+    plain slice of ``arena`` would tie the batch's views to the arena, not to
+    ``owner``. A ctypes array over the same bytes is a base of its own.
+    """
+    raw = (ctypes.c_uint8 * max(1, nbytes)).from_address(arena.ctypes.data)
+    raw.owner = owner  # type: ignore[attr-defined]
+    raw.arena = arena  # type: ignore[attr-defined]
+    return np.frombuffer(memoryview(raw), dtype=np.uint8, count=nbytes)
 
 
 class NumpyBackend:
@@ -29,7 +50,7 @@ class NumpyBackend:
         pass
 
     def alloc_pinned(self, nbytes: int) -> np.ndarray:
-        return np.empty(nbytes, dtype=np.uint8)
+        return np.empty(max(1, nbytes), dtype=np.uint8)
 
     def free_pinned(self, buffer: np.ndarray) -> None:
         pass
@@ -40,8 +61,14 @@ class NumpyBackend:
     def unregister_host(self, buffer: np.ndarray) -> None:
         pass
 
-    def alloc_device(self, nbytes: int) -> np.ndarray:
-        return np.empty(nbytes, dtype=np.uint8)
+    def alloc_device(self, nbytes: int, stream: Any) -> np.ndarray:
+        return np.empty(max(1, nbytes), dtype=np.uint8)
+
+    def free_device(self, arena: Any, stream: Any) -> None:
+        pass  # the garbage collector frees it with its last view
+
+    def device_view(self, arena: Any, nbytes: int, owner: object) -> np.ndarray:
+        return owned_view(arena, nbytes, owner)
 
     def create_stream(self) -> Any:
         return None
@@ -49,17 +76,25 @@ class NumpyBackend:
     def current_stream(self) -> Any:
         return None
 
-    def create_event(self) -> Any:
+    def as_stream(self, stream: Any) -> Any:
+        return stream
+
+    def create_event(self, timing: bool = False) -> Any:
         return _Event()
 
     def record(self, event: Any, stream: Any) -> None:
-        pass
+        event.at = time.perf_counter()
 
     def wait_event(self, stream: Any, event: Any) -> None:
         pass
 
     def synchronize(self, event: Any) -> None:
         pass
+
+    def elapsed_s(self, start: Any, end: Any) -> float | None:
+        if start.at is None or end.at is None:
+            return None
+        return float(end.at - start.at)
 
     def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
         np.copyto(dst[:nbytes], src[:nbytes])

@@ -8,15 +8,16 @@ nothing, so a test can show that, without the fences, a slot is rewritten
 while its previous batch is still being read.
 
 Copies hold their buffers as a GPU does, by address alone: a copy that runs
-after its pinned buffer was freed, or after its device buffer was dropped,
-fails. Failures on a stream surface at the next ``synchronize``, as CUDA's
-do, and stay in ``stream_errors``.
+after its pinned buffer was freed, or after its device arena was dropped or
+freed, fails. Failures on a stream surface at the next ``synchronize``, as
+CUDA's do, and stay in ``stream_errors``.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,7 @@ class SimEvent:
     def __init__(self) -> None:
         self.recorded = 0
         self.completed = 0
+        self.at: float | None = None  # when it last completed (for timing)
 
 
 class SimStream:
@@ -105,6 +107,7 @@ class SimulatedBackend(NumpyBackend):
         self._default_stream: SimStream | None = None
         self._gates: list[threading.Event] = []
         self._freed_pinned: set[int] = set()  # addresses of pinned buffers freed
+        self._freed_device: set[int] = set()  # addresses of device arenas freed
 
     def create_stream(self) -> SimStream:
         with self._cond:
@@ -123,8 +126,16 @@ class SimulatedBackend(NumpyBackend):
                 self._default_stream = stream
         return stream
 
-    def create_event(self) -> SimEvent:
+    def create_event(self, timing: bool = False) -> SimEvent:
         return SimEvent()
+
+    def elapsed_s(self, start: SimEvent, end: SimEvent) -> float | None:
+        with self._cond:
+            if start.completed < start.recorded or end.completed < end.recorded:
+                return None
+            if start.at is None or end.at is None:
+                return None
+            return end.at - start.at
 
     def record(self, event: SimEvent, stream: SimStream) -> None:
         with self._cond:
@@ -134,6 +145,7 @@ class SimulatedBackend(NumpyBackend):
         def complete() -> None:
             with self._cond:
                 event.completed = max(event.completed, target)
+                event.at = time.perf_counter()
                 self._cond.notify_all()
 
         stream.issue(complete)
@@ -172,9 +184,35 @@ class SimulatedBackend(NumpyBackend):
         with self._cond:
             self._freed_pinned.add(buffer.ctypes.data)
 
+    def alloc_device(self, nbytes: int, stream: Any) -> np.ndarray:
+        arena = super().alloc_device(nbytes, stream)
+        with self._cond:
+            self._freed_device.discard(arena.ctypes.data)
+        return arena
+
+    def free_device(self, arena: Any, stream: SimStream | None) -> None:
+        def free() -> None:
+            # Holding the arena until now keeps its address from being handed out
+            # again before the free runs, as a stream-ordered allocator does.
+            with self._cond:
+                self._freed_device.add(arena.ctypes.data)
+
+        with self._cond:
+            closing = self._closing
+        if stream is None or closing:  # a closed backend runs nothing more: free at once
+            free()
+        else:
+            stream.issue(free)
+
+    def device_freed(self, arena: np.ndarray) -> bool:
+        """True once a free of ``arena`` has run (for test kernels)."""
+        with self._cond:
+            return arena.ctypes.data in self._freed_device
+
     def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: SimStream) -> None:
         number = next(self._copies)
         device, host = weakref.ref(dst), src.ctypes.data  # as a GPU holds them: by address
+        address = dst.ctypes.data
 
         def copy() -> None:
             if self.copy_gate is not None:
@@ -182,8 +220,11 @@ class SimulatedBackend(NumpyBackend):
             target = device()
             with self._cond:
                 source_freed = host in self._freed_pinned
+                target_freed = address in self._freed_device
             if target is None:
                 raise RuntimeError(f"copy {number}: its device buffer was dropped while queued")
+            if target_freed:
+                raise RuntimeError(f"copy {number}: its device arena was freed while queued")
             if source_freed:
                 raise RuntimeError(f"copy {number}: its pinned buffer was freed while queued")
             np.copyto(target[:nbytes], src[:nbytes])
