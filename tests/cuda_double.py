@@ -1,0 +1,538 @@
+"""A strict CUDA double: a stand-in for the part of CuPy that gpuqueue's backend calls.
+
+Installed as the ``cupy`` module (``install``), it lets the real
+``gpuqueue/backends/cupy.py`` run on a machine without a GPU, and records the
+mistakes a GPU punishes, instead of forgiving them as NumPy does:
+
+- a CUDA call outside the context of the device its stream, event or memory
+  belongs to, and every context made (a call with no current context makes
+  one on device 0, as the CUDA runtime does);
+- memory written or freed by a stream before that stream waited (through an
+  event) for every earlier reader and writer on another stream, memory used
+  on a stream that its allocation was not ordered before, use after free;
+- a batch read on the consumer's stream before its copy is ordered before it;
+- pinned memory changed, freed or unregistered while a copy reading it has
+  not been waited for by the host;
+- non-native byte order reaching a device array.
+
+Work runs at once, in the order it is issued (so values are right); the
+ordering a GPU would need is checked with a vector clock per stream: an
+event snapshots its stream's clock, a stream wait merges it, a host
+synchronize merges it into the host's clock. Violations are collected in
+``violations``; the ``strict_cuda`` fixture fails a test that has any.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import sys
+import threading
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+Clock = dict[int, int]  # stream handle -> the last of its operations seen
+
+
+def _merge(into: Clock, other: Clock) -> None:
+    for stream, tick in other.items():
+        if into.get(stream, 0) < tick:
+            into[stream] = tick
+
+
+def _covers(clock: Clock, access: tuple[int, int]) -> bool:
+    stream, tick = access
+    return clock.get(stream, 0) >= tick
+
+
+@dataclass
+class _Stream:
+    handle: int
+    device: int
+    clock: Clock = field(default_factory=dict)
+
+
+@dataclass
+class _Event:
+    handle: int
+    device: int
+    timing: bool
+    snapshot: Clock | None = None
+
+
+@dataclass
+class _Allocation:
+    ptr: int
+    nbytes: int
+    device: int
+    storage: Any  # a ctypes buffer: the "device" bytes
+    made: tuple[int, int] | None  # (stream, tick) it was allocated at; None: before everything
+    accesses: list[tuple[int, int, str]] = field(default_factory=list)  # (stream, tick, what)
+    freed: bool = False
+
+
+@dataclass
+class _PendingRead:
+    stream: int
+    tick: int
+    start: int
+    nbytes: int
+    snapshot: bytes
+
+
+@dataclass
+class _Pinned:
+    address: int
+    nbytes: int
+    buffer: Any  # keeps host memory from hostAlloc alive; None for registered memory
+    reads: list[_PendingRead] = field(default_factory=list)
+
+
+class CUDARuntimeError(RuntimeError):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"cudaError {status}")
+        self.status = status
+
+
+class StrictCuda:
+    """The double's state: devices, contexts, streams, events, memory, and what went wrong."""
+
+    def __init__(self, devices: int = 2, elapsed_ms: float = 1.0) -> None:
+        self.devices = devices
+        self.elapsed_ms = elapsed_ms
+        self.lock = threading.RLock()
+        self.local = threading.local()
+        self.contexts: set[int] = set()
+        self.violations: list[str] = []
+        self.calls: list[tuple[str, str]] = []  # (thread name, runtime call), in order
+        self.host_clock: Clock = {}
+        self.streams: dict[int, _Stream] = {}
+        self.events: dict[int, _Event] = {}
+        self.allocations: dict[int, _Allocation] = {}
+        self.pinned: dict[int, _Pinned] = {}
+        self._handles = itertools.count(0x1000, 0x10)
+        self._addresses = itertools.count(0x7F0000000000, 1 << 24)
+        for device in range(devices):
+            self._new_stream(self.default_stream(device), device)
+
+    # -- bookkeeping ------------------------------------------------------
+
+    @staticmethod
+    def default_stream(device: int) -> int:
+        """The handle of a device's default stream (CuPy's current stream unless set)."""
+        return 0x10 + device
+
+    def _new_stream(self, handle: int, device: int) -> _Stream:
+        stream = _Stream(handle, device)
+        self.streams[handle] = stream
+        return stream
+
+    def violate(self, message: str) -> None:
+        with self.lock:
+            self.violations.append(f"{threading.current_thread().name}: {message}")
+
+    def current(self, call: str) -> int:
+        """The calling thread's device for ``call``; with no context, device 0's is made."""
+        with self.lock:
+            self.calls.append((threading.current_thread().name, call))
+            device = getattr(self.local, "device", None)
+            if device is None:
+                device = self.local.device = 0
+                self.contexts.add(0)
+            return device
+
+    def in_context(self, call: str, device: int) -> None:
+        current = self.current(call)
+        if current != device:
+            self.violate(f"{call} on device {device} from device {current}'s context")
+
+    def tick(self, stream: _Stream) -> tuple[int, int]:
+        stream.clock[stream.handle] = stream.clock.get(stream.handle, 0) + 1
+        return stream.handle, stream.clock[stream.handle]
+
+    def stream(self, handle: int) -> _Stream:
+        try:
+            return self.streams[handle]
+        except KeyError:
+            raise AssertionError(f"unknown stream handle {handle:#x}") from None
+
+    def allocation(self, ptr: int) -> _Allocation:
+        for allocation in self.allocations.values():
+            if allocation.ptr <= ptr < allocation.ptr + max(1, allocation.nbytes):
+                return allocation
+        raise AssertionError(f"{ptr:#x} is not device memory")
+
+    def _check_device_access(self, allocation: _Allocation, stream: _Stream, what: str) -> None:
+        if allocation.freed:
+            self.violate(f"{what} on stream {stream.handle:#x} uses memory already freed")
+        if allocation.device != stream.device:
+            self.violate(f"{what}: memory of device {allocation.device} on device {stream.device}")
+        if allocation.made is not None and not _covers(stream.clock, allocation.made):
+            self.violate(
+                f"{what} on stream {stream.handle:#x} uses memory allocated on stream "
+                f"{allocation.made[0]:#x} without waiting for it"
+            )
+
+    def _check_ordered_after_all(self, allocation: _Allocation, stream: _Stream, what: str) -> None:
+        for other, tick, earlier in allocation.accesses:
+            if other != stream.handle and not _covers(stream.clock, (other, tick)):
+                self.violate(
+                    f"{what} on stream {stream.handle:#x} is not ordered after the {earlier} "
+                    f"on stream {other:#x} (no wait on an event after it)"
+                )
+
+    def _check_pinned(self, pinned: _Pinned, what: str, *, final: bool) -> None:
+        """Copies from ``pinned`` the host has not waited for must still see their bytes.
+
+        With ``final`` (a free or an unregister), there must be none left.
+        Those the host has waited for are dropped: the host may write again.
+        """
+        still = []
+        for read in pinned.reads:
+            if _covers(self.host_clock, (read.stream, read.tick)):
+                continue
+            now = bytes(ctypes.string_at(pinned.address + read.start, read.nbytes))
+            if now != read.snapshot:
+                self.violate(f"pinned memory changed under a copy not yet waited for ({what})")
+            elif final:
+                self.violate(f"pinned memory {what} with a copy reading it not yet waited for")
+            still.append(read)
+        pinned.reads = still
+
+    def pinned_at(self, address: int) -> _Pinned | None:
+        for pinned in self.pinned.values():
+            if pinned.address <= address < pinned.address + pinned.nbytes:
+                return pinned
+        return None
+
+    def read(self, array: Any, stream_handle: int, what: str = "a kernel") -> np.ndarray:
+        """A kernel on ``stream_handle`` reads ``array``: checked, and its values returned."""
+        with self.lock:
+            stream = self.stream(stream_handle)
+            self.in_context(f"{what} read", stream.device)
+            allocation = self.allocation(array.data.ptr)
+            self._check_device_access(allocation, stream, what)
+            for other, tick, earlier in allocation.accesses:
+                if earlier == "copy" and not _covers(stream.clock, (other, tick)):
+                    self.violate(
+                        f"{what} on stream {stream_handle:#x} reads a batch before its copy"
+                    )
+            stream_tick = self.tick(stream)
+            allocation.accesses.append((*stream_tick, "read"))
+            return array._host_copy()
+
+
+class _Runtime(types.ModuleType):
+    """``cupy.cuda.runtime``: the calls gpuqueue's backend makes, checked."""
+
+    CUDARuntimeError = CUDARuntimeError
+
+    def __init__(self, cuda: StrictCuda) -> None:
+        super().__init__("cupy.cuda.runtime")
+        self._cuda = cuda
+
+    def getDeviceCount(self) -> int:
+        return self._cuda.devices
+
+    def getDevice(self) -> int:
+        device = getattr(self._cuda.local, "device", None)
+        return 0 if device is None else int(device)
+
+    def setDevice(self, device: int) -> None:
+        cuda = self._cuda
+        if not 0 <= device < cuda.devices:
+            raise CUDARuntimeError(101)
+        with cuda.lock:
+            cuda.calls.append((threading.current_thread().name, "setDevice"))
+            cuda.local.device = device
+            cuda.contexts.add(device)  # CUDA 12: setDevice makes the primary context
+
+    def hostAlloc(self, nbytes: int, flags: int) -> int:
+        cuda = self._cuda
+        cuda.current("hostAlloc")
+        buffer = ctypes.create_string_buffer(nbytes)
+        address = ctypes.addressof(buffer)
+        with cuda.lock:
+            cuda.pinned[address] = _Pinned(address, nbytes, buffer)
+        return address
+
+    def freeHost(self, address: int) -> None:
+        cuda = self._cuda
+        cuda.current("freeHost")
+        with cuda.lock:
+            pinned = cuda.pinned.pop(address, None)
+            if pinned is None:
+                cuda.violate(f"freeHost of {address:#x}, which hostAlloc did not return")
+                return
+            cuda._check_pinned(pinned, "freed", final=True)
+
+    def hostRegister(self, address: int, nbytes: int, flags: int) -> None:
+        cuda = self._cuda
+        cuda.current("hostRegister")
+        with cuda.lock:
+            cuda.pinned[address] = _Pinned(address, nbytes, None)
+
+    def hostUnregister(self, address: int) -> None:
+        cuda = self._cuda
+        cuda.current("hostUnregister")
+        with cuda.lock:
+            pinned = cuda.pinned.pop(address, None)
+            if pinned is None:
+                cuda.violate(f"hostUnregister of {address:#x}, which is not registered")
+                return
+            cuda._check_pinned(pinned, "unregistered", final=True)
+
+    def mallocAsync(self, nbytes: int, stream_handle: int) -> int:
+        cuda = self._cuda
+        with cuda.lock:
+            stream = cuda.stream(stream_handle)
+            cuda.in_context("mallocAsync", stream.device)
+            return self._allocate(nbytes, stream.device, cuda.tick(stream))
+
+    def _allocate(self, nbytes: int, device: int, made: tuple[int, int] | None) -> int:
+        cuda = self._cuda
+        storage = ctypes.create_string_buffer(max(1, nbytes))
+        ptr = next(cuda._addresses)
+        cuda.allocations[ptr] = _Allocation(ptr, nbytes, device, storage, made)
+        return ptr
+
+    def malloc(self, nbytes: int) -> int:
+        cuda = self._cuda
+        with cuda.lock:
+            device = cuda.current("malloc")
+            return self._allocate(nbytes, device, None)
+
+    def freeAsync(self, ptr: int, stream_handle: int) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            stream = cuda.stream(stream_handle or cuda.default_stream(cuda.current("freeAsync")))
+            cuda.in_context("freeAsync", stream.device)
+            allocation = cuda.allocations.get(ptr)
+            if allocation is None or allocation.freed:
+                cuda.violate(f"freeAsync of {ptr:#x}: not allocated, or freed twice")
+                return
+            if stream_handle == 0:  # the legacy stream: only safe once the host waited for all
+                for other, tick, earlier in allocation.accesses:
+                    if not _covers(cuda.host_clock, (other, tick)):
+                        cuda.violate(
+                            f"freeAsync on stream 0 before the host waited for a {earlier}"
+                        )
+            else:
+                cuda._check_ordered_after_all(allocation, stream, "freeAsync")
+            cuda.tick(stream)
+            allocation.freed = True
+
+    def free(self, ptr: int) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            cuda.current("free")
+            cuda.calls.append((threading.current_thread().name, "device synchronize (cudaFree)"))
+            allocation = cuda.allocations.get(ptr)
+            if allocation is not None:
+                allocation.freed = True
+
+    def memcpyAsync(self, dst: int, src: int, nbytes: int, kind: int, stream_handle: int) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            stream = cuda.stream(stream_handle)
+            cuda.in_context("memcpyAsync", stream.device)
+            if kind != 1:
+                cuda.violate(f"memcpyAsync of kind {kind}, expected host to device (1)")
+            allocation = cuda.allocation(dst)
+            cuda._check_device_access(allocation, stream, "a copy")
+            cuda._check_ordered_after_all(allocation, stream, "a copy")
+            pinned = cuda.pinned_at(src)
+            if pinned is None:
+                cuda.violate("memcpyAsync from memory that is not pinned (a synchronous copy)")
+            else:
+                cuda._check_pinned(pinned, "copied again", final=False)
+            tick = cuda.tick(stream)
+            ctypes.memmove(ctypes.addressof(allocation.storage) + dst - allocation.ptr, src, nbytes)
+            allocation.accesses.append((*tick, "copy"))
+            if pinned is not None:
+                snapshot = bytes(ctypes.string_at(src, nbytes))
+                pinned.reads.append(_PendingRead(*tick, src - pinned.address, nbytes, snapshot))
+
+    def streamCreateWithFlags(self, flags: int) -> int:
+        cuda = self._cuda
+        with cuda.lock:
+            device = cuda.current("streamCreateWithFlags")
+            return cuda._new_stream(next(cuda._handles), device).handle
+
+    def streamDestroy(self, handle: int) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            cuda.in_context("streamDestroy", cuda.stream(handle).device)
+
+    def eventCreateWithFlags(self, flags: int) -> int:
+        cuda = self._cuda
+        with cuda.lock:
+            device = cuda.current("eventCreateWithFlags")
+            handle = next(cuda._handles)
+            cuda.events[handle] = _Event(handle, device, timing=not flags & 2)
+            return handle
+
+    def eventDestroy(self, handle: int) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            event = cuda.events.pop(handle, None)
+            if event is not None:
+                cuda.in_context("eventDestroy", event.device)
+
+    def eventRecord(self, handle: int, stream_handle: int) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            event, stream = cuda.events[handle], cuda.stream(stream_handle)
+            cuda.in_context("eventRecord", stream.device)
+            if event.device != stream.device:
+                cuda.violate(
+                    f"eventRecord: event of device {event.device} on a stream of {stream.device}"
+                )
+            cuda.tick(stream)
+            event.snapshot = dict(stream.clock)
+
+    def streamWaitEvent(self, stream_handle: int, handle: int, flags: int) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            event, stream = cuda.events[handle], cuda.stream(stream_handle)
+            cuda.in_context("streamWaitEvent", stream.device)
+            if event.snapshot is not None:
+                _merge(stream.clock, event.snapshot)
+
+    def eventSynchronize(self, handle: int) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            event = cuda.events[handle]
+            cuda.in_context("eventSynchronize", event.device)
+            cuda.calls.append((threading.current_thread().name, "host synchronize"))
+            for pinned in cuda.pinned.values():  # what the host wrote before this wait
+                cuda._check_pinned(pinned, "before the host waited", final=False)
+            if event.snapshot is not None:
+                _merge(cuda.host_clock, event.snapshot)
+
+    def eventQuery(self, handle: int) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            cuda.in_context("eventQuery", cuda.events[handle].device)
+
+    def eventElapsedTime(self, start: int, end: int) -> float:
+        cuda = self._cuda
+        with cuda.lock:
+            first, last = cuda.events[start], cuda.events[end]
+            cuda.in_context("eventElapsedTime", first.device)
+            if not (first.timing and last.timing):
+                raise CUDARuntimeError(6)  # cudaErrorInvalidResourceHandle, as for timing off
+            return cuda.elapsed_ms
+
+
+class _Driver(types.ModuleType):
+    def __init__(self, cuda: StrictCuda) -> None:
+        super().__init__("cupy.cuda.driver")
+        self._cuda = cuda
+
+    def ctxGetCurrent(self) -> int:
+        device = getattr(self._cuda.local, "device", None)
+        return 0 if device is None else 0xC0 + device
+
+
+class UnownedMemory:
+    def __init__(self, ptr: int, size: int, owner: object, device_id: int = -1) -> None:
+        self.ptr, self.size, self.owner, self.device_id = ptr, size, owner, device_id
+
+
+class MemoryPointer:
+    def __init__(self, mem: UnownedMemory, offset: int) -> None:
+        self.mem, self.ptr = mem, mem.ptr + offset
+
+
+class ndarray:  # CuPy's name
+    """A device array: its bytes live in the double's memory; it keeps its memory's owner."""
+
+    def __init__(self, shape: Any, dtype: Any, memptr: MemoryPointer, cuda: Any = None) -> None:
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(shape) if isinstance(shape, tuple | list) else (int(shape),)
+        self.data = memptr
+        self._cuda: StrictCuda = cuda if cuda is not None else _installed()
+        if not self.dtype.isnative:
+            self._cuda.violate(f"non-native byte order {self.dtype} reached a device array")
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def _host_copy(self) -> np.ndarray:
+        allocation = self._cuda.allocation(self.data.ptr)
+        start = self.data.ptr - allocation.ptr
+        raw = ctypes.string_at(ctypes.addressof(allocation.storage) + start, self.nbytes)
+        return np.frombuffer(raw, dtype=self.dtype).reshape(self.shape).copy()
+
+    def __getitem__(self, key: slice) -> ndarray:
+        assert len(self.shape) == 1 and isinstance(key, slice) and key.step is None
+        start, stop, _ = key.indices(self.shape[0])
+        pointer = MemoryPointer(
+            self.data.mem, self.data.ptr - self.data.mem.ptr + start * self.dtype.itemsize
+        )
+        return ndarray((max(0, stop - start),), self.dtype, pointer, self._cuda)
+
+    def view(self, dtype: Any) -> ndarray:
+        dtype = np.dtype(dtype)
+        assert len(self.shape) == 1 and self.nbytes % dtype.itemsize == 0
+        return ndarray((self.nbytes // dtype.itemsize,), dtype, self.data, self._cuda)
+
+    def reshape(self, shape: Any) -> ndarray:
+        return ndarray(shape, self.dtype, self.data, self._cuda)
+
+    def __dlpack__(self, *, stream: Any = None) -> Any:
+        raise NotImplementedError("the double has no DLPack")
+
+
+_INSTALLED: list[StrictCuda] = []
+
+
+def _installed() -> StrictCuda:
+    return _INSTALLED[-1]
+
+
+class _StreamObject:
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+
+def make_module(cuda: StrictCuda) -> types.ModuleType:
+    """A ``cupy`` module backed by ``cuda``."""
+    cupy = types.ModuleType("cupy")
+    cuda_module = types.ModuleType("cupy.cuda")
+    cuda_module.runtime = _Runtime(cuda)  # type: ignore[attr-defined]
+    cuda_module.driver = _Driver(cuda)  # type: ignore[attr-defined]
+    cuda_module.UnownedMemory = UnownedMemory  # type: ignore[attr-defined]
+    cuda_module.MemoryPointer = MemoryPointer  # type: ignore[attr-defined]
+
+    runtime = cuda_module.runtime  # type: ignore[attr-defined]
+
+    def get_current_stream() -> _StreamObject:
+        return _StreamObject(cuda.default_stream(runtime.getDevice()))
+
+    cuda_module.get_current_stream = get_current_stream  # type: ignore[attr-defined]
+    cupy.cuda = cuda_module  # type: ignore[attr-defined]
+    cupy.ndarray = ndarray  # type: ignore[attr-defined]
+    cupy.uint8 = np.uint8  # type: ignore[attr-defined]
+    return cupy
+
+
+def install(cuda: StrictCuda) -> dict[str, Any]:
+    """The ``sys.modules`` entries that make ``import cupy`` the double (for the backend too)."""
+    _INSTALLED.append(cuda)
+    cupy = make_module(cuda)
+    return {"cupy": cupy, "cupy.cuda": cupy.cuda, "cupy.cuda.runtime": cupy.cuda.runtime}
+
+
+def uninstall() -> None:
+    _INSTALLED.pop()
+    sys.modules.pop("gpuqueue.backends.cupy", None)
