@@ -274,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median kept)")
     parser.add_argument("--workers", type=int, default=None, help="worker threads")
     parser.add_argument("--max-queue-size", type=int, default=4)
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu', or a GPU index")
+    parser.add_argument(
+        "--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or a GPU index N"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
     parser.add_argument("--smoke", action="store_true", help="tiny, fast run (CI)")
     return parser
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.depths = [int(d) for d in args.depths.split(",")]
     if args.workers is None:
         args.workers = max(2, min(8, (os.cpu_count() or 2) // 2))
-    if args.device != "auto" and args.device != "cpu":
+    if args.device.isdigit():
         args.device = int(args.device)
     backend = resolve(args.device)
     backend_name, gpu = backend.name, backend.device or 0
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import cupy
 
         cupy.cuda.Device(gpu).use()
-    nvml = Nvml(gpu)
+    nvml = Nvml.for_gpu(gpu if backend_name == "cupy" else None)
 
     progress = Progress(len(args.sizes) * (len(args.depths) + 2))
     sizes = [measure_size(args, backend_name, n, nvml, progress) for n in args.sizes]

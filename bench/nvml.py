@@ -21,19 +21,42 @@ def _unavailable(error: BaseException) -> str:
 
 
 class Nvml:
-    """NVML on GPU ``index``, or a record of why it is not there."""
+    """NVML on the GPU with PCI bus id ``pci_bus_id``, or a record of why it is not there."""
 
-    def __init__(self, index: int = 0) -> None:
+    def __init__(self, pci_bus_id: str | None) -> None:
         self.error: str | None = None
         self.handle: Any = None
+        if pci_bus_id is None:
+            self.error = "unavailable: no GPU"
+            return
         try:
             import pynvml
 
             pynvml.nvmlInit()
             self.pynvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.handle = pynvml.nvmlDeviceGetHandleByPciBusId(pci_bus_id.encode())
         except Exception as error:
             self.error = _unavailable(error)
+
+    @classmethod
+    def for_gpu(cls, gpu: int | None) -> Nvml:
+        """NVML on CUDA device ``gpu``, found by its PCI bus id.
+
+        CUDA's device numbers and NVML's indices differ under
+        ``CUDA_VISIBLE_DEVICES`` (and with ``CUDA_DEVICE_ORDER`` unset); the
+        bus id names the same card in both.
+        """
+        if gpu is None:
+            return cls(None)
+        try:
+            import cupy
+
+            bus_id = cupy.cuda.runtime.deviceGetPCIBusId(gpu)
+        except Exception as error:
+            nvml = cls(None)
+            nvml.error = _unavailable(error)
+            return nvml
+        return cls(bus_id)
 
     def query(self, name: str, call: Callable[[Any, Any], Any]) -> Any:
         if self.error is not None:

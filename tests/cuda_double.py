@@ -413,6 +413,15 @@ class _Runtime(types.ModuleType):
             if event.snapshot is not None:
                 _merge(cuda.host_clock, event.snapshot)
 
+    def deviceSynchronize(self) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            device = cuda.current("deviceSynchronize")
+            cuda.calls.append((threading.current_thread().name, "device synchronize"))
+            for stream in cuda.streams.values():
+                if stream.device == device:
+                    _merge(cuda.host_clock, stream.clock)
+
     def eventQuery(self, handle: int) -> None:
         cuda = self._cuda
         with cuda.lock:

@@ -149,7 +149,9 @@ def test_arena_fence_keeps_an_arena_until_the_consumer_work_on_it_is_done(
         results[fences] = seen[0]
         enqueuer.stop()
     assert results[True] == 0.0  # batch 0 as it was
-    assert results[False] == 2.0 * 6  # without the fence, batch 2 overwrote it under the kernel
+    # Without the fences a later batch overwrote it under the kernel (batch 2, or batch 3
+    # when the unfenced pinned slot of copy 2 was rewritten too).
+    assert results[False] in (2.0 * 6, 3.0 * 6)
 
 
 def test_pinned_fence_keeps_a_host_slot_until_its_copy_is_done(

@@ -253,7 +253,12 @@ class CupyBackend:
 
 
 def _free_all_pinned(device: int, pinned: dict[int, int]) -> None:
+    if not pinned:
+        return
     with _on_device(device):
+        # Only off the hot path (close, or a backend collected after an abandoned
+        # run): wait for every copy that may still read a buffer, then free.
+        _runtime.deviceSynchronize()
         for address in list(pinned):
-            _runtime.freeHost(address)  # waits for the copies that read it
+            _runtime.freeHost(address)
     pinned.clear()
