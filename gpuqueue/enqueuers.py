@@ -179,7 +179,7 @@ class SequenceEnqueuer:
             ``queue_size`` (now), ``queue_capacity``,
             ``mean_queue_occupancy`` (batches queued at each ``get``), and
             with a device: ``backend``, ``prefetch_depth``, ``bytes_copied``,
-            ``h2d_gbps`` (bytes copied over the time copies were issued),
+            ``h2d_gbps`` (host-to-device GB/s of one copy in 16, timed by device events),
             ``copy_wait_for_host_s`` (time the copy stage waited for the host
             stage), ``pinned_bytes`` and ``device_bytes``.
         """
