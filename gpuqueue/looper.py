@@ -26,6 +26,7 @@ module is the one code path for all of them.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -104,6 +105,9 @@ class PinnedPool:
         for slot in self._slots:
             self._free.put(slot)
         self._largest = 0  # the largest batch seen: every slot grows straight to it
+        self._lock = threading.Lock()
+        self._out: set[int] = set()  # ids of the slots taken and not yet given back
+        self._closed = False
 
     def acquire(self, nbytes: int) -> PinnedSlot:
         """Takes a free slot of at least ``nbytes``, once its last copy has completed.
@@ -112,25 +116,36 @@ class PinnedPool:
             CancelledError: If the pool was closed (the pipeline is stopping).
         """
         slot = self._free.get()
+        with self._lock:
+            self._out.add(id(slot))
+            self._largest = largest = max(self._largest, nbytes)
         try:
             if slot.copy_done is not None:
                 self._backend.synchronize(slot.copy_done)
                 slot.copy_done = None
-            self._largest = max(self._largest, nbytes)
-            if slot.capacity < self._largest:
+            if slot.capacity < largest:
                 if slot.buffer is not None:
                     self._backend.free_pinned(slot.buffer)
                     slot.buffer = None
-                slot.buffer = self._backend.alloc_pinned(int(self._largest * _GROWTH))
+                slot.buffer = self._backend.alloc_pinned(int(largest * _GROWTH))
         except BaseException:
             self.release(slot)
             raise
         return slot
 
     def release(self, slot: PinnedSlot, copy_done: Any = None) -> None:
-        """Returns a slot; the next user waits for ``copy_done`` before writing it."""
+        """Returns a slot; the next user waits for ``copy_done`` before writing it.
+
+        After ``close`` a slot coming back is freed, once ``copy_done`` is.
+        """
         slot.copy_done = copy_done
-        _put_back(self._free, slot)
+        with self._lock:
+            self._out.discard(id(slot))
+            closed = self._closed
+        if closed:
+            self._free_slot(slot)
+        else:
+            _put_back(self._free, slot)
 
     def cancel(self) -> None:
         """Wakes every thread waiting for a slot; they see ``CancelledError``."""
@@ -141,15 +156,25 @@ class PinnedPool:
         return sum(slot.capacity for slot in self._slots)
 
     def close(self) -> None:
-        """Frees every slot once the copies reading them have completed."""
+        """Frees every slot once the copies reading them have completed.
+
+        A slot still taken (a consumer copying at depth 0 while another thread
+        stops the run) is freed when it comes back, not under its copy.
+        """
         self._free.cancel()
-        for slot in self._slots:
-            if slot.copy_done is not None:
-                self._backend.synchronize(slot.copy_done)
-                slot.copy_done = None
-            if slot.buffer is not None:
-                self._backend.free_pinned(slot.buffer)
-                slot.buffer = None
+        with self._lock:
+            self._closed = True
+            idle = [slot for slot in self._slots if id(slot) not in self._out]
+        for slot in idle:
+            self._free_slot(slot)
+
+    def _free_slot(self, slot: PinnedSlot) -> None:
+        if slot.copy_done is not None:
+            self._backend.synchronize(slot.copy_done)
+            slot.copy_done = None
+        if slot.buffer is not None:
+            self._backend.free_pinned(slot.buffer)
+            slot.buffer = None
 
     def stage(self, treedef: TreeDef, metas: list[LeafMeta], nbytes: int, leaves: Any) -> Staged:
         """Packs ``leaves`` into a slot (the per-batch work a worker does)."""
@@ -267,16 +292,20 @@ class DeviceArenas:
                 self.device_bytes += capacity
         elif arena.released_once:
             backend.wait_event(stream, arena.released)
-        ready = backend.create_event()
-        timed = self._copies % _TIMING_EVERY == 0
-        if timed:
-            start, end = backend.create_event(timing=True), backend.create_event(timing=True)
-            backend.record(start, stream)
-        backend.copy_to_device(arena.memory, staged.buffer, staged.nbytes, stream)
-        if timed:
-            backend.record(end, stream)
-            self._timings.append((start, end, staged.nbytes))
-        backend.record(ready, stream)
+        try:
+            ready = backend.create_event()
+            timed = self._copies % _TIMING_EVERY == 0
+            if timed:
+                start, end = backend.create_event(timing=True), backend.create_event(timing=True)
+                backend.record(start, stream)
+            backend.copy_to_device(arena.memory, staged.buffer, staged.nbytes, stream)
+            if timed:
+                backend.record(end, stream)
+                self._timings.append((start, end, staged.nbytes))
+            backend.record(ready, stream)
+        except BaseException:
+            self._retire(arena, stream)  # in stream order after whatever was issued
+            raise
         staged.release(ready)  # this copy's own event: exact, never re-recorded
         self._copies += 1
         self.bytes_copied += staged.nbytes
@@ -329,9 +358,14 @@ class DeviceArenas:
     def deliver(self, copied: Copied, consumer_stream: Any) -> Any:
         """The batch as device arrays the consumer owns, ordered after its copy on its stream."""
         self.unreserve()  # no longer ahead of the consumer
-        self.backend.wait_event(consumer_stream, copied.ready)
+        try:
+            self.backend.wait_event(consumer_stream, copied.ready)
+        except BaseException:
+            self.discard(copied)
+            raise
         lease = _Lease()
-        weakref.finalize(lease, self._give_back, copied.arena, consumer_stream)
+        # Not at exit: the interpreter's end frees everything, and the device may be gone.
+        weakref.finalize(lease, self._give_back, copied.arena, consumer_stream).atexit = False
         whole = self.backend.device_view(copied.arena.memory, copied.nbytes, lease)
         return rebuild(copied.treedef, [arena_view(whole, meta) for meta in copied.metas])
 
@@ -339,14 +373,21 @@ class DeviceArenas:
         """The last view of a batch died: its arena is reusable after the consumer's work."""
         with self._cond:
             closed = self._closed
-        if not closed:
-            self.backend.record(arena.released, consumer_stream)
-            arena.released_once = True
-        if closed or not self._put_free(arena):
+        try:
+            if not closed:
+                self.backend.record(arena.released, consumer_stream)
+                arena.released_once = True
+                if self._put_free(arena):
+                    return
             # Freed in the consumer's stream order, so after the work it queued.
             self.backend.free_device(arena.memory, consumer_stream)
-            with self._cond:
-                self.device_bytes -= arena.capacity
+        except Exception:
+            # A finaliser has nobody to raise to. The arena is dropped; the backend's
+            # safety net frees its memory once the device is done with it, and a
+            # broken device says so at the consumer's next call.
+            pass
+        with self._cond:
+            self.device_bytes -= arena.capacity
 
     def discard(self, copied: Copied) -> None:
         """An undelivered batch (dropped on stop): its arena is freed once its copy is done."""
@@ -447,4 +488,5 @@ class CopyLooper(LooperThread):
 def _put_back(queue: FIFOQueue[Any], item: Any) -> None:
     """Returns an item to a pool queue unless the pipeline is stopping."""
     if not queue.closed:
-        queue.put(item)
+        with contextlib.suppress(CancelledError):  # cancelled since the check: stopping
+            queue.put(item)

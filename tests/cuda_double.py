@@ -18,8 +18,13 @@ mistakes a GPU punishes, instead of forgiving them as NumPy does:
 Work runs at once, in the order it is issued (so values are right); the
 ordering a GPU would need is checked with a vector clock per stream: an
 event snapshots its stream's clock, a stream wait merges it, a host
-synchronize merges it into the host's clock. Violations are collected in
-``violations``; the ``strict_cuda`` fixture fails a test that has any.
+synchronize merges it into the host's clock, and work the host has seen
+complete is ordered before anything issued after. Events report "not ready"
+to the first query the host has not waited for (as a busy GPU does), and
+timing them before they are done fails as CUDA does. Handle 0 is the
+legacy default stream of the calling thread's device. Violations are
+collected in ``violations``; the ``strict_cuda`` fixture fails a test that
+has any, and one that leaves device memory allocated.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class _Event:
     device: int
     timing: bool
     snapshot: Clock | None = None
+    queried: bool = False  # a first query said "not ready"; the next one says done
 
 
 @dataclass
@@ -100,8 +106,9 @@ class CUDARuntimeError(RuntimeError):
 class StrictCuda:
     """The double's state: devices, contexts, streams, events, memory, and what went wrong."""
 
-    def __init__(self, devices: int = 2, elapsed_ms: float = 1.0) -> None:
+    def __init__(self, devices: int = 2, elapsed_ms: float = 1.0, pools: bool = True) -> None:
         self.devices = devices
+        self.pools = pools  # cudaDevAttrMemoryPoolsSupported
         self.elapsed_ms = elapsed_ms
         self.lock = threading.RLock()
         self.local = threading.local()
@@ -122,7 +129,7 @@ class StrictCuda:
 
     @staticmethod
     def default_stream(device: int) -> int:
-        """The handle of a device's default stream (CuPy's current stream unless set)."""
+        """The double's own name for a device's legacy default stream (handle 0 there)."""
         return 0x10 + device
 
     def _new_stream(self, handle: int, device: int) -> _Stream:
@@ -154,10 +161,16 @@ class StrictCuda:
         return stream.handle, stream.clock[stream.handle]
 
     def stream(self, handle: int) -> _Stream:
+        if handle == 0:  # the legacy default stream of the calling thread's device
+            handle = self.default_stream(getattr(self.local, "device", None) or 0)
         try:
             return self.streams[handle]
         except KeyError:
-            raise AssertionError(f"unknown stream handle {handle:#x}") from None
+            raise AssertionError(f"unknown or destroyed stream handle {handle:#x}") from None
+
+    def done(self, stream: _Stream, access: tuple[int, int]) -> bool:
+        """Whether work ``access`` is ordered before what ``stream`` runs next."""
+        return _covers(stream.clock, access) or _covers(self.host_clock, access)
 
     def allocation(self, ptr: int) -> _Allocation:
         for allocation in self.allocations.values():
@@ -170,7 +183,7 @@ class StrictCuda:
             self.violate(f"{what} on stream {stream.handle:#x} uses memory already freed")
         if allocation.device != stream.device:
             self.violate(f"{what}: memory of device {allocation.device} on device {stream.device}")
-        if allocation.made is not None and not _covers(stream.clock, allocation.made):
+        if allocation.made is not None and not self.done(stream, allocation.made):
             self.violate(
                 f"{what} on stream {stream.handle:#x} uses memory allocated on stream "
                 f"{allocation.made[0]:#x} without waiting for it"
@@ -178,7 +191,7 @@ class StrictCuda:
 
     def _check_ordered_after_all(self, allocation: _Allocation, stream: _Stream, what: str) -> None:
         for other, tick, earlier in allocation.accesses:
-            if other != stream.handle and not _covers(stream.clock, (other, tick)):
+            if other != stream.handle and not self.done(stream, (other, tick)):
                 self.violate(
                     f"{what} on stream {stream.handle:#x} is not ordered after the {earlier} "
                     f"on stream {other:#x} (no wait on an event after it)"
@@ -216,7 +229,7 @@ class StrictCuda:
             allocation = self.allocation(array.data.ptr)
             self._check_device_access(allocation, stream, what)
             for other, tick, earlier in allocation.accesses:
-                if earlier == "copy" and not _covers(stream.clock, (other, tick)):
+                if earlier == "copy" and not self.done(stream, (other, tick)):
                     self.violate(
                         f"{what} on stream {stream_handle:#x} reads a batch before its copy"
                     )
@@ -308,31 +321,34 @@ class _Runtime(types.ModuleType):
     def freeAsync(self, ptr: int, stream_handle: int) -> None:
         cuda = self._cuda
         with cuda.lock:
-            stream = cuda.stream(stream_handle or cuda.default_stream(cuda.current("freeAsync")))
+            cuda.current("freeAsync")
+            stream = cuda.stream(stream_handle)
             cuda.in_context("freeAsync", stream.device)
             allocation = cuda.allocations.get(ptr)
             if allocation is None or allocation.freed:
                 cuda.violate(f"freeAsync of {ptr:#x}: not allocated, or freed twice")
                 return
-            if stream_handle == 0:  # the legacy stream: only safe once the host waited for all
-                for other, tick, earlier in allocation.accesses:
-                    if not _covers(cuda.host_clock, (other, tick)):
-                        cuda.violate(
-                            f"freeAsync on stream 0 before the host waited for a {earlier}"
-                        )
-            else:
-                cuda._check_ordered_after_all(allocation, stream, "freeAsync")
+            cuda._check_ordered_after_all(allocation, stream, "freeAsync")
             cuda.tick(stream)
             allocation.freed = True
 
     def free(self, ptr: int) -> None:
         cuda = self._cuda
         with cuda.lock:
-            cuda.current("free")
+            device = cuda.current("free")
             cuda.calls.append((threading.current_thread().name, "device synchronize (cudaFree)"))
+            self._synchronize_device(device)
             allocation = cuda.allocations.get(ptr)
-            if allocation is not None:
-                allocation.freed = True
+            if allocation is None or allocation.freed:
+                cuda.violate(f"free of {ptr:#x}: not allocated, or freed twice")
+                return
+            allocation.freed = True
+
+    def _synchronize_device(self, device: int) -> None:
+        cuda = self._cuda
+        for stream in cuda.streams.values():
+            if stream.device == device:
+                _merge(cuda.host_clock, stream.clock)
 
     def memcpyAsync(self, dst: int, src: int, nbytes: int, kind: int, stream_handle: int) -> None:
         cuda = self._cuda
@@ -366,6 +382,7 @@ class _Runtime(types.ModuleType):
         cuda = self._cuda
         with cuda.lock:
             cuda.in_context("streamDestroy", cuda.stream(handle).device)
+            del cuda.streams[handle]  # a later use of the handle fails
 
     def eventCreateWithFlags(self, flags: int) -> int:
         cuda = self._cuda
@@ -418,14 +435,29 @@ class _Runtime(types.ModuleType):
         with cuda.lock:
             device = cuda.current("deviceSynchronize")
             cuda.calls.append((threading.current_thread().name, "device synchronize"))
-            for stream in cuda.streams.values():
-                if stream.device == device:
-                    _merge(cuda.host_clock, stream.clock)
+            self._synchronize_device(device)
 
-    def eventQuery(self, handle: int) -> None:
+    def deviceGetAttribute(self, attribute: int, device: int) -> int:
+        if attribute != 115:  # cudaDevAttrMemoryPoolsSupported
+            raise AssertionError(f"the double knows no device attribute {attribute}")
+        return int(self._cuda.pools)
+
+    def _completed(self, event: _Event) -> bool:
+        host = self._cuda.host_clock
+        return event.snapshot is None or all(
+            _covers(host, access) for access in event.snapshot.items()
+        )
+
+    def eventQuery(self, handle: int) -> int:
+        """A status, as CuPy's: 600 (not ready) the first time, unless the host waited for it."""
         cuda = self._cuda
         with cuda.lock:
-            cuda.in_context("eventQuery", cuda.events[handle].device)
+            event = cuda.events[handle]
+            cuda.in_context("eventQuery", event.device)
+            if self._completed(event) or event.queried:
+                return 0
+            event.queried = True
+            return 600
 
     def eventElapsedTime(self, start: int, end: int) -> float:
         cuda = self._cuda
@@ -434,6 +466,9 @@ class _Runtime(types.ModuleType):
             cuda.in_context("eventElapsedTime", first.device)
             if not (first.timing and last.timing):
                 raise CUDARuntimeError(6)  # cudaErrorInvalidResourceHandle, as for timing off
+            for event in (first, last):
+                if not (self._completed(event) or event.queried):
+                    raise CUDARuntimeError(600)  # cudaErrorNotReady
             return cuda.elapsed_ms
 
 
@@ -523,10 +558,8 @@ def make_module(cuda: StrictCuda) -> types.ModuleType:
     cuda_module.UnownedMemory = UnownedMemory  # type: ignore[attr-defined]
     cuda_module.MemoryPointer = MemoryPointer  # type: ignore[attr-defined]
 
-    runtime = cuda_module.runtime  # type: ignore[attr-defined]
-
     def get_current_stream() -> _StreamObject:
-        return _StreamObject(cuda.default_stream(runtime.getDevice()))
+        return _StreamObject(0)  # CuPy's default: the legacy default stream
 
     cuda_module.get_current_stream = get_current_stream  # type: ignore[attr-defined]
     cupy.cuda = cuda_module  # type: ignore[attr-defined]

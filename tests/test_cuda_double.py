@@ -27,9 +27,15 @@ from tests.seqs import Growing, Numbered
 
 
 @pytest.fixture
-def strict_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[StrictCuda]:
-    """Two double GPUs in place of CuPy; the test fails on any violation they saw."""
-    cuda = StrictCuda(devices=2)
+def strict_cuda(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[StrictCuda]:
+    """Two double GPUs in place of CuPy; the test fails on any violation they saw.
+
+    Parametrized indirectly with False, the GPUs have no memory pools (as some
+    virtual GPUs): no stream-ordered allocation.
+    """
+    cuda = StrictCuda(devices=2, pools=getattr(request, "param", True))
     for name, module in install(cuda).items():
         monkeypatch.setitem(sys.modules, name, module)
     # gpuqueue's backend module must be imported anew, against the double.
@@ -48,6 +54,7 @@ def strict_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[StrictCuda]:
     if hasattr(gpuqueue.backends, "cupy"):
         delattr(gpuqueue.backends, "cupy")
     assert cuda.violations == []
+    assert [hex(a.ptr) for a in cuda.allocations.values() if not a.freed] == []
 
 
 def in_fresh_thread(fn: Any) -> Any:
@@ -167,16 +174,28 @@ def test_a_torch_stream_passed_as_stream_orders_the_batches(strict_cuda: StrictC
     batches = list(enqueuer.get())
     assert [int(values(strict_cuda, b[1]["index"], handle)[0]) for b in batches] == [0, 1, 2]
     assert strict_cuda.violations == []
-    # The double would have caught a read on a stream the batch was not ordered on.
-    other = strict_cuda.default_stream(0)
-    strict_cuda.read(batches[0][0], other)
+
+
+def test_the_double_catches_a_read_before_the_copy_is_ordered(strict_cuda: StrictCuda) -> None:
+    """The check the runs above pass: a read on a stream that did not wait must fail."""
+    from gpuqueue.backends.cupy import CupyBackend
+
+    backend = CupyBackend(0)
+    backend.enter_device()
+    copies, consumer = backend.create_stream(), backend.current_stream()
+    host = backend.alloc_pinned(64)
+    arena = backend.alloc_device(64, copies)
+    backend.copy_to_device(arena, host, 64, copies)
+    view = backend.device_view(arena, 64, object())
+    strict_cuda.read(view, consumer.handle)  # no wait on the copy's event
     assert any("reads a batch before its copy" in v for v in strict_cuda.violations)
     strict_cuda.violations.clear()
-    # (and, as a user must when a batch is used on a second stream, order that read
-    # before the batch's memory returns: the given stream waits for it)
-    done = runtime.eventCreateWithFlags(2)
-    runtime.eventRecord(done, other)
-    runtime.streamWaitEvent(handle, done, 0)
+    done = backend.create_event()
+    backend.record(done, copies)
+    backend.synchronize(done)
+    backend.free_device(arena, None)
+    backend.free_pinned(host)
+    backend.close()
 
 
 # -- 4. bytes as the device expects them -----------------------------------------------
@@ -293,6 +312,18 @@ def test_growing_arenas_never_synchronize_the_copy_thread(strict_cuda: StrictCud
     timed = arenas.timed_s / (strict_cuda.elapsed_ms / 1e3)
     assert timed >= 1 and timed == int(timed)  # whole copies, each as long as the double says
     assert stats["h2d_gbps"] == pytest.approx(arenas.timed_bytes / arenas.timed_s / 1e9)
+
+
+@pytest.mark.parametrize("strict_cuda", [False], indirect=True)
+def test_without_memory_pools_arenas_come_from_cuda_malloc(strict_cuda: StrictCuda) -> None:
+    enqueuer = OrderedEnqueuer(Growing(), device=0, prefetch_depth=2, epochs=2, shard=None)
+    enqueuer.start(workers=2)
+    stream = strict_cuda.default_stream(0)
+    for batch in enqueuer.get():
+        read = strict_cuda.read(batch, stream)
+        assert np.array_equal(read, np.arange(read.size, dtype=np.int32))
+    calls = [call for _, call in strict_cuda.calls]
+    assert "malloc" in calls and "mallocAsync" not in calls
 
 
 # -- 8. an abandoned enqueuer lets its backend go ----------------------------------------

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -43,6 +44,8 @@ _EVENT_BLOCKING_SYNC = 1  # cudaEventBlockingSync
 _EVENT_DISABLE_TIMING = 2  # cudaEventDisableTiming
 _STREAM_NON_BLOCKING = 1  # cudaStreamNonBlocking
 _EVENT_NOT_READY = 600  # cudaErrorNotReady
+_MEMORY_POOLS_SUPPORTED = 115  # cudaDevAttrMemoryPoolsSupported
+_PER_THREAD_STREAM = 2  # cudaStreamPerThread: a different stream in each host thread
 
 _runtime = cupy.cuda.runtime
 
@@ -90,12 +93,20 @@ def stream_handle(stream: Any) -> int:
 
 
 class Stream:
-    """A stream handle on one device; owns (and destroys) it when gpuqueue made it."""
+    """A stream handle on one device; owns (and destroys) it when gpuqueue made it.
 
-    def __init__(self, handle: int, device: int, owned: bool) -> None:
-        self.handle, self.device = handle, device
+    A stream made elsewhere (``source``: CuPy's, PyTorch's) is kept alive as
+    long as this is, so a batch that outlives the user's stream object never
+    records on a destroyed handle. The per-thread default stream is a
+    different stream in each host thread: ``thread`` says whose it is.
+    """
+
+    def __init__(self, handle: int, device: int, owned: bool, source: Any = None) -> None:
+        self.handle, self.device, self.source = handle, device, source
+        self.thread = threading.get_ident() if handle == _PER_THREAD_STREAM else None
         if owned:
-            weakref.finalize(self, _destroy_stream, handle, device)
+            # Not at exit: a daemon copy thread of an abandoned run may still use it.
+            weakref.finalize(self, _destroy_stream, handle, device).atexit = False
 
     def __cuda_stream__(self) -> tuple[int, int]:
         return (0, self.handle)
@@ -109,14 +120,29 @@ class Event:
         with _on_device(device):
             self.handle = int(_runtime.eventCreateWithFlags(flags))
         self.device = device
-        weakref.finalize(self, _destroy_event, self.handle, device)
+        weakref.finalize(self, _destroy_event, self.handle, device).atexit = False
 
 
 class Arena:
-    """A device allocation: its address and size."""
+    """A device allocation: its address and size.
 
-    def __init__(self, ptr: int, nbytes: int) -> None:
+    Freed by ``free_device``; one dropped without it (an abandoned run, a
+    failure half-way) is freed by a finaliser once the device is idle.
+    """
+
+    def __init__(self, ptr: int, nbytes: int, device: int, stream_ordered: bool) -> None:
         self.ptr, self.nbytes = ptr, nbytes
+        self.safety_net = weakref.finalize(self, _free_leaked, ptr, device, stream_ordered)
+        self.safety_net.atexit = False
+
+
+def _free_leaked(ptr: int, device: int, stream_ordered: bool) -> None:
+    with contextlib.suppress(Exception), _on_device(device):
+        _runtime.deviceSynchronize()  # off the hot path: only for memory dropped by mistake
+        if stream_ordered:
+            _runtime.freeAsync(ptr, 0)
+        else:
+            _runtime.free(ptr)
 
 
 def _destroy_stream(handle: int, device: int) -> None:
@@ -148,6 +174,12 @@ class CupyBackend:
         self._index = device
         self._pinned: dict[int, int] = {}  # address -> bytes, for free_pinned
         self._torch_stream: Stream | None = None
+        # Stream-ordered allocation where the device has memory pools (not on some
+        # virtual GPUs); elsewhere cudaMalloc and cudaFree, which synchronize.
+        with _on_device(device):
+            self._stream_ordered = bool(
+                _runtime.deviceGetAttribute(_MEMORY_POOLS_SUPPORTED, device)
+            )
         # Frees what is left if the backend is collected without close(): by then no
         # thread holds it, so no copy reads it. Not at exit, where a daemon copy
         # thread may still run; the process's end frees it then.
@@ -183,11 +215,24 @@ class CupyBackend:
     def alloc_device(self, nbytes: int, stream: Stream) -> Arena:
         nbytes = max(1, nbytes)
         with _on_device(self._index):
-            return Arena(int(_runtime.mallocAsync(nbytes, stream.handle)), nbytes)
+            if self._stream_ordered:
+                ptr = int(_runtime.mallocAsync(nbytes, stream.handle))
+            else:
+                ptr = int(_runtime.malloc(nbytes))
+        return Arena(ptr, nbytes, self._index, self._stream_ordered)
 
     def free_device(self, arena: Arena, stream: Stream | None) -> None:
+        arena.safety_net.detach()
         with _on_device(self._index):
-            _runtime.freeAsync(arena.ptr, 0 if stream is None else stream.handle)
+            if not self._stream_ordered:
+                _runtime.free(arena.ptr)  # synchronizes the device: the fallback's cost
+            elif stream is None:
+                _runtime.freeAsync(arena.ptr, 0)  # callers waited for its users first
+            elif self._foreign_per_thread(stream):
+                _runtime.deviceSynchronize()  # that stream cannot be named from here
+                _runtime.freeAsync(arena.ptr, 0)
+            else:
+                _runtime.freeAsync(arena.ptr, stream.handle)
 
     def device_view(self, arena: Arena, nbytes: int, owner: object) -> Any:
         memory = cupy.cuda.UnownedMemory(arena.ptr, max(1, nbytes), owner, self._index)
@@ -200,21 +245,28 @@ class CupyBackend:
 
     def current_stream(self) -> Stream:
         with _on_device(self._index):
-            return Stream(stream_handle(cupy.cuda.get_current_stream()), self._index, False)
+            current = cupy.cuda.get_current_stream()
+        return Stream(stream_handle(current), self._index, owned=False, source=current)
 
     def as_stream(self, stream: Any) -> Stream:
         if isinstance(stream, Stream):
             return stream
-        return Stream(stream_handle(stream), self._index, owned=False)
+        return Stream(stream_handle(stream), self._index, owned=False, source=stream)
+
+    @staticmethod
+    def _foreign_per_thread(stream: Stream) -> bool:
+        """True for another thread's per-thread default stream, which this thread cannot name."""
+        return stream.thread is not None and stream.thread != threading.get_ident()
 
     def torch_stream(self) -> Stream:
         """PyTorch's current stream on this device (for ``output="torch"``), asked at every get."""
         import torch
 
-        handle = int(torch.cuda.current_stream(self._index).cuda_stream)
+        current = torch.cuda.current_stream(self._index)
+        handle = int(current.cuda_stream)
         last = self._torch_stream
         if last is None or last.handle != handle:
-            last = self._torch_stream = Stream(handle, self._index, owned=False)
+            last = self._torch_stream = Stream(handle, self._index, owned=False, source=current)
         return last
 
     def create_event(self, timing: bool = False) -> Event:
@@ -222,7 +274,14 @@ class CupyBackend:
 
     def record(self, event: Event, stream: Stream) -> None:
         with _on_device(self._index):
-            _runtime.eventRecord(event.handle, stream.handle)
+            if self._foreign_per_thread(stream):
+                # A batch got on a per-thread default stream died in another thread
+                # (the collector, say): that stream cannot be named from here, so
+                # wait for the whole device once, and the event marks that point.
+                _runtime.deviceSynchronize()
+                _runtime.eventRecord(event.handle, _PER_THREAD_STREAM)
+            else:
+                _runtime.eventRecord(event.handle, stream.handle)
 
     def wait_event(self, stream: Stream, event: Event) -> None:
         with _on_device(self._index):
@@ -235,12 +294,11 @@ class CupyBackend:
     def elapsed_s(self, start: Event, end: Event) -> float | None:
         with _on_device(self._index):
             for event in (start, end):
-                try:
-                    _runtime.eventQuery(event.handle)
-                except _runtime.CUDARuntimeError as error:
-                    if error.status == _EVENT_NOT_READY:
-                        return None
-                    raise
+                status = int(_runtime.eventQuery(event.handle))  # a status; it never raises
+                if status == _EVENT_NOT_READY:
+                    return None
+                if status != 0:
+                    raise _runtime.CUDARuntimeError(status)
             return float(_runtime.eventElapsedTime(start.handle, end.handle)) / 1e3
 
     def copy_to_device(self, dst: Arena, src: np.ndarray, nbytes: int, stream: Stream) -> None:
