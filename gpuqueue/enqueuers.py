@@ -44,6 +44,13 @@ from .backends import check_device, resolve
 from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator
+from .distributed import (
+    batches_per_rank,
+    check_iterable_shard,
+    describe_shard,
+    reads_by_index,
+    resolve_shard,
+)
 from .errors import CancelledError, OutOfRangeError, PipelineError, note_thread
 from .looper import CopyLooper, DeviceRing, DeviceSlot, PinnedPool, Staged
 from .runner import QueueRunner
@@ -53,7 +60,6 @@ from .sources import (
     SequenceTasks,
     Task,
     overrides_on_epoch_end,
-    resolve_shard,
 )
 from .staging import BatchSpec, LeafMeta, TreeDef, describe, flatten, layout, rebuild, unpack
 
@@ -705,19 +711,25 @@ class OrderedEnqueuer(SequenceEnqueuer):
         seed: The shuffling seed; two runs with the same seed read the same
             order. Without one, a random seed is drawn (and kept in
             ``state_dict()``).
-        shard: ``(rank, world_size)`` to read only this rank's disjoint part
-            of every epoch; ``"auto"`` (the default) reads the launcher's
-            ``RANK``/``WORLD_SIZE`` or ``OMPI_COMM_WORLD_RANK``/``..._SIZE``
-            when set; ``None`` reads everything.
+        shard: ``(rank, world_size)`` to read only this rank's part of
+            every epoch, the same number of batches on every rank (as
+            ``DistributedSampler``); ``"auto"`` (the default) takes them from
+            an initialised ``torch.distributed``, else the launcher's
+            variables (torchrun, Open MPI, MPICH/Intel MPI, SLURM), else
+            reads everything; ``None`` reads everything.
+        drop_last: With several ranks, drop the epoch's last
+            ``len % world_size`` batches instead of padding the tail by
+            wrapping around the epoch's order.
         epochs: Stop after this many epochs (counted from epoch 0); None
             (the default, as Keras) is endless.
         **device_options: ``device``, ``prefetch_depth``, ``output``,
             ``stream``, as in ``SequenceEnqueuer``.
 
     Raises:
-        ValueError: If ``shard`` is malformed, or several ranks shuffle
-            without a shared ``seed``.
-        PipelineError: If the Sequence is empty.
+        ValueError: If ``shard`` (or a launcher's variable) is malformed, or
+            several ranks shuffle without a shared ``seed``.
+        PipelineError: If the Sequence is empty, or ``drop_last`` leaves a
+            rank nothing to read.
     """
 
     _name = "OrderedEnqueuer"
@@ -730,6 +742,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
         *,
         seed: int | None = None,
         shard: tuple[int, int] | str | None = "auto",
+        drop_last: bool = False,
         epochs: int | None = None,
         **device_options: Any,
     ) -> None:
@@ -742,7 +755,9 @@ class OrderedEnqueuer(SequenceEnqueuer):
             raise ValueError(f"epochs must be None or a positive int, got {epochs!r}")
         super().__init__(sequence, use_multiprocessing, **device_options)
         self.shuffle = bool(shuffle)
-        self.shard = resolve_shard(shard)
+        self._shard = resolve_shard(shard)
+        self.shard = self._shard.pair
+        self.drop_last = bool(drop_last)
         if self.shuffle and seed is None and self.shard[1] > 1:
             raise ValueError(
                 f"shuffling across {self.shard[1]} ranks needs a seed that every rank shares"
@@ -754,13 +769,18 @@ class OrderedEnqueuer(SequenceEnqueuer):
         length = len(sequence)
         if length <= 0:
             raise PipelineError(f"the Sequence is empty (len() returned {length})")
+        batches_per_rank(length, self.shard[1], self.drop_last)
 
     def _make_tasks(self) -> SequenceTasks:
+        length = len(self.sequence)
+        if length > 0:
+            logger.info(describe_shard(self._name, self._shard, length, self.drop_last))
         return SequenceTasks(
             self.sequence,
             shuffle=self.shuffle,
             seed=self.seed,
             shard=self.shard,
+            drop_last=self.drop_last,
             epoch=self._epoch,
             position=self._position,
             epochs=self.epochs,
@@ -773,8 +793,9 @@ class OrderedEnqueuer(SequenceEnqueuer):
         """What the consumer has received so far, to resume exactly after it.
 
         Returns:
-            ``{"epoch", "position", "seed", "shuffle", "shard"}``: the next
-            batch to deliver is at ``position`` of ``epoch``'s order.
+            ``{"epoch", "position", "seed", "shuffle", "shard", "drop_last"}``:
+            the next batch to deliver is at ``position`` of this rank's order
+            in ``epoch``.
         """
         return {
             "epoch": self._epoch,
@@ -782,6 +803,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
             "seed": self.seed,
             "shuffle": self.shuffle,
             "shard": self.shard,
+            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -790,14 +812,14 @@ class OrderedEnqueuer(SequenceEnqueuer):
         Raises:
             PipelineError: If the enqueuer is running.
             ValueError: If ``state`` lacks a field or disagrees with this
-                enqueuer's ``shuffle`` or ``shard``.
+                enqueuer's ``shuffle``, ``shard`` or ``drop_last``.
         """
         if self.is_running():
             raise PipelineError("load_state_dict() needs a stopped enqueuer; call stop() first")
         missing = {"epoch", "position", "seed"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
-        for name in ("shuffle", "shard"):
+        for name in ("shuffle", "shard", "drop_last"):
             if name in state and tuple(np.atleast_1d(state[name])) != tuple(
                 np.atleast_1d(getattr(self, name))
             ):
@@ -809,6 +831,16 @@ class OrderedEnqueuer(SequenceEnqueuer):
             if not isinstance(state[name], int) or state[name] < 0:
                 raise ValueError(f"state {name} must be an int >= 0, got {state[name]!r}")
         self._epoch, self._position, self.seed = state["epoch"], state["position"], state["seed"]
+
+    def stats(self) -> dict[str, Any]:
+        """The counters of ``SequenceEnqueuer.stats()``, and this process's shard.
+
+        Returns:
+            Those counters, plus ``shard_rank`` and ``shard_world_size`` (which
+            rank of how many reads) and ``shard_source`` (where that came
+            from: ``"torch.distributed"``, ``"RANK/WORLD_SIZE"``, ...).
+        """
+        return {**super().stats(), **self._shard.stats()}
 
 
 class GeneratorEnqueuer(SequenceEnqueuer):
@@ -884,6 +916,8 @@ def prefetch(
     use_multiprocessing: bool = False,
     shuffle: bool = False,
     seed: int | None = None,
+    shard: tuple[int, int] | str | None = "auto",
+    drop_last: bool = False,
     epochs: int | None = None,
     output: str | None = None,
     stream: Any = None,
@@ -899,6 +933,12 @@ def prefetch(
         with gpuqueue.prefetch(dataset, device="auto", workers=4, epochs=1) as batches:
             for x, y in batches:
                 loss = step(x, y)
+
+    ``shard`` and ``drop_last`` split a Sequence among ranks as
+    ``OrderedEnqueuer`` does. An iterable (a generator, a DataLoader, an
+    IterableDataset) is never split: ``"auto"`` reads it as it is, since it
+    is split at its source if at all, and ``(rank, world_size)`` is a
+    ``ValueError`` that says why.
     """
     options: dict[str, Any] = {
         "device": device,
@@ -907,11 +947,19 @@ def prefetch(
         "stream": stream,
     }
     enqueuer: SequenceEnqueuer
-    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+    if reads_by_index(source):
         enqueuer = OrderedEnqueuer(
-            source, use_multiprocessing, shuffle, seed=seed, epochs=epochs, **options
+            source,
+            use_multiprocessing,
+            shuffle,
+            seed=seed,
+            shard=shard,
+            drop_last=drop_last,
+            epochs=epochs,
+            **options,
         )
     else:
+        check_iterable_shard(source, shard)
         enqueuer = GeneratorEnqueuer(source, use_multiprocessing, **options)
     enqueuer.start(workers=workers, max_queue_size=max_queue_size)
     try:

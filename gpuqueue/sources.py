@@ -8,14 +8,14 @@ workers' results on the queue in that same order.
 
 from __future__ import annotations
 
-import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from .distributed import batches_per_rank, resolve_shard
 from .errors import CancelledError, OutOfRangeError, PipelineError, add_note
 
 __all__ = [
@@ -29,9 +29,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-
-# Launcher variables, in the order they are tried: torchrun, then Open MPI.
-_LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
 
 
 class Sequence:
@@ -57,64 +54,39 @@ class Sequence:
             yield self[index]
 
 
-def resolve_shard(shard: tuple[int, int] | str | None) -> tuple[int, int]:
-    """Returns ``(rank, world_size)`` for a ``shard`` argument.
-
-    Args:
-        shard: ``(rank, world_size)``; ``None`` for no sharding; or ``"auto"``
-            to read the launcher's variables (``RANK``/``WORLD_SIZE`` from
-            torchrun, ``OMPI_COMM_WORLD_RANK``/``OMPI_COMM_WORLD_SIZE`` from
-            Open MPI), falling back to no sharding when neither is set.
-
-    Raises:
-        ValueError: If the values are not integers with ``0 <= rank < world_size``.
-    """
-    if shard is None:
-        return 0, 1
-    if shard == "auto":
-        return _shard_from_environment(os.environ)
-    if isinstance(shard, str) or not isinstance(shard, tuple) or len(shard) != 2:
-        raise ValueError(f"shard must be (rank, world_size), None or 'auto', got {shard!r}")
-    rank, world_size = shard
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in shard):
-        raise ValueError(f"shard must hold two ints, got {shard!r}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"shard needs 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
-        )
-    return rank, world_size
-
-
-def _shard_from_environment(environ: Mapping[str, str]) -> tuple[int, int]:
-    for rank_name, size_name in _LAUNCHER_VARIABLES:
-        if rank_name in environ and size_name in environ:
-            try:
-                shard = (int(environ[rank_name]), int(environ[size_name]))
-            except ValueError:
-                raise ValueError(
-                    f"{rank_name}={environ[rank_name]!r} and {size_name}={environ[size_name]!r} "
-                    "must be integers"
-                ) from None
-            return resolve_shard(shard)
-    return 0, 1
-
-
 def epoch_order(
-    length: int, epoch: int, *, shuffle: bool, seed: int, shard: tuple[int, int] = (0, 1)
+    length: int,
+    epoch: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    shard: tuple[int, int] = (0, 1),
+    drop_last: bool = False,
 ) -> np.ndarray:
     """The indices one rank reads in ``epoch``, in order.
 
-    Shuffled orders are a permutation drawn from ``(seed, epoch)``, so every
-    rank (and every rerun) with the same seed agrees on it; rank ``r`` of
-    ``w`` takes positions ``r, r + w, r + 2w, ...`` of it, so ranks are
-    disjoint and together cover every index once.
+    The epoch's order is a permutation drawn from ``(seed, epoch)`` when
+    shuffled (so every rank, and every rerun, with the same seed agrees on
+    it), else ``0 .. length - 1``. Rank ``r`` of ``w`` takes positions
+    ``r, r + w, r + 2w, ...`` of it, as ``DistributedSampler`` does, so every
+    rank reads the same number of batches (``batches_per_rank``): the order
+    is first extended to ``ceil(length / w) * w`` positions by wrapping
+    around (repeating it as often as needed when ``w > length``), or, with
+    ``drop_last``, cut to ``(length // w) * w``. Ranks are disjoint and
+    together cover every index once, plus the padding.
+
+    Raises:
+        PipelineError: If ``drop_last`` leaves no batch for a rank.
     """
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(length)
     else:
         order = np.arange(length)
     rank, world_size = shard
-    return order[rank::world_size]
+    total = batches_per_rank(length, world_size, drop_last) * world_size
+    if total > length:
+        order = np.tile(order, -(-total // length))
+    return order[rank:total:world_size]
 
 
 @dataclass
@@ -184,6 +156,7 @@ class SequenceTasks(_TaskSource):
         shuffle: bool,
         seed: int,
         shard: tuple[int, int],
+        drop_last: bool = False,
         epoch: int = 0,
         position: int = 0,
         epochs: int | None = None,
@@ -194,6 +167,7 @@ class SequenceTasks(_TaskSource):
         self._shuffle = shuffle
         self._seed = seed
         self._shard = shard
+        self._drop_last = drop_last
         self._epoch = epoch
         self._position = position
         self._order = self._make_order(epoch)
@@ -207,15 +181,18 @@ class SequenceTasks(_TaskSource):
         length = len(self._sequence)
         if length <= 0:
             raise PipelineError(f"the Sequence is empty (len() returned {length}) at epoch {epoch}")
-        order = epoch_order(
-            length, epoch, shuffle=self._shuffle, seed=self._seed, shard=self._shard
-        )
-        if len(order) == 0:
-            raise PipelineError(
-                f"shard {self._shard} gets no batch of a Sequence of length {length} "
-                f"at epoch {epoch}"
+        try:
+            return epoch_order(
+                length,
+                epoch,
+                shuffle=self._shuffle,
+                seed=self._seed,
+                shard=self._shard,
+                drop_last=self._drop_last,
             )
-        return order
+        except PipelineError as error:
+            add_note(error, f"at epoch {epoch}")  # len() may change between epochs
+            raise
 
     def claim(self) -> Task:
         with self._cond:
