@@ -1,4 +1,4 @@
-"""Sharding among ranks, and where the rank comes from."""
+"""Sharding among ranks, where the rank comes from, and one GPU per local rank."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import gpuqueue
-from gpuqueue import OrderedEnqueuer, PipelineError
+from gpuqueue import OrderedEnqueuer, PipelineError, backends
 from gpuqueue.distributed import (
     LOCAL_RANK_VARIABLES,
     RANK_VARIABLES,
@@ -318,3 +318,75 @@ def test_torch_sources_are_routed_by_kind() -> None:
         gpuqueue.prefetch(Stream(), device="cpu", shard=(0, 2)),
     ):
         pytest.fail("prefetch started")
+
+
+# -- device="auto": one GPU per local rank ---------------------------------------
+
+
+class FakeGpus:
+    """Stands in for CuPy's discovery: ``count`` GPUs (or CUDA unusable), and records the pick."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int | None) -> None:
+        self.count, self.made = count, []
+        monkeypatch.setattr(backends, "_gpu_count", self.gpu_count)
+        monkeypatch.setattr(backends, "_new_cupy_backend", self.new_backend)
+
+    def gpu_count(self, asked: Any) -> int:
+        if self.count is None:
+            raise PipelineError(f"device={asked} needs a CUDA GPU, but CUDA is not usable here")
+        return self.count
+
+    def new_backend(self, index: int) -> Any:
+        self.made.append(index)
+        return types.SimpleNamespace(name="cupy", index=index)
+
+
+@pytest.mark.parametrize(
+    ("variables", "count", "index"),
+    [
+        ({}, 4, 0),
+        ({"LOCAL_RANK": "1"}, 2, 1),
+        ({"OMPI_COMM_WORLD_LOCAL_RANK": "2"}, 4, 2),
+        ({"MPI_LOCALRANKID": "3"}, 4, 3),
+        ({"SLURM_LOCALID": "1"}, 2, 1),
+        ({"LOCAL_RANK": "0", "SLURM_LOCALID": "1"}, 2, 0),
+    ],
+)
+def test_auto_is_the_local_ranks_gpu(
+    no_launcher: pytest.MonkeyPatch, variables: dict[str, str], count: int, index: int
+) -> None:
+    for name, value in variables.items():
+        no_launcher.setenv(name, value)
+    gpus = FakeGpus(no_launcher, count)
+    assert backends.resolve("auto").index == index
+    assert gpus.made == [index]
+
+
+def test_two_ranks_never_share_a_gpu_unless_asked(no_launcher: pytest.MonkeyPatch) -> None:
+    gpus = FakeGpus(no_launcher, 2)
+    no_launcher.setenv("LOCAL_RANK", "2")
+    with pytest.raises(
+        PipelineError,
+        match=r"^device='auto' is the local rank's GPU, but LOCAL_RANK=2 and only 2 GPU\(s\) "
+        r"are visible here",
+    ):
+        backends.resolve("auto")
+    assert gpus.made == []
+    no_launcher.setenv("SLURM_LOCALID", "7")
+    no_launcher.delenv("LOCAL_RANK")
+    with pytest.raises(PipelineError, match=r"but SLURM_LOCALID=7 and only 2 GPU"):
+        backends.resolve("auto")
+    assert backends.resolve(0).index == 0  # the user said so
+    no_launcher.setenv("SLURM_LOCALID", "x")
+    with pytest.raises(ValueError, match=r"^SLURM_LOCALID='x' must be an integer >= 0"):
+        backends.resolve("auto")
+
+
+@pytest.mark.parametrize("count", [None, 0])
+def test_auto_without_a_usable_gpu_is_numpy_whatever_the_local_rank(
+    no_launcher: pytest.MonkeyPatch, count: int | None
+) -> None:
+    no_launcher.setenv("LOCAL_RANK", "5")
+    gpus = FakeGpus(no_launcher, count)
+    assert backends.resolve("auto").name == "numpy"
+    assert gpus.made == []

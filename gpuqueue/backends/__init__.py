@@ -3,8 +3,11 @@
 ``resolve(device)`` turns the user's ``device`` argument into a backend:
 
 - ``"cpu"``: the NumPy backend (the same pipeline, host memory);
-- ``"auto"``: CuPy on GPU 0 if CuPy imports and a GPU is usable, else NumPy,
-  saying which at debug level;
+- ``"auto"``: CuPy on this process's GPU if CuPy imports and a GPU is usable,
+  else NumPy, saying which at debug level. This process's GPU is its local
+  rank's (``LOCAL_RANK``, ``OMPI_COMM_WORLD_LOCAL_RANK``, ``MPI_LOCALRANKID``,
+  ``SLURM_LOCALID``) under a launcher, so two ranks never share one, else
+  GPU 0;
 - an int or ``"cuda:N"``: CuPy on that GPU, or a clear error naming the extra
   to install;
 - ``"simulated"``: NumPy memory with late, stream-ordered copies (tests);
@@ -17,6 +20,7 @@ import logging
 import re
 from typing import Any
 
+from ..distributed import local_rank
 from ..errors import PipelineError
 from .base import Backend
 
@@ -27,23 +31,65 @@ logger = logging.getLogger(__name__)
 _INSTALL_HINT = "install gpuqueue[cuda12] or gpuqueue[cuda13] (CuPy for your CUDA version)"
 
 
-def _cupy_backend(index: int) -> Backend:
+def _gpu_count(asked: Any) -> int:
+    """How many GPUs CuPy sees; ``asked`` is the ``device`` argument, for the message.
+
+    Raises:
+        PipelineError: If CuPy is missing or CUDA is not usable.
+    """
     try:
         from . import cupy as cupy_backend
     except ImportError as error:
         raise PipelineError(
-            f"device={index} needs CuPy, which is not installed: {_INSTALL_HINT}"
+            f"device={asked} needs CuPy, which is not installed: {_INSTALL_HINT}"
         ) from error
     try:
-        count = cupy_backend.device_count()
+        return cupy_backend.device_count()
     except Exception as error:
         raise PipelineError(
-            f"device={index} needs a CUDA GPU, but CUDA is not usable here ({error}); "
+            f"device={asked} needs a CUDA GPU, but CUDA is not usable here ({error}); "
             f"check the driver, or {_INSTALL_HINT}"
         ) from error
+
+
+def _new_cupy_backend(index: int) -> Backend:
+    from . import cupy as cupy_backend
+
+    return cupy_backend.CupyBackend(index)
+
+
+def _cupy_backend(index: int) -> Backend:
+    count = _gpu_count(index)
     if not 0 <= index < count:
         raise PipelineError(f"device={index} does not exist: {count} GPU(s) visible")
-    return cupy_backend.CupyBackend(index)
+    return _new_cupy_backend(index)
+
+
+def _auto_backend() -> Backend:
+    """CuPy on this process's GPU (its local rank's, under a launcher), else NumPy."""
+    launcher = local_rank()  # a malformed variable is an error even without a GPU
+    try:
+        count = _gpu_count("'auto'")
+        if count < 1:
+            raise PipelineError("device='auto' found no GPU: 0 GPU(s) visible")
+    except PipelineError as error:
+        logger.debug("device='auto': using NumPy, because %s", error)
+        from .numpy import NumpyBackend
+
+        return NumpyBackend()
+    if launcher is None:
+        index, why = 0, "no local rank set"
+    else:
+        name, index = launcher
+        why = f"{name}={index}"
+        if index >= count:
+            raise PipelineError(
+                f"device='auto' is the local rank's GPU, but {name}={index} and only {count} "
+                f"GPU(s) are visible here: start at most {count} ranks per machine, or pass "
+                "device=0 if each rank sees only its own GPU (CUDA_VISIBLE_DEVICES per rank)"
+            )
+    logger.debug("device='auto': using CuPy on GPU %d (%s)", index, why)
+    return _new_cupy_backend(index)
 
 
 def _device_index(device: Any) -> int | None:
@@ -73,8 +119,10 @@ def resolve(device: Any) -> Backend:
     """Returns the backend for a ``device`` argument.
 
     Raises:
-        PipelineError: If a GPU was asked for and none is usable.
-        ValueError: If ``device`` is not one of the accepted forms.
+        PipelineError: If a GPU was asked for and none is usable, or
+            ``device="auto"`` under a launcher whose local rank has no GPU here.
+        ValueError: If ``device`` is not one of the accepted forms, or a
+            local-rank variable is not an integer >= 0.
     """
     if device == "cpu":
         from .numpy import NumpyBackend
@@ -85,15 +133,7 @@ def resolve(device: Any) -> Backend:
 
         return SimulatedBackend()
     if device == "auto":
-        try:
-            backend = _cupy_backend(0)
-        except PipelineError as error:
-            logger.debug("device='auto': using NumPy, because %s", error)
-            from .numpy import NumpyBackend
-
-            return NumpyBackend()
-        logger.debug("device='auto': using CuPy on GPU 0")
-        return backend
+        return _auto_backend()
     check_device(device)
     index = _device_index(device)
     if index is not None:
