@@ -1,11 +1,25 @@
-"""Sharding among ranks, where the rank comes from, and one GPU per local rank."""
+"""Sharding among ranks, where the rank comes from, one GPU per local rank, and torchrun.
+
+The unit tests need no torch. The torchrun tests at the end launch real
+``torch.distributed.run`` agents (torch CPU wheel, gloo) training a small DDP
+model; they skip where torch is not installed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 import types
+import uuid
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +35,7 @@ from gpuqueue.distributed import (
     reads_by_index,
     resolve_shard,
 )
+from gpuqueue.sources import epoch_order
 from tests.conftest import start
 from tests.seqs import Numbered
 
@@ -390,3 +405,312 @@ def test_auto_without_a_usable_gpu_is_numpy_whatever_the_local_rank(
     gpus = FakeGpus(no_launcher, count)
     assert backends.resolve("auto").name == "numpy"
     assert gpus.made == []
+
+
+# -- torchrun: the real engine --------------------------------------------------
+
+TRAIN_SCRIPT = '''
+"""One rank: trains a small DDP model on a gpuqueue Sequence and writes what it read."""
+import json
+import logging
+import os
+import sys
+from itertools import islice
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import gpuqueue
+
+LENGTH, EPOCHS, RESUME_AFTER = (int(arg) for arg in sys.argv[1:4])
+DROP_LAST, OUT = sys.argv[4] == "drop_last", sys.argv[5]
+SEED = 5
+
+
+class Indexed(gpuqueue.Sequence):
+    def __len__(self):
+        return LENGTH
+
+    def __getitem__(self, index):
+        x = np.full((2, 3), index, np.float32)
+        return x, x.sum(axis=1, keepdims=True), np.array([index], np.int64)
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+lines = Lines()
+logging.getLogger("gpuqueue").addHandler(lines)
+logging.getLogger("gpuqueue").setLevel(logging.INFO)
+
+dist.init_process_group("gloo")  # before the enqueuers: shard="auto" must find it
+model = DistributedDataParallel(torch.nn.Linear(3, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+
+def step(x, y):
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()  # DDP's all-reduce: every rank must take as many steps
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+options = dict(shuffle=True, seed=SEED, drop_last=DROP_LAST, epochs=EPOCHS)
+
+# The issue's loop, to the end of the data.
+trained = []
+with gpuqueue.prefetch(Indexed(), device="cpu", output="torch", **options) as batches:
+    for x, y, index in batches:
+        step(x, y)
+        trained.append(int(index))
+prefetch_log = list(lines.lines)
+
+# Stopped after RESUME_AFTER steps; a new enqueuer resumes from the checkpointed state.
+first = gpuqueue.OrderedEnqueuer(Indexed(), device="cpu", output="torch", **options)
+first.start(workers=2)
+resumed = []
+for x, y, index in islice(first.get(), RESUME_AFTER):
+    step(x, y)
+    resumed.append(int(index))
+state = json.loads(json.dumps(first.state_dict()))  # through a checkpoint file, as JSON
+stats = first.stats()
+first.stop()
+second = gpuqueue.OrderedEnqueuer(Indexed(), device="cpu", output="torch", **options)
+second.load_state_dict(state)
+second.start(workers=2)
+for x, y, index in second.get():
+    step(x, y)
+    resumed.append(int(index))
+
+record = {
+    "rank": dist.get_rank(),
+    "world_size": dist.get_world_size(),
+    "trained": trained,
+    "resumed": resumed,
+    "state": state,
+    "stats": {key: value for key, value in stats.items() if key.startswith("shard_")},
+    "log": prefetch_log,
+}
+with open(f"{OUT}/rank{dist.get_rank()}.json", "w") as out:
+    json.dump(record, out)
+dist.barrier()  # every rank is past its last all-reduce before any tears gloo down
+dist.destroy_process_group()
+# Everything is written. Skip the interpreter's teardown: on a loaded machine torch
+# 2.13 now and then aborts there ("terminate called without an active exception",
+# SIGABRT) after all of the above, which is not what these tests are about.
+sys.stdout.flush()
+os._exit(0)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def run_torchrun(
+    tmp_path: Path,
+    agents: list[list[str]],
+    script_args: list[str],
+    *,
+    script_text: str = TRAIN_SCRIPT,
+    timeout_s: float = 150,
+) -> None:
+    """Runs one torchrun agent per entry of ``agents``, concurrently, under one deadline.
+
+    Each agent leads its own process group, so a hang (or any failure) kills
+    the whole tree of every agent and fails the test, instead of CI.
+    """
+    script = tmp_path / "train.py"
+    script.write_text(script_text)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for pair in RANK_VARIABLES:
+        for name in pair:
+            env.pop(name, None)
+    launched: list[tuple[subprocess.Popen[bytes], Path]] = []
+    try:
+        for number, agent in enumerate(agents):
+            log = tmp_path / f"agent{number}.log"
+            with open(log, "wb") as output:
+                command = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "0"]
+                process = subprocess.Popen(
+                    [*command, *agent, str(script), *script_args],
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=tmp_path,
+                    start_new_session=True,
+                )
+            launched.append((process, log))
+        deadline = time.monotonic() + timeout_s
+        for process, _ in launched:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(
+                    f"torchrun still running after {timeout_s} s (a hang?):\n{tails(launched)}"
+                )
+            if process.returncode != 0:
+                pytest.fail(f"torchrun exited with {process.returncode}:\n{tails(launched)}")
+    finally:
+        for process, _ in launched:
+            if process.poll() is None:
+                kill_tree(process.pid)
+                process.wait()
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILLs ``root``, every process below it, and their process groups.
+
+    torchrun starts each worker in a session of its own, so killing the
+    agent's process group alone would leave the workers running: the tree is
+    found through ``/proc`` (parent links) while the agent still holds it.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue  # it ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        tree.append(pid)
+        pending += children.get(pid, [])
+    for pid in tree:
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(pid, signal.SIGKILL)
+
+
+def tails(launched: list[tuple[subprocess.Popen[bytes], Path]]) -> str:
+    return "\n".join(
+        f"--- {log.name}\n" + log.read_text(errors="replace")[-3000:] for _, log in launched
+    )
+
+
+def check_ranks(
+    tmp_path: Path, world_size: int, length: int, epochs: int, resume_after: int, drop_last: bool
+) -> None:
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world_size)]
+    per_rank = length // world_size if drop_last else -(-length // world_size)
+    orders = []
+    for rank, record in enumerate(records):
+        assert (record["rank"], record["world_size"]) == (rank, world_size)
+        assert record["stats"] == {
+            "shard_rank": rank,
+            "shard_world_size": world_size,
+            "shard_source": "torch.distributed",
+        }
+        assert record["log"][0].startswith(
+            f"OrderedEnqueuer: rank {rank} of {world_size} reads {per_rank} of {length} "
+            "batches per epoch (from torch.distributed)"
+        )
+        assert len(record["trained"]) == per_rank * epochs  # equal steps on every rank
+        assert record["resumed"] == record["trained"]  # the resumed run read the same
+        assert (record["state"]["epoch"], record["state"]["position"]) == divmod(
+            resume_after, per_rank
+        )
+    for epoch in range(epochs):
+        parts = [r["trained"][epoch * per_rank : (epoch + 1) * per_rank] for r in records]
+        # Rank r read positions r, r + w, ... of the epoch's order: interleave them back.
+        order = [parts[p % world_size][p // world_size] for p in range(per_rank * world_size)]
+        shared = [int(i) for i in epoch_order(length, epoch, shuffle=True, seed=5)]
+        if drop_last:
+            assert order == shared[: len(order)]
+            assert len(set(order)) == len(order)  # none twice; the rest dropped
+        else:
+            assert sorted(order[:length]) == list(range(length))  # every index once
+            assert order[:length] == shared  # the same shuffled order on every rank
+            assert order[length:] == shared[: len(order) - length]  # padding wraps around
+        orders.append(order)
+    assert orders[0] != orders[1]  # reshuffled each epoch
+
+
+@pytest.fixture
+def torchrun() -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("torch.distributed.run")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("torchrun")
+def test_torchrun_three_ranks_ten_batches_train_to_the_end(tmp_path: Path) -> None:
+    """The issue's case: 10 batches on 3 ranks read 4, 3, 3 and DDP hung at the epoch's end."""
+    run_torchrun(
+        tmp_path, [["--standalone", "--nproc-per-node", "3"]], ["10", "2", "5", "pad", "."]
+    )
+    check_ranks(tmp_path, 3, 10, epochs=2, resume_after=5, drop_last=False)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("torchrun")
+def test_torchrun_two_ranks_drop_last(tmp_path: Path) -> None:
+    run_torchrun(
+        tmp_path, [["--standalone", "--nproc-per-node", "2"]], ["7", "2", "4", "drop_last", "."]
+    )
+    check_ranks(tmp_path, 2, 7, epochs=2, resume_after=4, drop_last=True)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("torchrun")
+def test_torchrun_two_nodes_on_localhost(tmp_path: Path) -> None:
+    """Two torchrun agents meeting at a c10d rendezvous on 127.0.0.1, as two machines would."""
+    rendezvous = [
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv-id",
+        f"gpuqueue-{uuid.uuid4().hex}",
+    ]
+    run_torchrun(tmp_path, [rendezvous, rendezvous], ["5", "2", "4", "pad", "."])
+    check_ranks(tmp_path, 2, 5, epochs=2, resume_after=4, drop_last=False)
+
+
+HANGING_SCRIPT = """
+import os
+import sys
+import threading
+
+with open(os.path.join(sys.argv[1], f"pid{os.environ['RANK']}"), "w") as out:
+    out.write(str(os.getpid()))
+threading.Event().wait()  # as a rank waiting for an all-reduce nobody joins
+"""
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie left for init to reap counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("torchrun")
+def test_a_hanging_torchrun_fails_the_test_and_leaves_no_process(tmp_path: Path) -> None:
+    with pytest.raises(pytest.fail.Exception, match=r"^torchrun still running after 8 s"):
+        run_torchrun(
+            tmp_path,
+            [["--standalone", "--nproc-per-node", "2"]],
+            [str(tmp_path)],
+            script_text=HANGING_SCRIPT,
+            timeout_s=8,
+        )
+    pids = [int((tmp_path / f"pid{rank}").read_text()) for rank in range(2)]
+    assert [pid for pid in pids if not gone(pid)] == []
