@@ -72,8 +72,9 @@ def epoch_order(
     rank reads the same number of batches (``batches_per_rank``): the order
     is first extended to ``ceil(length / w) * w`` positions by wrapping
     around (repeating it as often as needed when ``w > length``), or, with
-    ``drop_last``, cut to ``(length // w) * w``. Ranks are disjoint and
-    together cover every index once, plus the padding.
+    ``drop_last``, cut to ``(length // w) * w``. Together the ranks read
+    every index once, plus the padding (the order's first batches, read
+    again) or less the dropped tail.
 
     Raises:
         PipelineError: If ``drop_last`` leaves no batch for a rank.
