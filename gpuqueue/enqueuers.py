@@ -10,17 +10,21 @@ state a Keras user reads back (``sequence``, ``workers``, ``state_dict``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .delivery import batches
+from .distributed import describe_shard
 from .errors import PipelineError
 from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, PipelineConfig, Run, not_launched
 from .sources import GeneratorTasks, ReadingOrder, SequenceTasks, Task
 
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]
+
+logger = logging.getLogger(__name__)
 
 
 class SequenceEnqueuer:
@@ -199,18 +203,24 @@ class OrderedEnqueuer(SequenceEnqueuer):
         seed: The shuffling seed; two runs with the same seed read the same
             order. Without one, a random seed is drawn (and kept in
             ``state_dict()``).
-        shard: ``(rank, world_size)`` to read only this rank's disjoint part
-            of every epoch; ``"auto"`` (the default) reads the launcher's
-            ``RANK``/``WORLD_SIZE`` or ``OMPI_COMM_WORLD_RANK``/``..._SIZE``
-            when set; ``None`` reads everything.
+        shard: ``(rank, world_size)`` to read only this rank's part of
+            every epoch, the same number of batches on every rank (as
+            ``DistributedSampler``); ``"auto"`` (the default) takes them from
+            an initialised ``torch.distributed``, else the launcher's
+            variables (torchrun, Open MPI, MPICH/Intel MPI, SLURM), else
+            reads everything; ``None`` reads everything.
+        drop_last: With several ranks, drop the epoch's last
+            ``len % world_size`` batches instead of padding the tail by
+            wrapping around the epoch's order.
         epochs: Stop after this many epochs (counted from epoch 0); None
             (the default, as Keras) is endless.
         device, prefetch_depth, output, stream: As in ``SequenceEnqueuer``.
 
     Raises:
-        ValueError: If ``shard`` is malformed, or several ranks shuffle
-            without a shared ``seed``.
-        PipelineError: If the Sequence is empty.
+        ValueError: If ``shard`` (or a launcher's variable) is malformed, or
+            several ranks shuffle without a shared ``seed``.
+        PipelineError: If the Sequence is empty, or ``drop_last`` leaves a
+            rank nothing to read.
     """
 
     _name = "OrderedEnqueuer"
@@ -223,6 +233,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
         *,
         seed: int | None = None,
         shard: tuple[int, int] | str | None = "auto",
+        drop_last: bool = False,
         epochs: int | None = None,
         device: Any = None,
         prefetch_depth: int = 2,
@@ -236,7 +247,12 @@ class OrderedEnqueuer(SequenceEnqueuer):
             )
         self.shuffle = bool(shuffle)
         self._order = ReadingOrder.of(
-            sequence, shuffle=self.shuffle, seed=seed, shard=shard, epochs=epochs
+            sequence,
+            shuffle=self.shuffle,
+            seed=seed,
+            shard=shard,
+            drop_last=drop_last,
+            epochs=epochs,
         )
         super().__init__(
             sequence,
@@ -248,7 +264,9 @@ class OrderedEnqueuer(SequenceEnqueuer):
         )
 
     def _make_tasks(self) -> SequenceTasks:
-        return self._order.tasks(self.sequence)
+        order = self._order
+        logger.info(describe_shard(self._name, order.shard, len(self.sequence), order.drop_last))
+        return order.tasks(self.sequence)
 
     def _received(self, task: Task) -> None:
         self._order.received(task)
@@ -257,8 +275,9 @@ class OrderedEnqueuer(SequenceEnqueuer):
         """What the consumer has received so far, to resume exactly after it.
 
         Returns:
-            ``{"epoch", "position", "seed", "shuffle", "shard"}``: the next
-            batch to deliver is at ``position`` of ``epoch``'s order.
+            ``{"epoch", "position", "seed", "shuffle", "shard", "drop_last"}``:
+            the next batch to deliver is at ``position`` of this rank's order
+            in ``epoch``.
         """
         return self._order.state_dict()
 
@@ -268,11 +287,16 @@ class OrderedEnqueuer(SequenceEnqueuer):
         Raises:
             PipelineError: If the enqueuer is running.
             ValueError: If ``state`` lacks a field or disagrees with this
-                enqueuer's ``shuffle`` or ``shard``.
+                enqueuer's ``shuffle``, ``shard`` or ``drop_last``.
         """
         if self.is_running():
             raise PipelineError("load_state_dict() needs a stopped enqueuer; call stop() first")
         self._order.load_state_dict(state)
+
+    def stats(self) -> dict[str, Any]:
+        """``SequenceEnqueuer.stats()``, plus ``shard_rank``, ``shard_world_size`` and
+        ``shard_source``: which rank of how many reads, and where that was learned."""
+        return {**super().stats(), **self._order.shard.stats()}
 
 
 class GeneratorEnqueuer(SequenceEnqueuer):

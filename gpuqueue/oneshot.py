@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from .distributed import check_iterable_shard, reads_by_index
 from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
 
 __all__ = ["prefetch"]
@@ -22,6 +23,8 @@ def prefetch(
     use_multiprocessing: bool = False,
     shuffle: bool = False,
     seed: int | None = None,
+    shard: tuple[int, int] | str | None = "auto",
+    drop_last: bool = False,
     epochs: int | None = None,
     output: str | None = None,
     stream: Any = None,
@@ -37,14 +40,22 @@ def prefetch(
         with gpuqueue.prefetch(dataset, device="auto", workers=4, epochs=1) as batches:
             for x, y in batches:
                 loss = step(x, y)
+
+    ``shard`` and ``drop_last`` split a Sequence among ranks as
+    ``OrderedEnqueuer`` does. An iterable (a generator, a DataLoader, an
+    IterableDataset) is never split: ``"auto"`` reads it as it is, since it
+    is split at its source if at all, and ``(rank, world_size)`` is a
+    ``ValueError`` that says why.
     """
     enqueuer: SequenceEnqueuer
-    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+    if reads_by_index(source):
         enqueuer = OrderedEnqueuer(
             source,
             use_multiprocessing,
             shuffle,
             seed=seed,
+            shard=shard,
+            drop_last=drop_last,
             epochs=epochs,
             device=device,
             prefetch_depth=prefetch_depth,
@@ -52,6 +63,7 @@ def prefetch(
             stream=stream,
         )
     else:
+        check_iterable_shard(source, shard)
         enqueuer = GeneratorEnqueuer(
             source,
             use_multiprocessing,

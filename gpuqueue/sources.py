@@ -8,7 +8,6 @@ time in stream order.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .distributed import Shard, batches_per_rank, resolve_shard
 from .errors import CancelledError, OutOfRangeError, PipelineError, add_note
 
 __all__ = [
@@ -28,10 +28,6 @@ __all__ = [
     "epoch_order",
     "resolve_shard",
 ]
-
-
-# Launcher variables, in the order they are tried: torchrun, then Open MPI.
-_LAUNCHER_VARIABLES = (("RANK", "WORLD_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))
 
 
 class Sequence:
@@ -57,64 +53,40 @@ class Sequence:
             yield self[index]
 
 
-def resolve_shard(shard: tuple[int, int] | str | None) -> tuple[int, int]:
-    """Returns ``(rank, world_size)`` for a ``shard`` argument.
-
-    Args:
-        shard: ``(rank, world_size)``; ``None`` for no sharding; or ``"auto"``
-            to read the launcher's variables (``RANK``/``WORLD_SIZE`` from
-            torchrun, ``OMPI_COMM_WORLD_RANK``/``OMPI_COMM_WORLD_SIZE`` from
-            Open MPI), falling back to no sharding when neither is set.
-
-    Raises:
-        ValueError: If the values are not integers with ``0 <= rank < world_size``.
-    """
-    if shard is None:
-        return 0, 1
-    if shard == "auto":
-        return _shard_from_environment(os.environ)
-    if isinstance(shard, str) or not isinstance(shard, tuple) or len(shard) != 2:
-        raise ValueError(f"shard must be (rank, world_size), None or 'auto', got {shard!r}")
-    rank, world_size = shard
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in shard):
-        raise ValueError(f"shard must hold two ints, got {shard!r}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(
-            f"shard needs 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
-        )
-    return rank, world_size
-
-
-def _shard_from_environment(environ: Mapping[str, str]) -> tuple[int, int]:
-    for rank_name, size_name in _LAUNCHER_VARIABLES:
-        if rank_name in environ and size_name in environ:
-            try:
-                shard = (int(environ[rank_name]), int(environ[size_name]))
-            except ValueError:
-                raise ValueError(
-                    f"{rank_name}={environ[rank_name]!r} and {size_name}={environ[size_name]!r} "
-                    "must be integers"
-                ) from None
-            return resolve_shard(shard)
-    return 0, 1
-
-
 def epoch_order(
-    length: int, epoch: int, *, shuffle: bool, seed: int, shard: tuple[int, int] = (0, 1)
+    length: int,
+    epoch: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    shard: tuple[int, int] = (0, 1),
+    drop_last: bool = False,
 ) -> np.ndarray:
     """The indices one rank reads in ``epoch``, in order.
 
-    Shuffled orders are a permutation drawn from ``(seed, epoch)``, so every
-    rank (and every rerun) with the same seed agrees on it; rank ``r`` of
-    ``w`` takes positions ``r, r + w, r + 2w, ...`` of it, so ranks are
-    disjoint and together cover every index once.
+    The epoch's order is a permutation drawn from ``(seed, epoch)`` when
+    shuffled (so every rank, and every rerun, with the same seed agrees on
+    it), else ``0 .. length - 1``. Rank ``r`` of ``w`` takes positions
+    ``r, r + w, r + 2w, ...`` of it, as ``DistributedSampler`` does, so every
+    rank reads the same number of batches (``batches_per_rank``): the order
+    is first extended to ``ceil(length / w) * w`` positions by wrapping
+    around (repeating it as often as needed when ``w > length``), or, with
+    ``drop_last``, cut to ``(length // w) * w``. Together the ranks read
+    every index once, plus the padding (the order's first batches, read
+    again) or less the dropped tail.
+
+    Raises:
+        PipelineError: If ``drop_last`` leaves no batch for a rank.
     """
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(length)
     else:
         order = np.arange(length)
     rank, world_size = shard
-    return order[rank::world_size]
+    total = batches_per_rank(length, world_size, drop_last) * world_size
+    if total > length:
+        order = np.tile(order, -(-total // length))
+    return order[rank:total:world_size]
 
 
 @dataclass
@@ -124,7 +96,9 @@ class ReadingOrder:
     Args:
         shuffle: Read each epoch in a permutation drawn from ``(seed, epoch)``.
         seed: The shuffling seed (ranks must share it).
-        shard: ``(rank, world_size)``, as ``resolve_shard`` returns it.
+        shard: Which rank of how many this process is, and how it knows.
+        drop_last: Drop each epoch's tail instead of padding it, when the
+            ranks cannot all read as many batches.
         epochs: How many epochs to read; None is endless.
         epoch, position: The next batch to deliver: ``position`` of
             ``epoch``'s order.
@@ -132,7 +106,8 @@ class ReadingOrder:
 
     shuffle: bool
     seed: int
-    shard: tuple[int, int]
+    shard: Shard
+    drop_last: bool = False
     epochs: int | None = None
     epoch: int = 0
     position: int = 0
@@ -145,6 +120,7 @@ class ReadingOrder:
         shuffle: bool,
         seed: int | None,
         shard: tuple[int, int] | str | None,
+        drop_last: bool,
         epochs: int | None,
     ) -> ReadingOrder:
         """The order of a new enqueuer, its arguments checked; a seed is drawn if none is given.
@@ -152,20 +128,22 @@ class ReadingOrder:
         Raises:
             ValueError: If ``epochs`` or ``shard`` is malformed, or several
                 ranks shuffle without a shared ``seed``.
-            PipelineError: If the Sequence is empty.
+            PipelineError: If the Sequence is empty, or ``drop_last`` leaves
+                a rank nothing to read.
         """
         if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
             raise ValueError(f"epochs must be None or a positive int, got {epochs!r}")
-        rank_and_size = resolve_shard(shard)
-        if shuffle and seed is None and rank_and_size[1] > 1:
+        resolved = resolve_shard(shard)
+        if shuffle and seed is None and resolved.world_size > 1:
             raise ValueError(
-                f"shuffling across {rank_and_size[1]} ranks needs a seed that every rank shares"
+                f"shuffling across {resolved.world_size} ranks needs a seed that every rank shares"
             )
         length = len(sequence)
         if length <= 0:
             raise PipelineError(f"the Sequence is empty (len() returned {length})")
+        batches_per_rank(length, resolved.world_size, bool(drop_last))
         seed = seed if seed is not None else secrets.randbits(63)
-        return cls(shuffle, seed, rank_and_size, epochs)
+        return cls(shuffle, seed, resolved, bool(drop_last), epochs)
 
     def tasks(self, sequence: Any) -> SequenceTasks:
         """The tasks of a run that starts at the next batch to deliver."""
@@ -173,7 +151,8 @@ class ReadingOrder:
             sequence,
             shuffle=self.shuffle,
             seed=self.seed,
-            shard=self.shard,
+            shard=self.shard.pair,
+            drop_last=self.drop_last,
             epoch=self.epoch,
             position=self.position,
             epochs=self.epochs,
@@ -189,7 +168,8 @@ class ReadingOrder:
             "position": self.position,
             "seed": self.seed,
             "shuffle": self.shuffle,
-            "shard": self.shard,
+            "shard": self.shard.pair,
+            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -197,18 +177,18 @@ class ReadingOrder:
 
         Raises:
             ValueError: If ``state`` lacks a field or disagrees with this
-                order's ``shuffle`` or ``shard``.
+                order's ``shuffle``, ``shard`` or ``drop_last``.
         """
         missing = {"epoch", "position", "seed"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
-        for name in ("shuffle", "shard"):
+        mine = self.state_dict()
+        for name in ("shuffle", "shard", "drop_last"):
             if name in state and tuple(np.atleast_1d(state[name])) != tuple(
-                np.atleast_1d(getattr(self, name))
+                np.atleast_1d(mine[name])
             ):
                 raise ValueError(
-                    f"state has {name}={state[name]!r}, but this enqueuer has "
-                    f"{name}={getattr(self, name)!r}"
+                    f"state has {name}={state[name]!r}, but this enqueuer has {name}={mine[name]!r}"
                 )
         for name in ("epoch", "position"):
             if not isinstance(state[name], int) or state[name] < 0:
@@ -283,6 +263,7 @@ class SequenceTasks(_TaskSource):
         shuffle: bool,
         seed: int,
         shard: tuple[int, int],
+        drop_last: bool = False,
         epoch: int = 0,
         position: int = 0,
         epochs: int | None = None,
@@ -293,6 +274,7 @@ class SequenceTasks(_TaskSource):
         self._shuffle = shuffle
         self._seed = seed
         self._shard = shard
+        self._drop_last = drop_last
         self._epoch = epoch
         self._position = position
         self._order = self._make_order(epoch)
@@ -306,15 +288,18 @@ class SequenceTasks(_TaskSource):
         length = len(self._sequence)
         if length <= 0:
             raise PipelineError(f"the Sequence is empty (len() returned {length}) at epoch {epoch}")
-        order = epoch_order(
-            length, epoch, shuffle=self._shuffle, seed=self._seed, shard=self._shard
-        )
-        if len(order) == 0:
-            raise PipelineError(
-                f"shard {self._shard} gets no batch of a Sequence of length {length} "
-                f"at epoch {epoch}"
+        try:
+            return epoch_order(
+                length,
+                epoch,
+                shuffle=self._shuffle,
+                seed=self._seed,
+                shard=self._shard,
+                drop_last=self._drop_last,
             )
-        return order
+        except PipelineError as error:
+            add_note(error, f"at epoch {epoch}")  # len() may change between epochs
+            raise
 
     def claim(self) -> Task:
         with self._cond:

@@ -5,45 +5,10 @@ import threading
 import numpy as np
 import pytest
 
-from gpuqueue.errors import CancelledError
+from gpuqueue.errors import CancelledError, PipelineError
 from gpuqueue.host import Sequencer
-from gpuqueue.sources import Sequence, epoch_order, resolve_shard
+from gpuqueue.sources import Sequence, epoch_order
 from tests.conftest import Worker, wait_entered
-
-
-def test_resolve_shard_explicit_and_none() -> None:
-    assert resolve_shard(None) == (0, 1)
-    assert resolve_shard((2, 4)) == (2, 4)
-
-
-@pytest.mark.parametrize(
-    ("shard", "message"),
-    [
-        ((4, 4), r"^shard needs 0 <= rank < world_size, got rank=4, world_size=4$"),
-        ((0, 0), r"^shard needs 0 <= rank < world_size, got rank=0, world_size=0$"),
-        ((0.5, 2), r"^shard must hold two ints, got \(0.5, 2\)$"),
-        ([0, 2], r"^shard must be \(rank, world_size\), None or 'auto', got \[0, 2\]$"),
-        ("rank0", r"^shard must be \(rank, world_size\), None or 'auto', got 'rank0'$"),
-    ],
-)
-def test_resolve_shard_rejects_bad_values(shard: object, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        resolve_shard(shard)  # type: ignore[arg-type]
-
-
-def test_resolve_shard_reads_launcher_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    assert resolve_shard("auto") == (0, 1)
-    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
-    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")
-    assert resolve_shard("auto") == (1, 3)
-    monkeypatch.setenv("RANK", "2")
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    assert resolve_shard("auto") == (2, 4)  # torchrun's variables come first
-    monkeypatch.setenv("RANK", "two")
-    with pytest.raises(ValueError, match=r"^RANK='two' and WORLD_SIZE='4' must be integers$"):
-        resolve_shard("auto")
 
 
 def test_epoch_order_is_seeded_per_epoch() -> None:
@@ -55,12 +20,69 @@ def test_epoch_order_is_seeded_per_epoch() -> None:
     assert list(epoch_order(5, 3, shuffle=False, seed=0)) == [0, 1, 2, 3, 4]
 
 
-def test_shards_are_disjoint_and_cover_every_index() -> None:
-    for epoch in range(3):
-        parts = [epoch_order(10, epoch, shuffle=True, seed=1, shard=(r, 3)) for r in range(3)]
-        merged = np.concatenate(parts)
-        assert sorted(merged) == list(range(10))
-        assert [len(p) for p in parts] == [4, 3, 3]
+def ranks_orders(
+    length: int, world_size: int, epoch: int, *, shuffle: bool, drop_last: bool = False
+) -> list[np.ndarray]:
+    return [
+        epoch_order(
+            length,
+            epoch,
+            shuffle=shuffle,
+            seed=1,
+            shard=(rank, world_size),
+            drop_last=drop_last,
+        )
+        for rank in range(world_size)
+    ]
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("length", range(1, 13))
+def test_every_rank_reads_as_many_and_the_tail_wraps_around(
+    length: int, world_size: int, shuffle: bool
+) -> None:
+    """DistributedSampler's rule: ceil(n / w) each; the epoch's order, extended by wrapping."""
+    for epoch in range(2):
+        parts = ranks_orders(length, world_size, epoch, shuffle=shuffle)
+        per_rank = -(-length // world_size)
+        assert [len(p) for p in parts] == [per_rank] * world_size
+        # Rank r holds positions r, r + w, ... of the padded order: interleave them back.
+        padded = [int(parts[p % world_size][p // world_size]) for p in range(per_rank * world_size)]
+        whole = epoch_order(length, epoch, shuffle=shuffle, seed=1)
+        assert padded[:length] == list(whole)  # every index once, in the shared order
+        assert padded == [int(whole[p % length]) for p in range(len(padded))]  # then wraps
+        if not shuffle:
+            assert padded[:length] == list(range(length))
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("length", range(1, 13))
+def test_drop_last_drops_the_tail_of_the_epochs_order(
+    length: int, world_size: int, shuffle: bool
+) -> None:
+    if length < world_size:
+        with pytest.raises(
+            PipelineError,
+            match=rf"^drop_last=True with {world_size} ranks leaves no batch of an epoch of "
+            rf"{length}: every rank needs at least one",
+        ):
+            ranks_orders(length, world_size, 0, shuffle=shuffle, drop_last=True)
+        return
+    parts = ranks_orders(length, world_size, 0, shuffle=shuffle, drop_last=True)
+    kept = length // world_size
+    assert [len(p) for p in parts] == [kept] * world_size
+    merged = [int(parts[p % world_size][p // world_size]) for p in range(kept * world_size)]
+    assert merged == list(epoch_order(length, 0, shuffle=shuffle, seed=1)[: kept * world_size])
+
+
+def test_ten_batches_on_three_ranks_as_in_the_issue() -> None:
+    """The case that hung DDP: 4, 3 and 3 batches. Now 4 each, positions 10 and 11 wrap."""
+    parts = ranks_orders(10, 3, 0, shuffle=False)
+    assert [list(p) for p in parts] == [[0, 3, 6, 9], [1, 4, 7, 0], [2, 5, 8, 1]]
+    dropped = ranks_orders(10, 3, 0, shuffle=False, drop_last=True)
+    assert [list(p) for p in dropped] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
 
 
 def test_sequence_base_class() -> None:

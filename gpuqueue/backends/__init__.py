@@ -3,11 +3,12 @@
 ``resolve(device)`` turns the user's ``device`` argument into a backend:
 
 - ``"cpu"``: the NumPy backend (the same pipeline, host memory);
-- ``"auto"``: CuPy on the default GPU if CuPy imports and a GPU is usable,
-  else NumPy, saying which at debug level. The default GPU is the local
-  rank's under a launcher (``LOCAL_RANK`` and the like), else the calling
-  thread's current CUDA device;
-- ``"cuda"``: the default GPU, or a clear error naming what was asked;
+- ``"auto"``: CuPy on this process's GPU if CuPy imports and a GPU is usable,
+  else NumPy, saying which at debug level. This process's GPU is its local
+  rank's (``LOCAL_RANK``, ``OMPI_COMM_WORLD_LOCAL_RANK``, ``MPI_LOCALRANKID``,
+  ``SLURM_LOCALID``) under a launcher, so two ranks never share one, else
+  the calling thread's current CUDA device;
+- ``"cuda"``: the same GPU, or a clear error naming what was asked;
 - an int or ``"cuda:N"``: CuPy on that GPU, or a clear error naming the extra
   to install;
 - ``"simulated"``: NumPy memory with late, stream-ordered copies (tests);
@@ -21,6 +22,7 @@ import os
 import re
 from typing import Any
 
+from ..distributed import local_rank
 from ..errors import PipelineError
 from .base import Backend
 
@@ -31,29 +33,12 @@ logger = logging.getLogger(__name__)
 _INSTALL_HINT = "install gpuqueue[cuda12] or gpuqueue[cuda13] (CuPy for your CUDA version)"
 
 
-# Launchers' local-rank variables, in the order they are tried: torchrun, Open
-# MPI, MPICH and Intel MPI, SLURM. One process per GPU: the local rank picks it.
-LOCAL_RANK_VARIABLES = (
-    "LOCAL_RANK",
-    "OMPI_COMM_WORLD_LOCAL_RANK",
-    "MPI_LOCALRANKID",
-    "SLURM_LOCALID",
-)
+def _gpu_count(asked: Any) -> int:
+    """How many GPUs CuPy sees; ``asked`` is the ``device`` argument, for the message.
 
-
-def _local_rank() -> tuple[str, int] | None:
-    for name in LOCAL_RANK_VARIABLES:
-        value = os.environ.get(name)
-        if value is not None:
-            try:
-                return name, int(value)
-            except ValueError:
-                raise PipelineError(f"{name}={value!r} must be an integer") from None
-    return None
-
-
-def _cupy_backend(asked: Any, index: int | None) -> Backend:
-    """CuPy on GPU ``index``; None means the local rank's GPU, else the current device."""
+    Raises:
+        PipelineError: If CuPy is missing or CUDA is not usable.
+    """
     try:
         from . import cupy as cupy_backend
     except ImportError as error:
@@ -61,33 +46,66 @@ def _cupy_backend(asked: Any, index: int | None) -> Backend:
             f"device={asked!r} needs CuPy, which is not installed: {_INSTALL_HINT}"
         ) from error
     try:
-        count = cupy_backend.device_count()
+        return cupy_backend.device_count()
     except Exception as error:
         raise PipelineError(
             f"device={asked!r} needs a CUDA GPU, but CUDA is not usable here ({error}); "
             f"check the driver, or {_INSTALL_HINT}"
         ) from error
-    if count < 1:
-        raise PipelineError(f"device={asked!r} needs a CUDA GPU, but none is visible")
-    if index is None:
-        local = _local_rank()
-        if local is not None:
-            name, index = local
-            if not 0 <= index < count:
-                raise PipelineError(
-                    f"device={asked!r} is the local rank's GPU, but {name}={index} and only "
-                    f"{count} GPU(s) are visible; give each process its own GPU, or pass "
-                    "device=N to share one"
-                )
-        else:
-            index = cupy_backend.current_device()
-    if not 0 <= index < count:
-        raise PipelineError(f"device={asked!r} does not exist: {count} GPU(s) visible")
+
+
+def _new_cupy_backend(index: int) -> Backend:
+    from . import cupy as cupy_backend
+
     return cupy_backend.CupyBackend(index)
 
 
+def _current_device() -> int:
+    """The calling thread's current CUDA device (0 where it never chose one, or unknown)."""
+    try:
+        from . import cupy as cupy_backend
+
+        return cupy_backend.current_device()
+    except Exception:
+        return 0
+
+
+def _cupy_backend(asked: Any, index: int | None) -> Backend:
+    """CuPy on GPU ``index``; None is this process's GPU (see ``_default_gpu``)."""
+    count = _gpu_count(asked)
+    if count < 1:
+        raise PipelineError(f"device={asked!r} needs a CUDA GPU, but none is visible")
+    if index is None:
+        index = _default_gpu(asked, count)
+    elif not 0 <= index < count:
+        raise PipelineError(f"device={asked!r} does not exist: {count} GPU(s) visible")
+    return _new_cupy_backend(index)
+
+
+def _default_gpu(asked: Any, count: int) -> int:
+    """The local rank's GPU under a launcher, else the calling thread's current device."""
+    launcher = local_rank()
+    if launcher is None:
+        index = _current_device()
+        logger.debug("device=%r: GPU %d, the current device (no local rank set)", asked, index)
+        return index
+    name, index = launcher
+    if index < count:
+        logger.debug("device=%r: GPU %d (%s=%d)", asked, index, name, index)
+        return index
+    if count == 1 and "CUDA_VISIBLE_DEVICES" in os.environ:
+        # Each rank sees only its own GPU (CUDA_VISIBLE_DEVICES set per rank).
+        logger.debug("device=%r: GPU 0, the only one %s=%d sees", asked, name, index)
+        return 0
+    raise PipelineError(
+        f"device={asked!r} is the local rank's GPU, but {name}={index} and only {count} "
+        f"GPU(s) are visible here: start at most {count} ranks per machine, or pass "
+        "device=N to choose one (two ranks may then share it)"
+    )
+
+
 def _device_index(device: Any) -> int | None:
-    """The GPU index in ``device``; None for ``"cuda"`` (the default GPU) or another form."""
+    """The GPU index in ``device``; None for ``"cuda"`` (this process's GPU) or another form."""
     if isinstance(device, bool):
         return None
     if isinstance(device, int):
@@ -118,8 +136,10 @@ def resolve(device: Any) -> Backend:
     """Returns the backend for a ``device`` argument.
 
     Raises:
-        PipelineError: If a GPU was asked for and none is usable.
-        ValueError: If ``device`` is not one of the accepted forms.
+        PipelineError: If a GPU was asked for and none is usable, or
+            ``device="auto"`` under a launcher whose local rank has no GPU here.
+        ValueError: If ``device`` is not one of the accepted forms, or a
+            local-rank variable is not an integer >= 0.
     """
     if device == "cpu":
         from .numpy import NumpyBackend
@@ -130,15 +150,19 @@ def resolve(device: Any) -> Backend:
 
         return SimulatedBackend()
     if device == "auto":
+        local_rank()  # a malformed local-rank variable is an error even without a GPU
         try:
-            backend = _cupy_backend(device, None)
+            count = _gpu_count(device)
         except PipelineError as error:
-            logger.debug("device='auto': using NumPy, because %s", error)
+            count, why = 0, str(error)
+        else:
+            why = "device='auto' found no GPU: 0 GPU(s) visible"
+        if count < 1:
+            logger.debug("device='auto': using NumPy, because %s", why)
             from .numpy import NumpyBackend
 
             return NumpyBackend()
-        logger.debug("device='auto': using CuPy on GPU %s", backend.device)
-        return backend
+        return _new_cupy_backend(_default_gpu(device, count))
     check_device(device)
     if _names_a_gpu(device):
         return _cupy_backend(device, _device_index(device))

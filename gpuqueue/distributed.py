@@ -1,0 +1,278 @@
+"""Which part of every epoch this process reads, and which GPU it uses, when it is one of many.
+
+A Sequence is split among ranks the way ``torch.utils.data.DistributedSampler``
+splits a dataset: every rank reads the same number of batches, so collective
+operations (DDP's all-reduce) never wait for a rank that has run out. Where
+the rank comes from, in order:
+
+1. ``torch.distributed``, when the program imported it and initialised a
+   process group (looked up in ``sys.modules``: gpuqueue never imports torch);
+2. the launcher's variables: ``RANK``/``WORLD_SIZE`` (torchrun),
+   ``OMPI_COMM_WORLD_RANK``/``OMPI_COMM_WORLD_SIZE`` (Open MPI),
+   ``PMI_RANK``/``PMI_SIZE`` (MPICH, Intel MPI), ``SLURM_PROCID``/
+   ``SLURM_NTASKS`` (SLURM);
+3. otherwise this process reads everything.
+
+Sources that are already split per rank (a DataLoader with a
+DistributedSampler, an IterableDataset that splits by rank, a generator) are
+never split again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import PipelineError
+
+__all__ = [
+    "LOCAL_RANK_VARIABLES",
+    "RANK_VARIABLES",
+    "Shard",
+    "batches_per_rank",
+    "check_iterable_shard",
+    "describe_shard",
+    "local_rank",
+    "reads_by_index",
+    "resolve_shard",
+    "split_per_rank",
+]
+
+# (rank, world size) variable pairs, in the order they are tried.
+RANK_VARIABLES = (
+    ("RANK", "WORLD_SIZE"),  # torchrun
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # Open MPI
+    ("PMI_RANK", "PMI_SIZE"),  # MPICH, Intel MPI
+    ("SLURM_PROCID", "SLURM_NTASKS"),  # SLURM (srun)
+)
+
+# A process's rank among those on its own machine, in the same launcher order.
+LOCAL_RANK_VARIABLES = (
+    "LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "SLURM_LOCALID",
+)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's rank of ``world_size``, and where that was learned.
+
+    Attributes:
+        rank: The rank, ``0 <= rank < world_size``.
+        world_size: How many ranks split each epoch; 1 means no split.
+        source: ``"torch.distributed"``, the launcher's variables (such as
+            ``"RANK/WORLD_SIZE"``), ``"explicit"`` (``shard=(rank, world_size)``),
+            ``"none"`` (``shard=None``) or ``"none found"`` (``shard="auto"``
+            with no process group and no launcher).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    source: str = "none"
+
+    @property
+    def pair(self) -> tuple[int, int]:
+        """``(rank, world_size)``."""
+        return self.rank, self.world_size
+
+    def stats(self) -> dict[str, Any]:
+        """The keys an enqueuer's ``stats()`` reports about its shard."""
+        return {
+            "shard_rank": self.rank,
+            "shard_world_size": self.world_size,
+            "shard_source": self.source,
+        }
+
+
+def resolve_shard(
+    shard: tuple[int, int] | str | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    modules: Mapping[str, Any] | None = None,
+) -> Shard:
+    """Returns the ``Shard`` a ``shard`` argument means in this process.
+
+    Args:
+        shard: ``(rank, world_size)``; ``None`` for no sharding; or ``"auto"``:
+            the initialised ``torch.distributed`` process group, else the
+            launcher's variables (see the module docstring), else no sharding.
+        environ: The environment to read (``os.environ`` by default).
+        modules: The imported modules to look in (``sys.modules`` by default).
+
+    Raises:
+        ValueError: If ``shard`` or a launcher's variables are not integers
+            with ``0 <= rank < world_size``; the message names the variables.
+    """
+    if shard is None:
+        return Shard(0, 1, "none")
+    if isinstance(shard, str) and shard == "auto":
+        found = _from_torch_distributed(sys.modules if modules is None else modules)
+        if found is None:
+            found = _from_environment(os.environ if environ is None else environ)
+        return found if found is not None else Shard(0, 1, "none found")
+    if not isinstance(shard, tuple) or len(shard) != 2:
+        raise ValueError(f"shard must be (rank, world_size), None or 'auto', got {shard!r}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in shard):
+        raise ValueError(f"shard must hold two ints, got {shard!r}")
+    rank, world_size = shard
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"shard needs 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+        )
+    return Shard(rank, world_size, "explicit")
+
+
+def _from_torch_distributed(modules: Mapping[str, Any]) -> Shard | None:
+    # Not imported means not initialised: a process group needs torch.distributed.
+    dist = modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    return Shard(int(dist.get_rank()), int(dist.get_world_size()), "torch.distributed")
+
+
+def _from_environment(environ: Mapping[str, str]) -> Shard | None:
+    for rank_name, size_name in RANK_VARIABLES:
+        if rank_name not in environ or size_name not in environ:
+            continue
+        rank_text, size_text = environ[rank_name], environ[size_name]
+        try:
+            rank, world_size = int(rank_text), int(size_text)
+        except ValueError:
+            rank, world_size = -1, 0
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"{rank_name}={rank_text!r} and {size_name}={size_text!r} must be integers "
+                f"with 0 <= {rank_name} < {size_name}"
+            )
+        return Shard(rank, world_size, f"{rank_name}/{size_name}")
+    return None
+
+
+def local_rank(environ: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """The first launcher's local-rank variable that is set, and its value.
+
+    Returns:
+        ``(variable name, local rank)``, or ``None`` outside a launcher.
+
+    Raises:
+        ValueError: If the variable is not an integer >= 0; the message names it.
+    """
+    environ = os.environ if environ is None else environ
+    for name in LOCAL_RANK_VARIABLES:
+        if name in environ:
+            text = environ[name]
+            try:
+                value = int(text)
+            except ValueError:
+                value = -1
+            if value < 0:
+                raise ValueError(f"{name}={text!r} must be an integer >= 0 (a local rank)")
+            return name, value
+    return None
+
+
+def batches_per_rank(length: int, world_size: int, drop_last: bool) -> int:
+    """How many batches each rank reads in an epoch of ``length`` batches.
+
+    ``ceil(length / world_size)``, the tail padded by wrapping around the
+    epoch's order; with ``drop_last``, ``length // world_size``.
+
+    Raises:
+        PipelineError: If that is 0 (``drop_last`` with more ranks than batches).
+    """
+    if not drop_last:
+        return -(-length // world_size)
+    count = length // world_size
+    if count == 0:
+        raise PipelineError(
+            f"drop_last=True with {world_size} ranks leaves no batch of an epoch of "
+            f"{length}: every rank needs at least one; use drop_last=False (the tail is "
+            "padded by wrapping around the epoch) or fewer ranks"
+        )
+    return count
+
+
+def describe_shard(name: str, shard: Shard, length: int, drop_last: bool) -> str:
+    """The line an enqueuer logs at start: which rank reads how much, and from where.
+
+    For example ``"OrderedEnqueuer: rank 1 of 3 reads 4 of 10 batches per epoch
+    (from torch.distributed), 2 padded by wrapping around the epoch's order"``.
+    """
+    if shard.world_size == 1 and shard.source.startswith("none"):
+        why = "shard=None" if shard.source == "none" else "no process group or launcher found"
+        return f"{name}: reads all {length} batches per epoch (not sharded: {why})"
+    count = batches_per_rank(length, shard.world_size, drop_last)
+    line = (
+        f"{name}: rank {shard.rank} of {shard.world_size} reads {count} of {length} batches "
+        f"per epoch (from {shard.source})"
+    )
+    spare = count * shard.world_size - length
+    if spare > 0:
+        line += f", {spare} padded by wrapping around the epoch's order"
+    elif spare < 0:
+        line += f", last {-spare} of the epoch's order dropped (drop_last=True)"
+    return line
+
+
+def _is_torch_class(obj: Any, name: str) -> bool:
+    """True if ``obj`` is an instance of torch.utils.data's ``name`` (torch not imported)."""
+    return any(
+        cls.__name__ == name and cls.__module__.startswith("torch.utils.data")
+        for cls in type(obj).__mro__
+    )
+
+
+def split_per_rank(source: Any) -> bool:
+    """True if ``source`` is a torch DataLoader whose sampler is a DistributedSampler."""
+    if not _is_torch_class(source, "DataLoader"):
+        return False
+    samplers = (
+        getattr(source, "sampler", None),
+        getattr(getattr(source, "batch_sampler", None), "sampler", None),
+    )
+    return any(_is_torch_class(sampler, "DistributedSampler") for sampler in samplers)
+
+
+def reads_by_index(source: Any) -> bool:
+    """True for a Sequence-like source (``__getitem__`` and ``__len__``), read by index.
+
+    A torch ``IterableDataset`` inherits a ``__getitem__`` it cannot serve,
+    so it counts as an iterable, as do DataLoaders and generators.
+    """
+    if _is_torch_class(source, "IterableDataset"):
+        return False
+    return hasattr(source, "__getitem__") and hasattr(source, "__len__")
+
+
+def check_iterable_shard(source: Any, shard: tuple[int, int] | str | None) -> Shard:
+    """The shard of an iterable source: never split again by gpuqueue.
+
+    ``"auto"`` and ``None`` mean no sharding: a DataLoader with a
+    DistributedSampler, an IterableDataset that splits by rank or a generator
+    already yields only this rank's part (or all of it, as its author chose).
+
+    Raises:
+        ValueError: If ``shard`` names ranks: gpuqueue cannot pick a rank's
+            part of an iterable without reading all of it on every rank.
+    """
+    if shard is None or (isinstance(shard, str) and shard == "auto"):
+        return Shard(0, 1, "none")
+    wanted = resolve_shard(shard)
+    kind = type(source).__name__
+    if split_per_rank(source):
+        raise ValueError(
+            f"shard={shard!r}: this {kind}'s sampler is a DistributedSampler, so it is "
+            "already split per rank; splitting it again would drop most of each rank's "
+            "batches. Leave shard='auto' (or None)"
+        )
+    raise ValueError(
+        f"shard={shard!r} cannot split an iterable ({kind}): every rank would read all of it "
+        f"to keep 1 batch in {wanted.world_size}. Split it at the source (a DataLoader with "
+        "a DistributedSampler, an IterableDataset that reads its rank's part) and leave "
+        "shard='auto', or pass a Sequence"
+    )
