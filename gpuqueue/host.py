@@ -97,6 +97,9 @@ class HostStage:
             as each staging pool counts on.
         pinned: Packs thread workers' batches for the copy; None without a device.
         processes: The worker processes (``workers.ProcessPool``), if any.
+        check_dtypes: Check each batch's dtypes and ranks against the first
+            (where batches go to a device); with False only the structure is
+            checked, since batches are handed over as they are.
     """
 
     def __init__(
@@ -108,8 +111,10 @@ class HostStage:
         workers: int,
         pinned: PinnedPool | None,
         processes: Any,
+        check_dtypes: bool = True,
     ) -> None:
         self._tasks, self._host_queue, self._counters = tasks, host_queue, counters
+        self._check_dtypes = check_dtypes
         self._pinned, self._processes = pinned, processes
         self._spec: BatchSpec | None = None  # the first batch's structure, dtypes and ranks
         self.sequencer: Sequencer[Item] = Sequencer(
@@ -175,7 +180,12 @@ class HostStage:
                 if self._spec is None:
                     self._spec = BatchSpec.of(described.treedef, described.metas)
                 else:
-                    self._spec.check(described.treedef, described.metas, item.task.where())
+                    self._spec.check(
+                        described.treedef,
+                        described.metas,
+                        item.task.where(),
+                        dtypes=self._check_dtypes,
+                    )
             except Exception as error:
                 self._tasks.close()
                 item.error = error

@@ -196,6 +196,7 @@ class Run:
             workers=config.workers,
             pinned=self.pinned,
             processes=self.processes,
+            check_dtypes=config.device is not None,
         )
         ops = [host.enqueue_op(number) for number in range(config.workers)]
         for stop_callback in (tasks.close, host.sequencer.close, lambda: _drop(self.host_queue)):
@@ -222,12 +223,20 @@ class Run:
         ``RuntimeWarning``, and their memory is left for the garbage collector.
         """
         self.coord.request_stop()
+        # join() re-raises the recorded error with the traceback it was recorded with.
+        # When stop() runs in a `finally` or `with` while that very error propagates
+        # through the consumer's frames, the re-raise would replace the traceback the
+        # consumer saw (and the frames it gathered since): keep it.
+        recorded = self.coord.exception
+        seen_traceback = None if recorded is None else recorded.__traceback__
         try:
             self.coord.join(self.threads, stop_grace_period_secs=grace, ignore_live_threads=True)
         except BaseException as error:
             if error is not self.coord.exception:  # a real Ctrl-C during stop() goes on up
                 raise
             # the recorded error reaches the consumer through get(), not through stop()
+            if error is recorded:
+                error.__traceback__ = seen_traceback
         stragglers = [t.name for t in self.threads if t.is_alive()]
         if stragglers:
             warnings.warn(
