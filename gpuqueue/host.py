@@ -141,7 +141,8 @@ class HostStage:
                 try:
                     item.described = read(task)
                 finally:
-                    tasks.done_reading(task)
+                    skipped = item.described is not None and item.described.skipped
+                    tasks.done_reading(task, skipped=skipped)
             except CancelledError:
                 raise
             except Exception as error:
