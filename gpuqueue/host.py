@@ -143,9 +143,9 @@ class HostStage:
                 finally:
                     skipped = item.described is not None and item.described.skipped
                     tasks.done_reading(task, skipped=skipped)
-            except CancelledError:
+            except (CancelledError, GeneratorExit):
                 raise
-            except Exception as error:
+            except BaseException as error:  # SystemExit too: it belongs in its place
                 tasks.close()
                 note_thread(error, f"reading {task.where()}")
                 item.error = error
