@@ -124,9 +124,8 @@ class SequenceEnqueuer:
         """Stops every thread and process and frees pinned and device memory.
 
         Returns within ``timeout`` seconds (default 60) even while workers are
-        blocked on a full queue; a worker still inside user code then is
-        named in a ``RuntimeWarning``. Safe to call twice, from any thread,
-        or before ``start()``.
+        blocked on a full queue; a worker still inside user code then is named
+        in a ``RuntimeWarning``. Safe to call twice, from any thread, or before ``start()``.
         """
         if self._run is not None:
             self._run.stop(DEFAULT_STOP_TIMEOUT if timeout is None else timeout)
@@ -183,7 +182,8 @@ class SequenceEnqueuer:
             with a device: ``backend``, ``prefetch_depth``, ``bytes_copied``,
             ``h2d_gbps`` (bytes copied over the time copies were issued),
             ``copy_wait_for_host_s`` (time the copy stage waited for the host
-            stage), ``pinned_bytes`` and ``device_bytes``.
+            stage), ``pinned_bytes`` and ``device_bytes``; with processes,
+            ``shared_memory_bytes``. Freed memory (after ``stop()``) counts 0.
         """
         return dict(EMPTY_STATS) if self._run is None else self._run.stats()
 

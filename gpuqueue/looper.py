@@ -104,11 +104,12 @@ class PinnedPool:
                 self._backend.synchronize(slot.copy_done)
                 slot.copy_done = None
             self._largest = max(self._largest, nbytes)
-            if slot.capacity < self._largest:
+            # (A batch of zero bytes still gets a slot, of one byte.)
+            if slot.buffer is None or slot.capacity < self._largest:
                 if slot.buffer is not None:
                     self._backend.free_pinned(slot.buffer)
                     slot.buffer = None
-                slot.buffer = self._backend.alloc_pinned(int(self._largest * _GROWTH))
+                slot.buffer = self._backend.alloc_pinned(max(1, int(self._largest * _GROWTH)))
         except BaseException:
             self.release(slot)
             raise
@@ -184,11 +185,11 @@ class DeviceRing:
         """
         backend = self.backend
         self.largest = max(self.largest, staged.nbytes)
-        if slot.capacity < self.largest:
+        if slot.arena is None or slot.capacity < self.largest:
             if slot.arena is not None and slot.released_once:
                 # The old arena may still be read by the consumer's queued work.
                 backend.synchronize(slot.released)
-            slot.capacity = int(self.largest * _GROWTH)
+            slot.capacity = max(1, int(self.largest * _GROWTH))  # zero-byte batches too
             slot.arena = backend.alloc_device(slot.capacity)
         if slot.released_once:
             backend.wait_event(stream, slot.released)
@@ -234,6 +235,7 @@ class DeviceRing:
                 if slot.released_once:
                     self.backend.synchronize(slot.released)
             slot.arena = None
+            slot.capacity = 0  # freed: stats() reports no device bytes
 
 
 class CopyLooper(LooperThread):

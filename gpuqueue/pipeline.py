@@ -311,6 +311,8 @@ class Run:
                     counters.occupancy_sum / counters.gets if counters.gets else 0.0
                 ),
             }
+        if self.processes is not None:
+            stats["shared_memory_bytes"] = self.processes.pinned_bytes
         ring, backend = self.ring, self.backend
         if ring is not None and backend is not None:
             span = (ring.last_copy_at or 0.0) - (ring.first_copy_at or 0.0)

@@ -6,8 +6,17 @@ or hang across an interpreter is run in a subprocess under a kill timeout.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 import traceback
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -172,3 +181,320 @@ def test_an_epoch_with_some_none_items_goes_on() -> None:
     with enqueuer:
         got = [int(b[1]["index"]) for b in islice(enqueuer.get(), 5)]
     assert got == [0, 2, 0, 2, 0]
+
+
+# -- processes and shared memory, for real ------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Helpers for the scripts: what shared memory a process has open and mapped.
+SHARED_MEMORY_PROBE = textwrap.dedent(
+    """
+    import os
+
+    def shared_fds(pid="self"):
+        found = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(("/dev/shm/", "/memfd:")):
+                found.append(target)
+        return found
+
+    def mapped_segments(pid="self"):
+        with open(f"/proc/{pid}/maps") as maps:
+            return [
+                line.split(None, 5)[5].strip()
+                for line in maps
+                if "/dev/shm/" in line or "/memfd:" in line
+            ]
+    """
+)
+
+
+def run_script(code: str, timeout: float = 90, prefix: list[str] | None = None) -> Any:
+    """Runs ``code`` in a fresh interpreter in its own process group, killed whole on timeout."""
+    process = subprocess.Popen(
+        [*(prefix or []), sys.executable, "-c", SHARED_MEMORY_PROBE + textwrap.dedent(code)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(
+            f"the script hung for {timeout} s; stdout {out[-2000:]!r} stderr {err[-2000:]!r}"
+        )
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+needs_procfs = pytest.mark.skipif(
+    not (os.path.isdir("/proc/self/fd") and os.path.isdir("/dev/shm")),
+    reason="needs /proc and POSIX shared memory (Linux)",
+)
+
+
+@needs_procfs
+@pytest.mark.timeout(120)
+def test_dropped_process_enqueuers_leave_no_shared_memory_and_print_nothing() -> None:
+    """Regression: 10 enqueuers dropped without stop() kept 57 segments (570 MiB) open."""
+    done = run_script(
+        """
+        import gc, json
+        import gpuqueue
+        from tests.seqs import EightMiB as Big
+
+        if __name__ == "__main__":
+            shm_before = set(os.listdir("/dev/shm"))
+            fds = []
+            for _ in range(10):
+                e = gpuqueue.OrderedEnqueuer(Big(), use_multiprocessing=True, shard=None)
+                e.start(workers=2, max_queue_size=3)
+                it = e.get()
+                for _ in range(3):
+                    next(it)
+                threads, processes = e._run.threads, e._run.processes.processes
+                del e, it
+                gc.collect()
+                for thread in threads:  # they end on their own; wait, so counts are settled
+                    thread.join(30)
+                for process in processes:
+                    process.join(30)
+                gc.collect()
+                fds.append(len(os.listdir("/proc/self/fd")))
+            print(json.dumps({
+                "shared_fds": shared_fds(),
+                "mapped": mapped_segments(),
+                "fds": fds,
+                "new_shm": sorted(
+                    n for n in set(os.listdir("/dev/shm")) - shm_before if str(os.getpid()) in n
+                ),
+            }))
+        """
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["shared_fds"] == [] and report["mapped"] == [], report
+    assert report["new_shm"] == [], report
+    assert max(report["fds"][1:]) <= report["fds"][0], report["fds"]  # no growth
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+
+
+@needs_procfs
+@pytest.mark.timeout(120)
+def test_sigkill_of_the_whole_process_group_leaves_nothing_in_dev_shm() -> None:
+    """Regression: SIGKILL of the group (timeout(1), SLURM, Kubernetes) left every segment."""
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            SHARED_MEMORY_PROBE
+            + textwrap.dedent(
+                """
+                import json, sys, threading
+                import numpy as np
+                import gpuqueue
+                from tests.seqs import Numbered
+
+                if __name__ == "__main__":
+                    e = gpuqueue.OrderedEnqueuer(
+                        Numbered(length=8, shape=(256, 1024)), use_multiprocessing=True, shard=None
+                    )
+                    e.start(workers=2, max_queue_size=4)
+                    it = e.get()
+                    next(it)
+                    segments = mapped_segments()
+                    for worker in e._run.processes.processes:
+                        segments += mapped_segments(worker.pid)
+                    print(json.dumps({"pgid": os.getpgid(0), "segments": segments}), flush=True)
+                    print("ready", flush=True)
+                    threading.Event().wait()  # until killed
+                """
+            ),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        report = json.loads(process.stdout.readline())
+        assert process.stdout.readline().strip() == "ready"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=30)
+    assert report["pgid"] == process.pid
+    assert report["segments"], "the enqueuer mapped no shared memory: nothing was tested"
+    named = sorted({s for s in report["segments"] if s.startswith("/dev/shm/")})
+    left = [name for name in named if os.path.exists(name)]
+    assert left == [], f"segments left in /dev/shm after SIGKILL of the group: {left}"
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
+
+
+NO_ROOM_SCRIPT = """
+    import resource
+    import gpuqueue
+    from tests.seqs import EightMiB as Big
+
+    if __name__ == "__main__":
+        {setup}
+        e = gpuqueue.OrderedEnqueuer(Big(), use_multiprocessing=True, shard=None)
+        e.start(workers=1, max_queue_size=1)
+        try:
+            next(e.get())
+        except Exception as error:
+            print(type(error).__name__ + ": " + str(error), flush=True)
+        finally:
+            e.stop(timeout=10)
+"""
+
+
+@needs_procfs
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="needs memfd_create")
+@pytest.mark.timeout(120)
+def test_no_room_for_a_memfd_slot_is_a_clear_error_not_a_sigbus() -> None:
+    # The kernel refuses the reservation (EFBIG past RLIMIT_FSIZE) as it would past a
+    # memory limit; CPython ignores SIGXFSZ, so the refusal arrives as an error.
+    setup = "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))"
+    done = run_script(NO_ROOM_SCRIPT.replace("{setup}", setup))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.match(
+        r"^PipelineError: cannot reserve 10,485,760 bytes of shared memory for a worker "
+        r"process's batch slot in anonymous shared memory \(memfd_create\)",
+        done.stdout,
+    ), done.stdout
+
+
+@needs_procfs
+@pytest.mark.timeout(120)
+def test_a_dev_shm_too_small_is_a_clear_error_naming_it_and_the_shm_size() -> None:
+    """Regression: a worker died with SIGBUS while writing into a full /dev/shm."""
+    unshare = shutil.which("unshare")
+    probe = (
+        subprocess.run(
+            [unshare, "-m", "sh", "-c", "mount -t tmpfs -o size=4m tmpfs /dev/shm"],
+            capture_output=True,
+            timeout=30,
+        )
+        if unshare
+        else None
+    )
+    if probe is None or probe.returncode != 0:
+        pytest.skip("needs unshare -m and mount (root) to give the script a 4 MiB /dev/shm")
+    setup = "import gpuqueue.shm; gpuqueue.shm.USE_MEMFD = False  # as without memfd_create"
+    script = SHARED_MEMORY_PROBE + textwrap.dedent(NO_ROOM_SCRIPT.replace("{setup}", setup))
+    code = 'mount -t tmpfs -o size=4m tmpfs /dev/shm && exec "$0" -c "$1"'
+    done = subprocess.run(
+        [unshare, "-m", "sh", "-c", code, sys.executable, script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.match(
+        r"^PipelineError: cannot reserve 10,485,760 bytes of shared memory for a worker "
+        r"process's batch slot in /dev/shm \(4,194,304 bytes free of 4,194,304\): No space "
+        r"left on device\. .*docker run --shm-size",
+        done.stdout,
+    ), done.stdout
+
+
+class BrokenInTheChild(Numbered):
+    """Pickles in the parent; rebuilding it in a worker process raises."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        raise ImportError("No module named 'private_dataset' (only the parent has it)")
+
+
+@pytest.mark.timeout(60)
+def test_a_sequence_the_child_cannot_rebuild_raises_its_cause_with_the_index() -> None:
+    """Regression: this was ``WorkerDiedError ... exit code 1``, the cause only on stderr."""
+    enqueuer = OrderedEnqueuer(BrokenInTheChild(), use_multiprocessing=True, shard=None)
+    enqueuer.start(workers=2)
+    try:
+        with pytest.raises(ImportError, match=r"^No module named 'private_dataset'") as info:
+            next(enqueuer.get())
+    finally:
+        enqueuer.stop(timeout=10)
+    notes = "\n".join(info.value.__notes__)
+    assert re.search(
+        r"raised while rebuilding the Sequence in worker process OrderedEnqueuer-process\d", notes
+    ), notes
+    assert "reading batch index 0 (epoch 0, position 0)" in notes, notes
+
+
+# -- zero bytes, and stats after stop ------------------------------------------------------
+
+
+class ZeroBytes(gpuqueue.Sequence):
+    def __init__(self, empty: bool) -> None:
+        self.empty = empty
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> Any:
+        return () if self.empty else (np.zeros((0, 4), np.float32), np.zeros(0, np.int8))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("empty", [True, False], ids=["tuple", "zero-length"])
+@pytest.mark.parametrize(
+    ("processes", "device"), [(False, "cpu"), (False, "simulated"), (True, None), (True, "cpu")]
+)
+def test_a_first_batch_of_zero_bytes_goes_through(
+    processes: bool, device: Any, empty: bool
+) -> None:
+    """Regression: a bare AssertionError (threads, cpu), OSError '/' (processes)."""
+    enqueuer = OrderedEnqueuer(
+        ZeroBytes(empty), use_multiprocessing=processes, device=device, shard=None, epochs=2
+    )
+    with enqueuer:
+        got = list(enqueuer.get())
+    assert len(got) == 6
+    if empty:
+        assert all(batch == () for batch in got)
+    else:
+        assert all(b[0].shape == (0, 4) and b[1].dtype == np.int8 for b in got)
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_stats_after_stop_report_freed_memory_as_zero(processes: bool) -> None:
+    """Regression: device bytes were still reported after stop(); shared memory never was."""
+    enqueuer = OrderedEnqueuer(
+        Numbered(length=4, shape=(64, 64)), use_multiprocessing=processes, device="cpu", shard=None
+    )
+    enqueuer.start(workers=2)
+    next(enqueuer.get())
+    running = enqueuer.stats()
+    enqueuer.stop(timeout=10)
+    stopped = enqueuer.stats()
+    assert running["device_bytes"] > 0 and running["pinned_bytes"] > 0
+    assert stopped["device_bytes"] == 0 and stopped["pinned_bytes"] == 0
+    assert ("shared_memory_bytes" in running) is processes
+    if processes:
+        assert running["shared_memory_bytes"] > 0 and stopped["shared_memory_bytes"] == 0
+
+
+def test_stats_report_shared_memory_with_processes_and_no_device() -> None:
+    enqueuer = OrderedEnqueuer(
+        Numbered(length=4, shape=(64, 64)), use_multiprocessing=True, shard=None
+    )
+    enqueuer.start(workers=2, max_queue_size=2)
+    next(enqueuer.get())
+    running = enqueuer.stats()
+    enqueuer.stop(timeout=10)
+    # slots are made when first taken, each for at least one 16 KiB batch
+    assert running["shared_memory_bytes"] >= 64 * 64 * 4, running
+    assert enqueuer.stats()["shared_memory_bytes"] == 0
