@@ -241,10 +241,9 @@ class Gated(Numbered):
 def test_a_consumer_blocked_in_get_wakes_when_another_thread_stops(running: list[Any]) -> None:
     seq = Gated()
     enqueuer = start(running, OrderedEnqueuer(seq), workers=2)
-    batches = enqueuer.get()
-    next(batches)
+    next(enqueuer.get())  # closed once dropped: another thread may consume next
     waiting = wait_entered(enqueuer._run.host_queue._not_empty)
-    consumer = Worker(lambda: list(batches), name="consumer")
+    consumer = Worker(lambda: list(enqueuer.get()), name="consumer")
     consumer.start()
     assert waiting.wait(5)
     stopper = Worker(enqueuer.stop, 10, name="stopper")

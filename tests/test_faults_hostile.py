@@ -7,6 +7,7 @@ or hang across an interpreter is run in a subprocess under a kill timeout.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import traceback
 from itertools import islice
 from pathlib import Path
@@ -23,7 +25,8 @@ import numpy as np
 import pytest
 
 import gpuqueue
-from gpuqueue import BatchError, OrderedEnqueuer, PipelineError
+from gpuqueue import BatchError, BatchTimeoutError, OrderedEnqueuer, PipelineError, delivery
+from tests.conftest import Worker
 from tests.seqs import Numbered
 
 # -- errors keep their place, their note and their traceback -------------------------
@@ -96,7 +99,7 @@ def test_stop_keeps_the_traceback_the_consumer_saw(ending: str) -> None:
     names = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
     # the consumer's frames, then the worker's, down to the user's __getitem__
     assert names[0] == "test_stop_keeps_the_traceback_the_consumer_saw", names
-    assert names[1:3] == ["_consume", "batches"], names
+    assert names[1] == "_consume" and "_deliver_all" in names, names
     assert names[-1] == "__getitem__", names
     assert "join" not in names, names
 
@@ -498,3 +501,205 @@ def test_stats_report_shared_memory_with_processes_and_no_device() -> None:
     # slots are made when first taken, each for at least one 16 KiB batch
     assert running["shared_memory_bytes"] >= 64 * 64 * 4, running
     assert enqueuer.stats()["shared_memory_bytes"] == 0
+
+
+# -- one consumer at a time ------------------------------------------------------------------
+
+
+def test_a_second_consuming_thread_is_refused_not_corrupted() -> None:
+    """Regression: two threads iterating one enqueuer (device="cpu") saw batches change."""
+    enqueuer = OrderedEnqueuer(Numbered(length=8), device="cpu", shard=None)
+    enqueuer.start(workers=2)
+    holding, done = threading.Event(), threading.Event()
+
+    def consume_and_hold() -> float:
+        batches = enqueuer.get()
+        first = next(batches)
+        holding.set()
+        assert done.wait(10)
+        return float(first[0][0, 0])  # still the batch it took: nobody released it
+
+    first = Worker(consume_and_hold, name="first-consumer")
+    first.start()
+    try:
+        assert holding.wait(10)
+        with pytest.raises(
+            PipelineError,
+            match=r"^OrderedEnqueuer\.get\(\): thread 'first-consumer' is consuming this run's "
+            r"batches, so thread 'MainThread' may not",
+        ):
+            next(enqueuer.get())
+    finally:
+        done.set()
+        first.finish(10)
+    assert first.result == 0.0
+    # once the first consumer's iterator is gone, another thread may consume
+    assert int(next(enqueuer.get())[1]["index"]) == 1
+    enqueuer.stop(timeout=10)
+
+
+def test_one_iterator_shared_by_two_threads_is_refused_and_keeps_working() -> None:
+    enqueuer = OrderedEnqueuer(Numbered(length=8), device="cpu", shard=None)
+    enqueuer.start(workers=2)
+    try:
+        batches = enqueuer.get()
+        assert int(next(batches)[1]["index"]) == 0
+        other = Worker(lambda: next(batches), name="second-consumer")
+        other.start()
+        other.finish(10)
+        assert isinstance(other.error, PipelineError)
+        assert re.match(
+            r"^OrderedEnqueuer\.get\(\): thread 'second-consumer' called next\(\) on the batches "
+            r"thread 'MainThread' is consuming",
+            str(other.error),
+        ), other.error
+        assert int(next(batches)[1]["index"]) == 1  # the owner goes on
+    finally:
+        enqueuer.stop(timeout=10)
+
+
+def test_get_again_in_one_thread_and_after_another_thread_finished_works() -> None:
+    enqueuer = OrderedEnqueuer(Numbered(length=8), device="cpu", shard=None)
+    enqueuer.start(workers=2)
+    try:
+        assert [int(next(enqueuer.get())[1]["index"]) for _ in range(3)] == [0, 1, 2]
+
+        def take_two() -> list[int]:
+            got = []
+            for batch in enqueuer.get():
+                got.append(int(batch[1]["index"]))
+                if len(got) == 2:
+                    break
+            return got
+
+        worker = Worker(take_two, name="epoch-thread")
+        worker.start()
+        assert worker.finish(10).result == [3, 4]
+        batches = enqueuer.get()
+        assert int(next(batches)[1]["index"]) == 5
+        batches.close()
+        assert int(next(enqueuer.get())[1]["index"]) == 6
+    finally:
+        enqueuer.stop(timeout=10)
+
+
+# -- timeouts ----------------------------------------------------------------------------------
+
+
+class BlocksAt(Numbered):
+    """Reading ``index`` blocks until ``gate`` is set; ``entered`` says it began."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(length=6)
+        self.index = index
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def __getitem__(self, index: int) -> Any:
+        if index == self.index:
+            self.entered.set()
+            assert self.gate.wait(30)
+        return super().__getitem__(index)
+
+
+def test_a_timeout_names_the_workers_and_indices_in_flight() -> None:
+    seq = BlocksAt(1)
+    enqueuer = OrderedEnqueuer(seq, shard=None, timeout=0.2)
+    enqueuer.start(workers=1, max_queue_size=2)
+    batches = enqueuer.get()
+    try:
+        assert int(next(batches)[1]["index"]) == 0
+        with pytest.raises(
+            BatchTimeoutError,
+            match=r"^OrderedEnqueuer\.get\(\): no batch arrived within 0\.2 s; worker threads: "
+            r"QueueRunnerThread-OrderedEnqueuer-host-worker0: batch index 1 \(epoch 0, position 1",
+        ) as info:
+            next(batches)
+        assert isinstance(info.value, TimeoutError)
+        with pytest.raises(BatchTimeoutError):  # sticky, as any error
+            next(enqueuer.get())
+        assert not enqueuer.is_running()
+    finally:
+        seq.gate.set()
+        enqueuer.stop(timeout=10)
+
+
+def test_without_a_timeout_a_long_wait_logs_a_warning_and_waits_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(delivery, "WARN_AFTER_S", 0.05)
+    warned = threading.Event()
+    records: list[logging.LogRecord] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+            warned.set()
+
+    handler = Seen(logging.WARNING)
+    logging.getLogger("gpuqueue").addHandler(handler)
+    seq = BlocksAt(1)
+    enqueuer = OrderedEnqueuer(seq, shard=None)
+    enqueuer.start(workers=1, max_queue_size=2)
+    try:
+        next(enqueuer.get())
+        consumer = Worker(lambda: next(enqueuer.get()), name="consumer")
+        consumer.start()
+        assert warned.wait(10)
+        seq.gate.set()  # the batch comes after all: the consumer waited on and got it
+        assert int(consumer.finish(10).result[1]["index"]) == 1  # type: ignore[index]
+    finally:
+        seq.gate.set()
+        logging.getLogger("gpuqueue").removeHandler(handler)
+        enqueuer.stop(timeout=10)
+    message = records[0].getMessage()
+    assert records[0].levelno == logging.WARNING
+    assert re.match(
+        r"^OrderedEnqueuer\.get\(\) has waited 0\.05 s for a batch and waits on; worker threads: "
+        r"QueueRunnerThread-OrderedEnqueuer-host-worker0: batch index 1 \(epoch 0, position 1\)",
+        message,
+    ), message
+
+
+@needs_procfs
+@pytest.mark.timeout(60)
+def test_a_stopped_worker_process_is_a_timeout_naming_it() -> None:
+    """Regression: a SIGSTOPped (or deadlocked) worker blocked the consumer for ever."""
+    enqueuer = OrderedEnqueuer(Numbered(length=50), use_multiprocessing=True, shard=None, timeout=1)
+    enqueuer.start(workers=1, max_queue_size=1)
+    (process,) = enqueuer._run.processes.processes
+    try:
+        batches = enqueuer.get()
+        next(batches)
+        os.kill(process.pid, signal.SIGSTOP)
+        with pytest.raises(BatchTimeoutError) as info:
+            for _ in range(10):  # what was queued before it stopped, then nothing
+                next(batches)
+        assert re.match(
+            rf"^OrderedEnqueuer\.get\(\): no batch arrived within 1 s; .*worker processes: "
+            rf"OrderedEnqueuer-process0 \(pid {process.pid}\): batch index \d+ \(epoch 0",
+            str(info.value),
+        ), info.value
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        enqueuer.stop(timeout=10)
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "1", True])
+def test_timeout_must_be_none_or_positive(timeout: Any) -> None:
+    with pytest.raises(ValueError, match=r"^timeout must be None or a positive number"):
+        OrderedEnqueuer(Numbered(), timeout=timeout)
+    with pytest.raises(ValueError, match=r"^timeout must be None or a positive number"):
+        gpuqueue.GeneratorEnqueuer(iter([]), timeout=timeout)
+
+
+def test_prefetch_passes_its_timeout_on() -> None:
+    seq = BlocksAt(1)
+    with (
+        pytest.raises(BatchTimeoutError, match=r"^OrderedEnqueuer\.get\(\): no batch arrived"),
+        gpuqueue.prefetch(seq, device="cpu", workers=1, max_queue_size=1, timeout=0.2) as b,
+    ):
+        try:
+            for _ in b:
+                pass
+        finally:
+            seq.gate.set()  # before the block's stop() waits for the worker
