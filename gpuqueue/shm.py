@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import mmap
 import os
 import tempfile
@@ -90,12 +91,12 @@ def _no_room(nbytes: int, where: str, error: OSError) -> PipelineError:
     )
 
 
-def create_segment(nbytes: int) -> tuple[int, mmap.mmap]:
+def create_segment(nbytes: int) -> tuple[io.FileIO, mmap.mmap]:
     """A new anonymous shared segment of ``nbytes`` (> 0), its space reserved, mapped here.
 
-    Returns its descriptor (for ``send_segment``; the caller closes it) and its
-    mapping. The memory goes once both are closed here and in every process
-    that received it.
+    Returns its file (whose descriptor ``send_segment`` passes on; closed with
+    it, or when it is collected) and its mapping. The memory goes once both are
+    closed here and in every process that received it.
 
     Raises:
         PipelineError: If there is no room for ``nbytes``: it names where the
@@ -114,7 +115,8 @@ def create_segment(nbytes: int) -> tuple[int, mmap.mmap]:
             if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             os.ftruncate(fd, nbytes)  # a file system that cannot reserve: size it only
-        return fd, mmap.mmap(fd, nbytes)
+        segment = mmap.mmap(fd, nbytes)
+        return io.FileIO(fd, "r+", closefd=True), segment
     except BaseException:
         os.close(fd)
         raise
@@ -143,7 +145,7 @@ class Slot:
     """
 
     number: int
-    fd: int = -1
+    file: io.FileIO | None = None  # the segment's descriptor, to send to worker processes
     segment: mmap.mmap | None = None
     array: np.ndarray = field(default_factory=lambda: _EMPTY)  # the segment as uint8
     generation: int = 0
@@ -213,7 +215,7 @@ class SlotPool:
         with self._lock:
             if self._abandoned:
                 raise CancelledError("the pipeline was abandoned")
-            slot.fd, segment = create_segment(max(1, int(self._largest * _GROWTH)))
+            slot.file, segment = create_segment(max(1, int(self._largest * _GROWTH)))
             slot.segment = segment
             slot.generation += 1
             slot.array = np.frombuffer(segment, dtype=np.uint8)
@@ -232,17 +234,19 @@ class SlotPool:
     def abandon(self) -> None:
         """Lets go of every segment without waiting (the finaliser of an abandoned run).
 
-        A mapping no batch refers to is closed now, with its descriptor; one
-        that a batch still refers to goes with that batch. Page-locked slots
-        are left for ``close`` or the garbage collector, since unregistering
-        them must wait for the copies that read them.
+        Every descriptor is closed now (no segment is sent after this). A
+        mapping no batch refers to is closed now too; one that a batch still
+        refers to goes with that batch. Page-locked mappings are left to
+        ``close`` or the garbage collector, since unregistering them must wait
+        for the copies that read them.
         """
         with self._lock:
             self._abandoned = True
-            if self._backend is not None:
-                return
             for slot in self._all:
-                _drop_mapping(slot)
+                if slot.file is not None:
+                    slot.file.close()
+                if self._backend is None:
+                    _drop_mapping(slot)
 
     def close(self) -> None:
         """Frees every slot, once the copies reading them have completed."""
@@ -262,9 +266,9 @@ class SlotPool:
 
 def _drop_mapping(slot: Slot) -> None:
     """Closes a slot's descriptor and mapping (or leaves the mapping to the last view of it)."""
-    if slot.fd >= 0:
-        os.close(slot.fd)
-        slot.fd = -1
+    if slot.file is not None:
+        slot.file.close()
+        slot.file = None
     segment, slot.segment, slot.array = slot.segment, None, _EMPTY
     if segment is not None:
         with contextlib.suppress(BufferError):  # a batch still views it: it goes with that

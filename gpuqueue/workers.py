@@ -227,7 +227,8 @@ class ProcessPool:
 
     def _send_segment(self, worker: _Worker, slot: Slot) -> None:
         try:
-            send_segment(worker.conn, slot.fd, worker.process.pid)
+            assert slot.file is not None
+            send_segment(worker.conn, slot.file.fileno(), worker.process.pid)
         except (OSError, ValueError):  # the pipe broke: the process is gone
             raise self._died(worker) from None
         worker.mapped[slot.number] = slot.generation

@@ -248,10 +248,11 @@ needs_procfs = pytest.mark.skipif(
 
 @needs_procfs
 @pytest.mark.timeout(120)
-def test_dropped_process_enqueuers_leave_no_shared_memory_and_print_nothing() -> None:
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_dropped_process_enqueuers_leave_no_shared_memory_and_print_nothing(device: Any) -> None:
     """Regression: 10 enqueuers dropped without stop() kept 57 segments (570 MiB) open."""
     done = run_script(
-        """
+        f"""
         import gc, json
         import gpuqueue
         from tests.seqs import EightMiB as Big
@@ -260,7 +261,9 @@ def test_dropped_process_enqueuers_leave_no_shared_memory_and_print_nothing() ->
             shm_before = set(os.listdir("/dev/shm"))
             fds = []
             for _ in range(10):
-                e = gpuqueue.OrderedEnqueuer(Big(), use_multiprocessing=True, shard=None)
+                e = gpuqueue.OrderedEnqueuer(
+                    Big(), use_multiprocessing=True, shard=None, device={device!r}
+                )
                 e.start(workers=2, max_queue_size=3)
                 it = e.get()
                 for _ in range(3):
@@ -274,14 +277,14 @@ def test_dropped_process_enqueuers_leave_no_shared_memory_and_print_nothing() ->
                     process.join(30)
                 gc.collect()
                 fds.append(len(os.listdir("/proc/self/fd")))
-            print(json.dumps({
+            print(json.dumps({{
                 "shared_fds": shared_fds(),
                 "mapped": mapped_segments(),
                 "fds": fds,
                 "new_shm": sorted(
-                    n for n in set(os.listdir("/dev/shm")) - shm_before if str(os.getpid()) in n
+                    n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("gpuqueue-")
                 ),
-            }))
+            }}))
         """
     )
     assert done.returncode == 0, done.stderr[-3000:]
