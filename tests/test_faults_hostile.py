@@ -608,14 +608,14 @@ class BlocksAt(Numbered):
 
 def test_a_timeout_names_the_workers_and_indices_in_flight() -> None:
     seq = BlocksAt(1)
-    enqueuer = OrderedEnqueuer(seq, shard=None, timeout=0.2)
+    enqueuer = OrderedEnqueuer(seq, shard=None, timeout=0.5)
     enqueuer.start(workers=1, max_queue_size=2)
     batches = enqueuer.get()
     try:
         assert int(next(batches)[1]["index"]) == 0
         with pytest.raises(
             BatchTimeoutError,
-            match=r"^OrderedEnqueuer\.get\(\): no batch arrived within 0\.2 s; worker threads: "
+            match=r"^OrderedEnqueuer\.get\(\): no batch arrived within 0\.5 s; worker threads: "
             r"QueueRunnerThread-OrderedEnqueuer-host-worker0: batch index 1 \(epoch 0, position 1",
         ) as info:
             next(batches)
@@ -631,7 +631,6 @@ def test_a_timeout_names_the_workers_and_indices_in_flight() -> None:
 def test_without_a_timeout_a_long_wait_logs_a_warning_and_waits_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(delivery, "WARN_AFTER_S", 0.05)
     warned = threading.Event()
     records: list[logging.LogRecord] = []
 
@@ -647,6 +646,7 @@ def test_without_a_timeout_a_long_wait_logs_a_warning_and_waits_on(
     enqueuer.start(workers=1, max_queue_size=2)
     try:
         next(enqueuer.get())
+        monkeypatch.setattr(delivery, "WARN_AFTER_S", 0.05)  # after the first, however slow
         consumer = Worker(lambda: next(enqueuer.get()), name="consumer")
         consumer.start()
         assert warned.wait(10)
@@ -669,7 +669,7 @@ def test_without_a_timeout_a_long_wait_logs_a_warning_and_waits_on(
 @pytest.mark.timeout(60)
 def test_a_stopped_worker_process_is_a_timeout_naming_it() -> None:
     """Regression: a SIGSTOPped (or deadlocked) worker blocked the consumer for ever."""
-    enqueuer = OrderedEnqueuer(Numbered(length=50), use_multiprocessing=True, shard=None, timeout=1)
+    enqueuer = OrderedEnqueuer(Numbered(length=50), use_multiprocessing=True, shard=None, timeout=2)
     enqueuer.start(workers=1, max_queue_size=1)
     (process,) = enqueuer._run.processes.processes
     try:
@@ -680,7 +680,7 @@ def test_a_stopped_worker_process_is_a_timeout_naming_it() -> None:
             for _ in range(10):  # what was queued before it stopped, then nothing
                 next(batches)
         assert re.match(
-            rf"^OrderedEnqueuer\.get\(\): no batch arrived within 1 s; .*worker processes: "
+            rf"^OrderedEnqueuer\.get\(\): no batch arrived within 2 s; .*worker processes: "
             rf"OrderedEnqueuer-process0 \(pid {process.pid}\): batch index \d+ \(epoch 0",
             str(info.value),
         ), info.value
@@ -701,7 +701,7 @@ def test_prefetch_passes_its_timeout_on() -> None:
     seq = BlocksAt(1)
     with (
         pytest.raises(BatchTimeoutError, match=r"^OrderedEnqueuer\.get\(\): no batch arrived"),
-        gpuqueue.prefetch(seq, device="cpu", workers=1, max_queue_size=1, timeout=0.2) as b,
+        gpuqueue.prefetch(seq, device="cpu", workers=1, max_queue_size=1, timeout=0.5) as b,
     ):
         try:
             for _ in b:
