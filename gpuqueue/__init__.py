@@ -11,6 +11,7 @@ from .delivery import keep
 from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
 from .errors import (
     BatchError,
+    BatchTimeoutError,
     CancelledError,
     GpuqueueError,
     OutOfRangeError,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchError",
+    "BatchTimeoutError",
     "CancelledError",
     "Coordinator",
     "FIFOQueue",

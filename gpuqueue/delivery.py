@@ -1,36 +1,74 @@
 """The consumer's side of a run: queued items become the user's batches, in order.
 
-``batches`` is the generator ``get()`` returns: it takes items off the run's
+``Batches`` is the iterator ``get()`` returns: it takes items off the run's
 output queue, yields each batch (on a device, ordered after its copy on the
 consumer's stream, in the output library the user asked for), and raises a
 worker's error in its place, after every batch before it. Every batch is
-the consumer's to keep: its device memory is reused only once the last view
-of it is gone (``looper.DeviceArenas``). ``keep`` copies a batch all the same,
-for code written against the older "valid until the next get" rule.
+its taker's to keep, so several threads may consume one run: a batch's
+device memory is reused only once the last view of it is gone
+(``looper.DeviceArenas``). ``keep`` copies a batch all the same, for code
+written against the older "valid until the next get" rule.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from .backends.base import Backend
-from .errors import CancelledError, OutOfRangeError, note_thread
+from .channel import FIFOQueue
+from .errors import BatchTimeoutError, CancelledError, OutOfRangeError, note_thread
 from .host import Item
 from .pipeline import DEFAULT_STOP_TIMEOUT, Run
 from .sources import Task
 from .staging import flatten, rebuild, unpack
 
-__all__ = ["batches", "keep"]
+__all__ = ["WARN_AFTER_S", "Batches", "batches", "keep"]
+
+logger = logging.getLogger("gpuqueue")
+
+# Without a timeout, get() logs a warning naming what is in flight once it has
+# waited this long for one batch, then waits on.
+WARN_AFTER_S = 60.0
 
 
-def batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
+class Batches:
+    """The iterator ``get()`` returns: the run's batches, in order.
+
+    Every batch is its taker's, so several threads may consume one run, each
+    through its own ``get()`` or together through one iterator: ``next()``
+    calls take turns, and each returns a batch of its own.
+    """
+
+    def __init__(self, run: Run, received: Callable[[Task], None]) -> None:
+        self._batches = batches(run, received)
+        self._turn = threading.Lock()  # a generator runs in one thread at a time
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> Any:
+        with self._turn:
+            return next(self._batches)
+
+    def close(self) -> None:
+        """Ends the iteration now, as a generator's ``close`` does."""
+        with self._turn:
+            self._batches.close()
+
+
+def batches(run: Run, received: Callable[[Task], None]) -> Generator[Any, None, None]:
     """Yields the run's batches in order; ``received`` learns each task delivered.
 
     Ends when a finite source ends (the run is stopped) or another thread
     stops the run. A worker's error is raised in its place, stops the run,
     and is raised again by every later call (``Run.fail``).
+
+    Raises:
+        BatchTimeoutError: If ``timeout`` is set and no batch arrives within it.
     """
     queue = run.output_queue
     while True:
@@ -38,7 +76,11 @@ def batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
             raise run.error.with_traceback(run.error_traceback)
         started = time.monotonic()
         try:
-            item = queue.get()
+            item = _next_item(run, queue)
+        except BatchTimeoutError as error:
+            run.fail(error)
+            run.coord.request_stop(error)  # stop() then ends (or kills) what is stuck
+            raise
         except OutOfRangeError:  # a finite source ended
             run.stop(DEFAULT_STOP_TIMEOUT)
             return
@@ -73,6 +115,30 @@ def batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
         handed = [batch]
         del batch, item
         yield handed.pop()
+
+
+def _next_item(run: Run, queue: FIFOQueue[Item]) -> Item:
+    """The next item, waiting at most ``timeout``, or warning once ``WARN_AFTER_S`` passed.
+
+    Raises:
+        BatchTimeoutError: If ``timeout`` passed with no item; it names what is in flight.
+    """
+    timeout = run.config.timeout
+    try:
+        return queue.get(timeout=WARN_AFTER_S if timeout is None else timeout)
+    except TimeoutError:
+        pass
+    if timeout is not None:
+        raise BatchTimeoutError(
+            f"{run.name}.get(): no batch arrived within {timeout} s; {run.in_flight()}"
+        )
+    logger.warning(
+        "%s.get() has waited %s s for a batch and waits on; %s",
+        run.name,
+        WARN_AFTER_S,
+        run.in_flight(),
+    )
+    return queue.get()
 
 
 def _stop_with(run: Run, error: BaseException) -> None:

@@ -16,10 +16,11 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .delivery import batches
+from . import pipeline
+from .delivery import Batches
 from .distributed import describe_shard
 from .errors import PipelineError
-from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, PipelineConfig, Run, not_launched
+from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, PipelineConfig, Run
 from .sources import GeneratorTasks, ReadingOrder, SequenceTasks, Task
 
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]
@@ -50,6 +51,9 @@ class SequenceEnqueuer:
             on the same memory.
         stream: The stream the consumer's work runs on; by default CuPy's
             current stream (PyTorch's with ``output="torch"``) at each ``get``.
+        timeout: Seconds ``get()`` waits for a batch, as DataLoader's, then
+            raises ``BatchTimeoutError`` naming the workers and the indices in
+            flight, and stops. None waits, with a warning after a minute.
 
     Device batches are valid until the next ``get`` (or ``release()``): the
     slot is then reused, after the work the consumer queued on it is done.
@@ -70,6 +74,7 @@ class SequenceEnqueuer:
         prefetch_depth: int = 2,
         output: str | None = None,
         stream: Any = None,
+        timeout: float | None = None,
     ) -> None:
         self._config = PipelineConfig(
             self._name,
@@ -78,6 +83,7 @@ class SequenceEnqueuer:
             prefetch_depth=prefetch_depth,
             output=output,
             stream=stream,
+            timeout=timeout,
         )
         self.sequence = sequence
         self.use_multiprocessing = self._config.use_multiprocessing
@@ -128,9 +134,8 @@ class SequenceEnqueuer:
         """Stops every thread and process and frees pinned and device memory.
 
         Returns within ``timeout`` seconds (default 60) even while workers are
-        blocked on a full queue; a worker still inside user code then is
-        named in a ``RuntimeWarning``. Safe to call twice, from any thread,
-        or before ``start()``.
+        blocked on a full queue; a worker still inside user code then is named
+        in a ``RuntimeWarning``. Safe to call twice, from any thread, or before ``start()``.
         """
         if self._run is not None:
             self._run.stop(DEFAULT_STOP_TIMEOUT if timeout is None else timeout)
@@ -144,7 +149,7 @@ class SequenceEnqueuer:
         self.stop()
 
     def get(self) -> Iterator[Any]:
-        """Returns a generator of batches, in order.
+        """Returns an iterator of batches, in order, for one consuming thread at a time.
 
         For a Sequence the stream is endless (epoch after epoch) unless
         ``epochs`` was given; for a generator it ends once everything the
@@ -153,14 +158,16 @@ class SequenceEnqueuer:
         failure are yielded, then the original exception is raised (its own
         type and traceback, with a note naming the thread and the batch
         index), the enqueuer stops, and every later ``get()`` raises it
-        again. If another thread calls ``stop()``, the generator ends.
+        again. If another thread calls ``stop()``, the iteration ends.
 
         Raises:
-            PipelineError: If ``start()`` was not called.
+            PipelineError: If ``start()`` was not called, or (when iterated)
+                another thread is consuming the batches.
+            BatchTimeoutError: When iterated, if ``timeout`` passed with no batch.
         """
         if self._run is None:
             raise PipelineError(f"{self._name}.get() called before start()")
-        return batches(self._run, self._received)
+        return Batches(self._run, self._received)
 
     def release(self) -> None:
         """Kept for code written against the older ring: batches are the consumer's now.
@@ -180,12 +187,13 @@ class SequenceEnqueuer:
             ``batches_produced``, ``batches_consumed``, ``consumer_wait_s``
             (time ``get()`` waited for a batch), ``producer_blocked_s`` (time
             workers waited for room: for an item to be committed, or in the queue),
-            ``queue_size`` (now), ``queue_capacity``,
-            ``mean_queue_occupancy`` (batches queued at each ``get``), and
-            with a device: ``backend``, ``prefetch_depth``, ``bytes_copied``,
-            ``h2d_gbps`` (host-to-device GB/s of one copy in 16, timed by device events),
+            ``queue_size`` (now), ``queue_capacity``, ``mean_queue_occupancy``
+            (batches queued at each ``get``), and with a device: ``backend``,
+            ``prefetch_depth``, ``bytes_copied``, ``h2d_gbps`` (host-to-device
+            GB/s of one copy in 16, timed by device events),
             ``copy_wait_for_host_s`` (time the copy stage waited for the host
-            stage), ``pinned_bytes`` and ``device_bytes``.
+            stage), ``pinned_bytes`` and ``device_bytes``; with processes,
+            ``shared_memory_bytes``. Freed memory (after ``stop()``) counts 0.
         """
         return dict(EMPTY_STATS) if self._run is None else self._run.stats()
 
@@ -214,7 +222,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
             wrapping around the epoch's order.
         epochs: Stop after this many epochs (counted from epoch 0); None
             (the default, as Keras) is endless.
-        device, prefetch_depth, output, stream: As in ``SequenceEnqueuer``.
+        device, prefetch_depth, output, stream, timeout: As in ``SequenceEnqueuer``.
 
     Raises:
         ValueError: If ``shard`` (or a launcher's variable) is malformed, or
@@ -239,6 +247,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
         prefetch_depth: int = 2,
         output: str | None = None,
         stream: Any = None,
+        timeout: float | None = None,
     ) -> None:
         if not (hasattr(sequence, "__getitem__") and hasattr(sequence, "__len__")):
             raise TypeError(
@@ -261,6 +270,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
             prefetch_depth=prefetch_depth,
             output=output,
             stream=stream,
+            timeout=timeout,
         )
 
     def _make_tasks(self) -> SequenceTasks:
@@ -319,7 +329,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
             ``make_batches()``) or a picklable iterable.
         random_seed: Seeds NumPy's global random state in that process, as
             Keras does; unused with threads.
-        device, prefetch_depth, output, stream: As in ``SequenceEnqueuer``.
+        device, prefetch_depth, output, stream, timeout: As in ``SequenceEnqueuer``.
 
     Raises:
         TypeError: If ``generator`` is not iterable (or, with processes, a
@@ -339,14 +349,9 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         prefetch_depth: int = 2,
         output: str | None = None,
         stream: Any = None,
+        timeout: float | None = None,
     ) -> None:
-        iterable = hasattr(generator, "__iter__") or hasattr(generator, "__next__")
-        if not iterable and not (use_multiprocessing and callable(generator)):
-            raise TypeError(f"GeneratorEnqueuer needs an iterable, got {type(generator).__name__}")
-        if use_multiprocessing:
-            from .workers import check_picklable
-
-            check_picklable(generator, "the generator function or a picklable iterable")
+        pipeline.check_generator(generator, use_multiprocessing)
         super().__init__(
             generator,
             use_multiprocessing,
@@ -354,19 +359,13 @@ class GeneratorEnqueuer(SequenceEnqueuer):
             prefetch_depth=prefetch_depth,
             output=output,
             stream=stream,
+            timeout=timeout,
         )
         self._config = dataclasses.replace(self._config, process_seed=random_seed)
         self.random_seed = random_seed
         self._used = False
 
     def _make_tasks(self) -> GeneratorTasks:
-        restartable = self.use_multiprocessing and not hasattr(self.sequence, "__next__")
-        if self._used and not restartable:
-            raise PipelineError(
-                "GeneratorEnqueuer was already started once and its generator is consumed; "
-                "make a new enqueuer with a new generator"
-            )
+        tasks = pipeline.generator_tasks(self.sequence, self.use_multiprocessing, used=self._used)
         self._used = True
-        if self.use_multiprocessing:
-            return GeneratorTasks(None, fetch=not_launched)  # Run.start points it at the process
-        return GeneratorTasks(self.sequence)
+        return tasks

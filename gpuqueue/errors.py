@@ -10,6 +10,7 @@ text::
     │   └── QueueClosedError   put() on a queue that was already closed
     └── PipelineError          the pipeline could not run as configured
         ├── BatchError         a batch is malformed or differs from the first
+        ├── BatchTimeoutError  no batch arrived within the timeout (also a TimeoutError)
         └── WorkerDiedError    a worker process ended without reporting
 
 ``OutOfRangeError`` and ``CancelledError`` keep TensorFlow's names and
@@ -25,6 +26,7 @@ import threading
 
 __all__ = [
     "BatchError",
+    "BatchTimeoutError",
     "CancelledError",
     "GpuqueueError",
     "OutOfRangeError",
@@ -75,6 +77,15 @@ class PipelineError(GpuqueueError):
 
 class WorkerDiedError(PipelineError):
     """A worker process ended (killed, crashed) without reporting an error."""
+
+
+class BatchTimeoutError(PipelineError, TimeoutError):
+    """No batch arrived within the enqueuer's ``timeout``.
+
+    The message names the worker threads and processes and the batch
+    indices they are reading, so a stopped, deadlocked or very slow worker
+    can be found.
+    """
 
 
 class BatchError(PipelineError, ValueError):

@@ -49,6 +49,9 @@ class Described:
 
 _SKIPPED = Described(TreeDef("leaf"), [], skipped=True)
 
+# What a worker is at while it claims a task (for a generator, that is its next()).
+_CLAIMING = "the next item (a generator's next(), or on_epoch_end() between epochs)"
+
 
 @dataclass
 class Item:
@@ -99,6 +102,9 @@ class HostStage:
         processes: The worker processes (``workers.ProcessPool``), if any.
         device: Batches go to a device: each staged batch is made ready for it
             (byte order, dtypes) by the worker that read it.
+        check_dtypes: Check each batch's dtypes and ranks against the first
+            (where batches go to a device); with False only the structure is
+            checked, since batches are handed over as they are.
     """
 
     def __init__(
@@ -111,38 +117,47 @@ class HostStage:
         pinned: PinnedPool | None,
         processes: Any,
         device: bool,
+        check_dtypes: bool = True,
     ) -> None:
         self._tasks, self._host_queue, self._counters = tasks, host_queue, counters
         self._pinned, self._processes, self._device = pinned, processes, device
+        self._check_dtypes = check_dtypes
         self._spec: BatchSpec | None = None  # the first batch's structure, dtypes and ranks
         self.sequencer: Sequencer[Item] = Sequencer(
             self._commit, Item.release_staging, limit=workers
         )
         self._read = self._read_in_process if processes is not None else self._read_in_thread
+        self._reading: dict[str, str] = {}  # what each worker thread is at, by thread name
 
     def enqueue_op(self, number: int) -> Callable[[], None]:
         """Worker ``number``'s enqueue op: claim, read, then hand the item in to be committed."""
-        tasks, sequencer, read = self._tasks, self.sequencer, self._read
+        tasks, sequencer, read, reading = self._tasks, self.sequencer, self._read, self._reading
 
         def enqueue_one() -> None:
             started = time.monotonic()
             sequencer.reserve()  # waits while enough items are out (bounds staging slots)
+            me = threading.current_thread().name
+            reading[me] = _CLAIMING
             try:
                 task = tasks.claim()  # OutOfRangeError here ends this worker cleanly
             except BaseException:
+                del reading[me]
                 sequencer.unreserve()
                 raise
             item = Item(task, claim_wait_s=time.monotonic() - started)
+            reading[me] = task.where()
             try:
                 if task.failure is not None:
                     raise task.failure
                 try:
                     item.described = read(task)
                 finally:
-                    tasks.done_reading(task)
-            except CancelledError:
+                    del reading[me]
+                    skipped = item.described is not None and item.described.skipped
+                    tasks.done_reading(task, skipped=skipped)
+            except (CancelledError, GeneratorExit):
                 raise
-            except Exception as error:
+            except BaseException as error:  # SystemExit too: it belongs in its place
                 tasks.close()
                 note_thread(error, f"reading {task.where()}")
                 item.error = error
@@ -150,6 +165,10 @@ class HostStage:
 
         enqueue_one.__name__ = f"worker{number}"
         return enqueue_one
+
+    def reading(self) -> list[str]:
+        """What each worker thread is reading now, as ``"thread: batch index ..."``."""
+        return [f"{thread}: {what}" for thread, what in dict(self._reading).items()]
 
     def _read_in_process(self, task: Task) -> Described:
         # A generator's item was read by the process while claiming it.
@@ -187,7 +206,12 @@ class HostStage:
                 if self._spec is None:
                     self._spec = BatchSpec.of(described.treedef, described.metas)
                 else:
-                    self._spec.check(described.treedef, described.metas, item.task.where())
+                    self._spec.check(
+                        described.treedef,
+                        described.metas,
+                        item.task.where(),
+                        dtypes=self._check_dtypes,
+                    )
             except Exception as error:
                 self._tasks.close()
                 item.error = error

@@ -123,11 +123,12 @@ class PinnedPool:
             if slot.copy_done is not None:
                 self._backend.synchronize(slot.copy_done)
                 slot.copy_done = None
-            if slot.capacity < largest:
+            # (A batch of zero bytes still gets a slot, of one byte.)
+            if slot.buffer is None or slot.capacity < largest:
                 if slot.buffer is not None:
                     self._backend.free_pinned(slot.buffer)
                     slot.buffer = None
-                slot.buffer = self._backend.alloc_pinned(int(largest * _GROWTH))
+                slot.buffer = self._backend.alloc_pinned(max(1, int(largest * _GROWTH)))
         except BaseException:
             self.release(slot)
             raise

@@ -28,14 +28,16 @@ def prefetch(
     epochs: int | None = None,
     output: str | None = None,
     stream: Any = None,
+    timeout: float | None = None,
 ) -> Iterator[Iterator[Any]]:
     """Yields an iterator of device batches from a Sequence or any iterable.
 
     The one-call form of the enqueuers: a ``Sequence`` (anything with
     ``__getitem__`` and ``__len__``) goes through an ``OrderedEnqueuer``
     (endless unless ``epochs`` is given), any other iterable through a
-    ``GeneratorEnqueuer``. Everything is stopped and freed when the block
-    ends, also on error::
+    ``GeneratorEnqueuer``. ``timeout`` (seconds) bounds the wait for each
+    batch, as the enqueuers' (``BatchTimeoutError``). Everything is stopped
+    and freed when the block ends, also on error::
 
         with gpuqueue.prefetch(dataset, device="auto", workers=4, epochs=1) as batches:
             for x, y in batches:
@@ -61,6 +63,7 @@ def prefetch(
             prefetch_depth=prefetch_depth,
             output=output,
             stream=stream,
+            timeout=timeout,
         )
     else:
         check_iterable_shard(source, shard)
@@ -71,6 +74,7 @@ def prefetch(
             prefetch_depth=prefetch_depth,
             output=output,
             stream=stream,
+            timeout=timeout,
         )
     enqueuer.start(workers=workers, max_queue_size=max_queue_size)
     try:

@@ -70,6 +70,9 @@ class PipelineConfig:
         output: ``None``, ``"cupy"``, ``"numpy"`` or ``"torch"``.
         stream: The consumer's stream; None for the current one at each get.
         process_seed: Seeds NumPy in a generator's worker process.
+        timeout: Seconds ``get()`` waits for one batch before it raises
+            ``BatchTimeoutError``; None waits as long as it takes (with a
+            warning once a minute has passed).
 
     Raises:
         ValueError: If a setting is out of range or settings contradict
@@ -85,8 +88,16 @@ class PipelineConfig:
     output: str | None = None
     stream: Any = None
     process_seed: int | None = None
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
+        timeout = self.timeout
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
+        ):
+            raise ValueError(
+                f"timeout must be None or a positive number of seconds, not {timeout!r}"
+            )
         _check_count("workers", self.workers, 1)
         _check_count("max_queue_size", self.max_queue_size, 1)
         _check_count("prefetch_depth", self.prefetch_depth, 0)
@@ -124,6 +135,8 @@ class Run:
     looper: CopyLooper | None = None
     closed: bool = False
     close_lock: threading.Lock = field(default_factory=threading.Lock)
+    host: HostStage | None = None
+    # The threads iterating the run's batches (delivery.py lets one at a time).
     counters: Counters = field(default_factory=Counters)
     # The first error the consumer saw: every later get() raises it again.
     error: BaseException | None = None
@@ -199,7 +212,9 @@ class Run:
             pinned=self.pinned,
             processes=self.processes,
             device=self.backend is not None,
+            check_dtypes=config.device is not None,
         )
+        self.host = host
         ops = [host.enqueue_op(number) for number in range(config.workers)]
         for stop_callback in (
             tasks.close,
@@ -229,12 +244,20 @@ class Run:
         ``RuntimeWarning``, and their memory is left for the garbage collector.
         """
         self.coord.request_stop()
+        # join() re-raises the recorded error with the traceback it was recorded with.
+        # When stop() runs in a `finally` or `with` while that very error propagates
+        # through the consumer's frames, the re-raise would replace the traceback the
+        # consumer saw (and the frames it gathered since): keep it.
+        recorded = self.coord.exception
+        seen_traceback = None if recorded is None else recorded.__traceback__
         try:
             self.coord.join(self.threads, stop_grace_period_secs=grace, ignore_live_threads=True)
         except BaseException as error:
             if error is not self.coord.exception:  # a real Ctrl-C during stop() goes on up
                 raise
             # the recorded error reaches the consumer through get(), not through stop()
+            if error is recorded:
+                error.__traceback__ = seen_traceback
         stragglers = [t.name for t in self.threads if t.is_alive()]
         if stragglers:
             warnings.warn(
@@ -281,6 +304,14 @@ class Run:
         if self.processes is not None:
             self.processes.abandon()
 
+    def in_flight(self) -> str:
+        """What the workers are reading now, for a message about a wait that went long."""
+        reading = [] if self.host is None else self.host.reading()
+        parts = [f"worker threads: {'; '.join(reading) or 'none reading'}"]
+        if self.processes is not None:
+            parts.append(f"worker processes: {'; '.join(self.processes.busy()) or 'none reading'}")
+        return ", ".join(parts)
+
     def fail(self, error: BaseException) -> None:
         """Makes ``error`` sticky: every later ``get()`` raises it, traceback intact."""
         self.error, self.error_traceback = error, error.__traceback__
@@ -307,6 +338,8 @@ class Run:
                     counters.occupancy_sum / counters.gets if counters.gets else 0.0
                 ),
             }
+        if self.processes is not None:
+            stats["shared_memory_bytes"] = self.processes.pinned_bytes
         arenas, backend = self.arenas, self.backend
         if arenas is not None and backend is not None:
             host_bytes = self.pinned if self.pinned is not None else self.processes
@@ -333,6 +366,41 @@ EMPTY_STATS: dict[str, Any] = {
 }
 
 
-def not_launched(position: int) -> Any:
+def check_generator(generator: Any, use_multiprocessing: bool) -> None:
+    """Checks what a ``GeneratorEnqueuer`` was given.
+
+    Raises:
+        TypeError: If ``generator`` is not iterable (or, with processes, a
+            generator function).
+        PipelineError: With processes, if ``generator`` cannot be pickled.
+    """
+    iterable = hasattr(generator, "__iter__") or hasattr(generator, "__next__")
+    if not iterable and not (use_multiprocessing and callable(generator)):
+        raise TypeError(f"GeneratorEnqueuer needs an iterable, got {type(generator).__name__}")
+    if use_multiprocessing:
+        from .workers import check_picklable
+
+        check_picklable(generator, "the generator function or a picklable iterable")
+
+
+def generator_tasks(generator: Any, use_multiprocessing: bool, *, used: bool) -> GeneratorTasks:
+    """The tasks of a ``GeneratorEnqueuer``'s run; ``used`` if it was started before.
+
+    Raises:
+        PipelineError: If the generator was consumed by an earlier run (a
+            generator function in a process starts afresh, and may restart).
+    """
+    restartable = use_multiprocessing and not hasattr(generator, "__next__")
+    if used and not restartable:
+        raise PipelineError(
+            "GeneratorEnqueuer was already started once and its generator is consumed; "
+            "make a new enqueuer with a new generator"
+        )
+    if use_multiprocessing:
+        return GeneratorTasks(None, fetch=_not_launched)  # Run.start points it at the process
+    return GeneratorTasks(generator)
+
+
+def _not_launched(position: int) -> Any:
     """The fetch of a generator's tasks until ``Run.start`` points it at the process."""
     raise PipelineError("the generator's worker process was not started")

@@ -5,68 +5,155 @@ Each slot is one segment that grows (to the largest batch seen, with a
 margin) only when a batch does not fit, never per batch. With a backend, a
 slot is page-locked (``cudaHostRegister``) so the copy to the device reads it
 directly, and a slot is rewritten only after the copy that read it is done.
-The process side only attaches to slots by name (``attach``).
+
+Segments have no name that could be left behind (PyTorch's
+``file_descriptor`` strategy): each is a ``memfd`` (Linux), or where there is
+none an unnamed file in ``/dev/shm`` (``O_TMPFILE``, or unlinked the moment it
+is made). The parent maps it once; a worker process receives its descriptor
+over its pipe (``send_segment``) once per segment and keeps it mapped. So
+however the processes end, SIGKILL of the whole group included, the memory
+goes with the last process that maps it, and ``/dev/shm`` keeps nothing.
+Each segment's space is reserved when it is made (``posix_fallocate``), so
+a full ``/dev/shm`` or memory limit is a clear error, not a SIGBUS in a
+worker halfway through a write.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
+import errno
+import io
+import mmap
+import os
+import tempfile
 import threading
-from dataclasses import dataclass
-from multiprocessing import shared_memory
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 import numpy as np
 
 from .backends.base import Backend
 from .channel import FIFOQueue
-from .errors import CancelledError
+from .errors import CancelledError, PipelineError
 
-__all__ = ["Slot", "SlotPool", "attach"]
+__all__ = ["Slot", "SlotPool", "create_segment", "receive_segment", "send_segment"]
 
 _GROWTH = 1.25  # a slot that must grow takes a margin, so a slowly growing batch size settles
 
+# Where segments live when there is no memfd_create (tests point this elsewhere).
+SHM_DIR = "/dev/shm"
+USE_MEMFD = hasattr(os, "memfd_create")
 
-def attach(name: str) -> shared_memory.SharedMemory:
-    """Opens a slot the parent created, without making this process its owner."""
-    if sys.version_info >= (3, 13):
-        return shared_memory.SharedMemory(name=name, track=False)
-    # Before 3.13 attaching registers the segment with the resource tracker
-    # again; forkserver and spawn children share the parent's tracker, whose
-    # registry is a set, so that is harmless, and the parent's unlink
-    # unregisters it once for all.
-    return shared_memory.SharedMemory(name=name)
+# The errors by which a full tmpfs, memory cgroup or file-size limit refuses a reservation.
+_NO_ROOM = (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT)
+
+# What an empty slot (before any batch, or for batches of zero bytes) packs into.
+_EMPTY = np.empty(0, dtype=np.uint8)
 
 
-class _Segment(shared_memory.SharedMemory):
-    """A shared-memory segment whose collection tolerates views still alive.
+def _anonymous_file() -> tuple[int, str]:
+    """A descriptor of a new shared-memory file that has no name, and where it lives."""
+    if USE_MEMFD:
+        return os.memfd_create("gpuqueue-slot", os.MFD_CLOEXEC), "memfd"
+    folder = SHM_DIR if os.path.isdir(SHM_DIR) else None
+    # TemporaryFile opens with O_TMPFILE where it can, else unlinks the name at once.
+    with tempfile.TemporaryFile(dir=folder, prefix="gpuqueue-") as file:
+        return os.dup(file.fileno()), folder or tempfile.gettempdir()
 
-    When an abandoned pipeline is collected, a NumPy view of the segment and
-    the segment can go in the same garbage cycle; ``SharedMemory.__del__``
-    would then print a ``BufferError``. The mapping goes with the view.
+
+def _no_room(nbytes: int, where: str, error: OSError) -> PipelineError:
+    if where == "memfd":
+        source = (
+            "anonymous shared memory (memfd_create), which counts against RAM and the "
+            "container's or job's memory limit"
+        )
+        remedy = "raise the memory limit"
+    else:
+        try:
+            stat = os.statvfs(where)
+            free = stat.f_bavail * stat.f_frsize
+            size = f"{free:,} bytes free of {stat.f_blocks * stat.f_frsize:,}"
+        except OSError:
+            size = "free space unknown"
+        source = f"{where} ({size})"
+        remedy = (
+            "give the container more shared memory (docker run --shm-size=8g, or a "
+            "memory-backed volume at /dev/shm)"
+        )
+    return PipelineError(
+        f"cannot reserve {nbytes:,} bytes of shared memory for a worker process's batch "
+        f"slot in {source}: {os.strerror(error.errno or 0)}. Each process enqueuer needs "
+        f"(workers + max_queue_size + 1) slots of the largest batch (x {_GROWTH}); "
+        f"{remedy}, or use smaller batches, fewer workers, a smaller max_queue_size, or "
+        "threads (use_multiprocessing=False). docker run's default --shm-size is 64 MiB."
+    )
+
+
+def create_segment(nbytes: int) -> tuple[io.FileIO, mmap.mmap]:
+    """A new anonymous shared segment of ``nbytes`` (> 0), its space reserved, mapped here.
+
+    Returns its file (whose descriptor ``send_segment`` passes on; closed with
+    it, or when it is collected) and its mapping. The memory goes once both are
+    closed here and in every process that received it.
+
+    Raises:
+        PipelineError: If there is no room for ``nbytes``: it names where the
+            memory comes from, its free space and what to change.
     """
+    fd, where = _anonymous_file()
+    try:
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
+            else:  # pragma: no cover - macOS: no reservation to be had
+                os.ftruncate(fd, nbytes)
+        except OSError as error:
+            if error.errno in _NO_ROOM:
+                raise _no_room(nbytes, where, error) from error
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, nbytes)  # a file system that cannot reserve: size it only
+        segment = mmap.mmap(fd, nbytes)
+        return io.FileIO(fd, "r+", closefd=True), segment
+    except BaseException:
+        os.close(fd)
+        raise
 
-    def __del__(self) -> None:
-        with contextlib.suppress(BufferError, OSError):
-            self.close()
+
+def send_segment(conn: Connection, fd: int, pid: int | None) -> None:
+    """Passes a segment's descriptor to the process at the other end of ``conn``."""
+    send_handle(conn, fd, pid)
+
+
+def receive_segment(conn: Connection, nbytes: int) -> mmap.mmap:
+    """Maps the segment whose descriptor ``send_segment`` sent (closing the received one)."""
+    fd = recv_handle(conn)
+    try:
+        return mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
 
 
 @dataclass
 class Slot:
-    """One segment, its bytes as a uint8 array, and the event of the last copy that read it."""
+    """One segment, its bytes as a uint8 array, and the event of the last copy that read it.
 
-    shm: _Segment | None = None
-    array: np.ndarray | None = None  # the segment as uint8, registered with the backend
+    ``generation`` changes whenever the segment is replaced (it grew), so a
+    worker process knows it must map the new one.
+    """
+
+    number: int
+    file: io.FileIO | None = None  # the segment's descriptor, to send to worker processes
+    segment: mmap.mmap | None = None
+    array: np.ndarray = field(default_factory=lambda: _EMPTY)  # the segment as uint8
+    generation: int = 0
     copy_done: Any = None
 
     @property
-    def name(self) -> str:
-        return "" if self.shm is None else self.shm.name
-
-    @property
     def capacity(self) -> int:
-        return 0 if self.shm is None else self.shm.size
+        return 0 if self.segment is None else len(self.segment)
 
 
 class SlotPool:
@@ -84,7 +171,7 @@ class SlotPool:
         self._lock = threading.Lock()  # segments are made and abandoned under it
         self._abandoned = False
         self._largest = 0  # the largest batch seen: every slot grows straight to it
-        self._all = [Slot() for _ in range(count)]
+        self._all = [Slot(number) for number in range(count)]
         self._free: FIFOQueue[Slot] = FIFOQueue(count, name=f"{name}-slots")
         for slot in self._all:
             self._free.put(slot)
@@ -94,6 +181,7 @@ class SlotPool:
 
         Raises:
             CancelledError: If the pool was cancelled (the pipeline is stopping).
+            PipelineError: If there is no room to grow it.
         """
         slot = self._free.get()
         try:
@@ -114,17 +202,23 @@ class SlotPool:
             self._free.put(slot)
 
     def grow(self, slot: Slot, nbytes: int) -> None:
-        """Replaces ``slot``'s segment by one that holds ``nbytes`` (and the largest batch)."""
+        """Replaces ``slot``'s segment by one that holds ``nbytes`` (and the largest batch).
+
+        Raises:
+            PipelineError: If there is no room for it.
+            CancelledError: If the pool was abandoned.
+        """
         self._free_slot(slot)
         self._largest = max(self._largest, nbytes)
-        # Created and assigned under the lock abandon() unlinks under, so no
+        # Made and assigned under the lock abandon() closes under, so no
         # segment is made after, or missed by, its pass over the slots.
         with self._lock:
             if self._abandoned:
                 raise CancelledError("the pipeline was abandoned")
-            shm = _Segment(create=True, size=max(1, int(self._largest * _GROWTH)))
-            slot.shm = shm
-        slot.array = np.frombuffer(shm.buf, dtype=np.uint8)  # type: ignore[arg-type]
+            slot.file, segment = create_segment(max(1, int(self._largest * _GROWTH)))
+            slot.segment = segment
+            slot.generation += 1
+            slot.array = np.frombuffer(segment, dtype=np.uint8)
         if self._backend is not None:
             self._backend.register_host(slot.array)
 
@@ -138,13 +232,21 @@ class SlotPool:
         return sum(slot.capacity for slot in self._all)
 
     def abandon(self) -> None:
-        """Unlinks every segment without waiting; each goes once its last mapping closes."""
+        """Lets go of every segment without waiting (the finaliser of an abandoned run).
+
+        Every descriptor is closed now (no segment is sent after this). A
+        mapping no batch refers to is closed now too; one that a batch still
+        refers to goes with that batch. Page-locked mappings are left to
+        ``close`` or the garbage collector, since unregistering them must wait
+        for the copies that read them.
+        """
         with self._lock:
             self._abandoned = True
             for slot in self._all:
-                if slot.shm is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        slot.shm.unlink()
+                if slot.file is not None:
+                    slot.file.close()
+                if self._backend is None:
+                    _drop_mapping(slot)
 
     def close(self) -> None:
         """Frees every slot, once the copies reading them have completed."""
@@ -152,17 +254,22 @@ class SlotPool:
             self._free_slot(slot)
 
     def _free_slot(self, slot: Slot) -> None:
-        if slot.shm is None:
+        if slot.segment is None:
             return
-        if self._backend is not None and slot.array is not None:
+        if self._backend is not None:
             if slot.copy_done is not None:
                 self._backend.synchronize(slot.copy_done)
             self._backend.unregister_host(slot.array)
-        slot.array = None
         slot.copy_done = None
-        with contextlib.suppress(FileNotFoundError):  # abandon() may have unlinked it
-            slot.shm.unlink()
-        # A batch may still refer to it; then the mapping goes with that batch.
-        with contextlib.suppress(BufferError):
-            slot.shm.close()
-        slot.shm = None
+        _drop_mapping(slot)
+
+
+def _drop_mapping(slot: Slot) -> None:
+    """Closes a slot's descriptor and mapping (or leaves the mapping to the last view of it)."""
+    if slot.file is not None:
+        slot.file.close()
+        slot.file = None
+    segment, slot.segment, slot.array = slot.segment, None, _EMPTY
+    if segment is not None:
+        with contextlib.suppress(BufferError):  # a batch still views it: it goes with that
+            segment.close()

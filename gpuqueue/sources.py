@@ -239,8 +239,11 @@ class _TaskSource:
     def read(self, task: Task) -> Any:
         raise NotImplementedError
 
-    def done_reading(self, task: Task) -> None:
-        """Called once the read of ``task`` has finished, whatever its outcome."""
+    def done_reading(self, task: Task, *, skipped: bool = False) -> None:
+        """Called once the read of ``task`` has finished, whatever its outcome.
+
+        ``skipped`` says the source returned None for it.
+        """
 
     def _next_seq_no(self) -> int:
         seq_no = self._seq_no
@@ -281,6 +284,10 @@ class SequenceTasks(_TaskSource):
         self._reads_in_flight = 0
         self._boundary_waiters = 0  # workers waiting for the epoch's last read
         self._epoch_end_running = False
+        # Reads this epoch that gave a batch (or an error), not None; judged only
+        # for an epoch read from its start (a resumed one may rightly have none left).
+        self._batches_in_epoch = 0
+        self._whole_epoch = position == 0
         # Called after on_epoch_end(), before the next epoch's first read.
         self.epoch_ended: Callable[[], None] | None = None
 
@@ -325,20 +332,31 @@ class SequenceTasks(_TaskSource):
                 finally:
                     self._boundary_waiters -= 1
         # The epoch's last read has finished and nobody else may start one.
-        failure = None
-        try:
-            self._sequence.on_epoch_end()
-            last = self._epochs is not None and self._epoch + 1 >= self._epochs
-            order = self._order if last else self._make_order(self._epoch + 1)
-            if self.epoch_ended is not None:
-                self.epoch_ended()
-        except BaseException as error:
-            add_note(error, f"raised by on_epoch_end() after epoch {self._epoch}")
-            failure = error
+        failure: BaseException | None = None
+        order = self._order
+        if self._whole_epoch and self._batches_in_epoch == 0:
+            # Else the next epoch would be as empty, and the next: workers would spin
+            # and the consumer wait for ever.
+            failure = PipelineError(
+                f"epoch {self._epoch} gave no batch: the Sequence returned None for "
+                f"every one of its {len(self._order)} items"
+            )
+        else:
+            try:
+                self._sequence.on_epoch_end()
+                last = self._epochs is not None and self._epoch + 1 >= self._epochs
+                order = self._order if last else self._make_order(self._epoch + 1)
+                if self.epoch_ended is not None:
+                    self.epoch_ended()
+            except BaseException as error:
+                add_note(error, f"raised by on_epoch_end() after epoch {self._epoch}")
+                failure = error
         with self._cond:
             self._epoch_end_running = False
             self._epoch += 1
             self._position = 0
+            self._batches_in_epoch = 0
+            self._whole_epoch = True
             self._cond.notify_all()
             if self._epochs is not None and self._epoch >= self._epochs and failure is None:
                 self._ended = True
@@ -352,9 +370,11 @@ class SequenceTasks(_TaskSource):
     def read(self, task: Task) -> Any:
         return self._sequence[task.index]
 
-    def done_reading(self, task: Task) -> None:
+    def done_reading(self, task: Task, *, skipped: bool = False) -> None:
         with self._cond:
             self._reads_in_flight -= 1
+            if not skipped:
+                self._batches_in_epoch += 1
             if self._reads_in_flight == 0 and self._boundary_waiters:
                 self._cond.notify_all()
 

@@ -54,13 +54,20 @@ class TreeDef:
     node_type: type | None = None
 
     def same_structure(self, other: TreeDef) -> bool:
+        """True if ``other`` has the same nesting; a dict's keys may come in another order."""
         if self.kind != other.kind or len(self.children) != len(other.children):
-            return False
-        if self.kind == "dict" and set(self.keys) != set(other.keys):
             return False
         if self.node_type is not other.node_type:
             return False
-        return all(a.same_structure(b) for a, b in zip(self.children, other.children, strict=True))
+        if self.kind == "dict":
+            if set(self.keys) != set(other.keys):
+                return False
+            by_key = dict(zip(other.keys, other.children, strict=True))
+            mine = zip(self.keys, self.children, strict=True)
+            pairs = [(child, by_key[key]) for key, child in mine]
+        else:
+            pairs = list(zip(self.children, other.children, strict=True))
+        return all(a.same_structure(b) for a, b in pairs)
 
 
 @dataclass(frozen=True)
@@ -148,22 +155,37 @@ class BatchSpec:
     def __init__(self, treedef: TreeDef, leaves: Sequence[tuple[str, np.dtype[Any], int]]) -> None:
         self.treedef = treedef
         self.leaves = list(leaves)
+        # By path, not position: a dict may list the same keys in another order.
+        self._by_path = {path: (dtype, ndim) for path, dtype, ndim in self.leaves}
 
     @classmethod
     def of(cls, treedef: TreeDef, metas: Sequence[LeafMeta]) -> BatchSpec:
         return cls(treedef, [(m.path, m.dtype, len(m.shape)) for m in metas])
 
-    def check(self, treedef: TreeDef, metas: Sequence[LeafMeta], where: str) -> None:
+    def check(
+        self, treedef: TreeDef, metas: Sequence[LeafMeta], where: str, *, dtypes: bool = True
+    ) -> None:
         """Raises ``BatchError`` naming ``where`` and the field that differs.
 
-        Shapes may differ (a short last batch); structure, dtypes and ranks may not.
+        Shapes may differ (a short last batch); structure, dtypes and ranks may
+        not. Fields are matched by path, so a dict's keys may come in any order.
+
+        Args:
+            treedef: The batch's structure.
+            metas: Its leaves.
+            where: Names the batch in the message.
+            dtypes: Also check dtypes and ranks (where batches are packed for
+                a device); with False only the structure is checked.
         """
         if not self.treedef.same_structure(treedef):
             raise BatchError(
                 f"{where}: structure differs from the first batch "
                 f"(fields {[m.path for m in metas]}, expected {[p for p, _, _ in self.leaves]})"
             )
-        for (_, dtype, ndim), meta in zip(self.leaves, metas, strict=True):
+        if not dtypes:
+            return
+        for meta in metas:
+            dtype, ndim = self._by_path[meta.path]
             if meta.dtype != dtype:
                 raise BatchError(
                     f"{where}: field {meta.path} has dtype {meta.dtype}, "

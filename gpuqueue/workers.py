@@ -24,20 +24,16 @@ import multiprocessing.connection
 import pickle
 import signal
 import threading
-import traceback
 from dataclasses import dataclass, field
-from multiprocessing import shared_memory
 from typing import Any
-
-import numpy as np
 
 from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator
 from .errors import CancelledError, OutOfRangeError, PipelineError, WorkerDiedError
 from .looper import Staged
-from .shm import Slot, SlotPool, attach
-from .staging import describe, layout, pack
+from .shm import Slot, SlotPool, send_segment
+from .worker_process import worker_main
 
 __all__ = ["ProcessPool"]
 
@@ -45,10 +41,10 @@ __all__ = ["ProcessPool"]
 _STOP = pickle.dumps(None)
 
 
-def check_picklable(source: Any, what: str) -> None:
-    """Raises ``PipelineError`` if ``source`` cannot be sent to a worker process."""
+def check_picklable(source: Any, what: str) -> bytes:
+    """``source`` pickled, for a worker process; ``PipelineError`` if it cannot be."""
     try:
-        pickle.dumps(source)
+        return pickle.dumps(source, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as error:
         hint = (
             "pass the generator function itself (make_batches, not make_batches()), "
@@ -67,109 +63,6 @@ def _start_method() -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-def _portable_error(error: BaseException) -> BaseException:
-    """The error itself if it survives pickling, else a PipelineError describing it."""
-    remote = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-    note = f"traceback in the worker process:\n{remote}"
-    try:
-        error.__traceback__ = None
-        clone: BaseException = pickle.loads(pickle.dumps(error))
-    except Exception:
-        clone = PipelineError(
-            f"{type(error).__name__}: {error} (the exception could not be pickled)"
-        )
-    notes = [*getattr(error, "__notes__", []), note]
-    clone.__notes__ = notes  # type: ignore[attr-defined]
-    return clone
-
-
-def _receive_or_stop(
-    conn: multiprocessing.connection.Connection, stop: multiprocessing.connection.Connection
-) -> Any:
-    """The next message from the parent, or None once the pipeline stops or the parent is gone."""
-    ready = multiprocessing.connection.wait([conn, stop])
-    if stop in ready:
-        return None
-    try:
-        return conn.recv()
-    except (EOFError, OSError):
-        return None
-
-
-def _iterate(source: Any) -> Any:
-    """An iterator over a generator function's output, or over an iterable."""
-    if callable(source) and not hasattr(source, "__iter__"):
-        return iter(source())
-    return iter(source)
-
-
-def worker_main(
-    conn: multiprocessing.connection.Connection,
-    stop: multiprocessing.connection.Connection,
-    sequence: Any,
-    seed: int | None = None,
-) -> None:
-    """The loop of a worker process: read, pack, reply, until told to stop.
-
-    Messages in: ``("sequence", obj)`` replaces the Sequence (after
-    ``on_epoch_end`` ran in the parent); ``("read", index, slot, capacity)``
-    reads ``sequence[index]``, or with ``index`` None the next item of the
-    generator ``sequence`` makes; ``None``, or anything on the ``stop`` pipe
-    (which the parent's stop callback writes), stops. Replies:
-    ``("ok", treedef, metas, nbytes)``, ``("none",)``, ``("end",)`` (the
-    generator is exhausted), ``("grow", nbytes)`` (then a new
-    ``(slot, capacity)``), or ``("error", exception)``.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    if seed is not None:
-        np.random.seed(seed)  # as Keras's random_seed: the process's global NumPy state
-    iterator: Any = None
-    attached: dict[str, shared_memory.SharedMemory] = {}
-    try:
-        while True:
-            message = _receive_or_stop(conn, stop)
-            if message is None:
-                return
-            if message[0] == "sequence":
-                sequence = message[1]
-                continue
-            _, index, slot, capacity = message
-            try:
-                if index is not None:
-                    batch = sequence[index]
-                else:
-                    if iterator is None:
-                        iterator = _iterate(sequence)
-                    try:
-                        batch = next(iterator)
-                    except StopIteration:
-                        conn.send(("end",))
-                        continue
-                if batch is None:
-                    conn.send(("none",))
-                    continue
-                treedef, leaves = describe(batch)
-                metas, nbytes = layout(leaves)
-                if nbytes > capacity:
-                    conn.send(("grow", nbytes))
-                    reply = _receive_or_stop(conn, stop)
-                    if reply is None:
-                        return
-                    slot, capacity = reply
-                if slot not in attached:
-                    attached[slot] = attach(slot)
-                pack(leaves, metas, attached[slot].buf)
-                conn.send(("ok", treedef, metas, nbytes))
-            except Exception as error:
-                conn.send(("error", _portable_error(error)))
-            finally:
-                for name in [n for n in attached if n != slot]:
-                    attached.pop(name).close()
-    finally:
-        for shm in attached.values():
-            shm.close()
-
-
 @dataclass
 class _Worker:
     process: Any
@@ -177,6 +70,8 @@ class _Worker:
     sequence_version: int = 0
     busy_with: str = field(default="")
     closed: bool = False  # Process.close() was called: it ended and was reaped
+    # The generation of each slot's segment the process has mapped, by slot number.
+    mapped: dict[int, int] = field(default_factory=dict)
 
 
 class ProcessPool:
@@ -209,7 +104,7 @@ class ProcessPool:
         backend: Backend | None = None,
         seed: int | None = None,
     ) -> None:
-        check_picklable(sequence, "a picklable Sequence")
+        payload = check_picklable(sequence, "a picklable Sequence")
         self._sequence = sequence
         self._backend = backend
         self._closed = False
@@ -225,7 +120,7 @@ class ProcessPool:
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=worker_main,
-                args=(child_end, self._stop_reader, sequence, seed),
+                args=(child_end, self._stop_reader, payload, seed),
                 name=f"{name}-process{number}",
                 daemon=True,
             )
@@ -277,7 +172,6 @@ class ProcessPool:
             self._slots.give_back(slot)
             raise OutOfRangeError("the generator is exhausted")
         _, treedef, metas, nbytes = reply
-        assert slot.array is not None
         return Staged(
             treedef, metas, nbytes, slot.array, lambda event: self._slots.give_back(slot, event)
         )
@@ -290,13 +184,19 @@ class ProcessPool:
             with self._lock:
                 version = self._sequence_version
             if worker.sequence_version != version:
-                self._send(worker, ("sequence", self._sequence))
+                payload = pickle.dumps(self._sequence, protocol=pickle.HIGHEST_PROTOCOL)
+                self._send(worker, ("sequence", payload))
                 worker.sequence_version = version
-            self._send(worker, ("read", index, slot.name, slot.capacity))
+            # The process maps a slot's segment once, when it first sees it (or it grew).
+            sent = slot.capacity > 0 and worker.mapped.get(slot.number) != slot.generation
+            self._send(worker, ("read", index, slot.number, slot.generation, slot.capacity, sent))
+            if sent:
+                self._send_segment(worker, slot)
             reply = self._receive(worker)
             if reply[0] == "grow":
                 self._slots.grow(slot, reply[1])
-                self._send(worker, (slot.name, slot.capacity))
+                self._send(worker, (slot.number, slot.generation, slot.capacity))
+                self._send_segment(worker, slot)
                 reply = self._receive(worker)
         except BaseException:
             self._slots.give_back(slot)
@@ -325,6 +225,14 @@ class ProcessPool:
         except (OSError, ValueError):  # the pipe broke: the process is gone
             raise self._died(worker) from None
 
+    def _send_segment(self, worker: _Worker, slot: Slot) -> None:
+        try:
+            assert slot.file is not None
+            send_segment(worker.conn, slot.file.fileno(), worker.process.pid)
+        except (OSError, ValueError):  # the pipe broke: the process is gone
+            raise self._died(worker) from None
+        worker.mapped[slot.number] = slot.generation
+
     @staticmethod
     def _died(worker: _Worker) -> WorkerDiedError:
         worker.process.join(5)
@@ -335,8 +243,16 @@ class ProcessPool:
 
     @property
     def pinned_bytes(self) -> int:
-        """Bytes held in shared-memory slots now."""
+        """Bytes held in shared-memory slots now (page-locked, with a backend)."""
         return self._slots.nbytes
+
+    def busy(self) -> list[str]:
+        """What each process is reading now, as ``"name (pid N): batch index ..."``."""
+        return [
+            f"{w.process.name} (pid {w.process.pid}): {w.busy_with}"
+            for w in self._workers
+            if w.busy_with
+        ]
 
     @property
     def processes(self) -> list[Any]:
@@ -347,11 +263,11 @@ class ProcessPool:
         return [w.process.name for w in self._workers if not w.closed and w.process.is_alive()]
 
     def abandon(self) -> None:
-        """Tells every process to exit and unlinks every slot, without waiting.
+        """Tells every process to exit and lets go of every slot, without waiting.
 
         For a finaliser: the processes exit on their own (they are daemons,
         so also at interpreter exit), and each segment's memory goes once the
-        last mapping of it is closed.
+        last mapping of it is closed (see ``SlotPool.abandon``).
         """
         self._slots.abandon()
         for worker in self._workers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -79,3 +80,25 @@ def start(running: list[Any], enqueuer: Any, workers: int = 2, max_queue_size: i
     running.append(enqueuer)
     enqueuer.start(workers=workers, max_queue_size=max_queue_size)
     return enqueuer
+
+
+def shared_memory() -> set[str]:
+    """The shared memory this process holds open, and gpuqueue's names in ``/dev/shm``.
+
+    gpuqueue's segments have no name (a memfd, or an unnamed file in
+    ``/dev/shm``), so other programs' entries there never fail a test; a
+    descriptor still held, or a name of gpuqueue's own (``gpuqueue-...``),
+    would be a leak.
+    """
+    found = set()
+    if os.path.isdir("/proc/self/fd"):
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(("/memfd:", "/dev/shm/")):
+                found.add(f"fd {fd}: {target}")
+    if os.path.isdir("/dev/shm"):
+        found |= {f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith("gpuqueue-")}
+    return found

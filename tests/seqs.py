@@ -96,3 +96,13 @@ def random_batches() -> Any:
     """Draws from NumPy's global state, which random_seed seeds in the process."""
     for _ in range(5):
         yield np.random.random(3)
+
+
+class EightMiB(gpuqueue.Sequence):
+    """16 batches of 8 MiB each (one float64 array filled with its index)."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> Any:
+        return np.full(1 << 20, index, np.float64)

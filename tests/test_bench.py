@@ -55,3 +55,26 @@ def test_smoke_run_writes_every_field_and_the_plot(tmp_path: Path) -> None:
         assert all(isinstance(v, str) for v in report["nvml_link"].values())
     png = (out / "prefetch_depth.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+@pytest.mark.timeout(60)
+def test_soak_smoke_run_samples_both_modes_and_ends_flat(tmp_path: Path) -> None:
+    out = tmp_path / "soak.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--batches", "200", "--every", "100", "--length",
+         "50", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {"benchmark", "command", "machine", "config", "runs"} <= set(report)
+    assert [run["mode"] for run in report["runs"]] == ["threads", "processes"]
+    for run in report["runs"]:
+        assert [s["batches"] for s in run["samples"]] == [100, 200]
+        assert run["growth"]["threads"] == 0 and run["growth"]["shared_memory_fds"] == 0
+        after = run["after_stop"]
+        assert after["shared_memory_fds"] == 0 and after["pinned_bytes"] == 0
+    assert report["runs"][1]["samples"][0]["shared_memory_bytes"] > 0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gpuqueue import GeneratorEnqueuer, OrderedEnqueuer, PipelineError, WorkerDiedError
-from tests.conftest import Worker
+from tests.conftest import Worker, shared_memory
 from tests.seqs import (
     DiesAt,
     FailsAt,
@@ -29,19 +29,15 @@ from tests.seqs import (
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs POSIX shared memory")
 
 
-def shm_segments() -> set[str]:
-    return {name for name in os.listdir("/dev/shm") if name.startswith("psm_")}
-
-
 @pytest.fixture
 def enqueuers() -> Iterator[list[OrderedEnqueuer]]:
     made: list[OrderedEnqueuer] = []
-    before = shm_segments()
+    before = shared_memory()
     yield made
     for enqueuer in made:
         enqueuer.stop(timeout=10)
-    # every slot is unlinked and every process ended
-    assert shm_segments() - before == set()
+    # every slot is closed and every process ended
+    assert shared_memory() - before == set()
     for enqueuer in made:
         if enqueuer._run.processes is not None:
             assert enqueuer._run.processes.alive() == []
@@ -176,7 +172,7 @@ def test_a_process_stuck_in_user_code_is_killed_and_named(
 
 
 def run_generator(source: Any, workers: int = 2, **options: Any) -> list[Any]:
-    before = shm_segments()
+    before = shared_memory()
     enqueuer = GeneratorEnqueuer(source, use_multiprocessing=True, **options)
     enqueuer.start(workers=workers, max_queue_size=3)
     try:
@@ -184,7 +180,7 @@ def run_generator(source: Any, workers: int = 2, **options: Any) -> list[Any]:
     finally:
         enqueuer.stop(timeout=10)
         assert enqueuer._run.processes.alive() == []
-        assert shm_segments() - before == set()
+        assert shared_memory() - before == set()
 
 
 def test_a_generator_function_runs_in_one_process_in_order() -> None:

@@ -51,3 +51,9 @@ def test_errors_accept_tensorflow_constructor_arguments() -> None:
     error = gpuqueue.OutOfRangeError(None, None, "end of input")
     assert str(error) == "end of input" and error.node_def is None and error.op is None
     assert str(gpuqueue.CancelledError("plain")) == "plain"
+
+
+def test_batch_timeout_error_is_a_pipeline_error_and_a_timeout_error() -> None:
+    assert "BatchTimeoutError" in gpuqueue.__all__
+    assert issubclass(gpuqueue.BatchTimeoutError, gpuqueue.PipelineError)
+    assert issubclass(gpuqueue.BatchTimeoutError, TimeoutError)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import signal
 import subprocess
 import sys
@@ -21,18 +20,10 @@ from hypothesis import strategies as st
 
 import gpuqueue
 from gpuqueue import GeneratorEnqueuer, OrderedEnqueuer
-from tests.conftest import Worker, wait_entered
+from tests.conftest import Worker, shared_memory, wait_entered
 from tests.seqs import Numbered
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def shm_segments() -> set[str]:
-    return (
-        {n for n in os.listdir("/dev/shm") if n.startswith("psm_")}
-        if os.path.isdir("/dev/shm")
-        else set()
-    )
 
 
 # -- abandonment ---------------------------------------------------------------
@@ -57,7 +48,7 @@ def test_an_abandoned_enqueuer_is_collected_and_its_threads_end() -> None:
 
 
 def test_an_abandoned_process_enqueuer_ends_its_processes_and_unlinks_its_slots() -> None:
-    before = shm_segments()
+    before = shared_memory()
     enqueuer = OrderedEnqueuer(Numbered(), use_multiprocessing=True, shard=None)
     enqueuer.start(workers=2)
     next(enqueuer.get())
@@ -71,7 +62,7 @@ def test_an_abandoned_process_enqueuer_ends_its_processes_and_unlinks_its_slots(
     for thread in threads:
         thread.join(5)
     assert pool.alive() == []
-    assert shm_segments() - before == set()
+    assert shared_memory() - before == set()
 
 
 @pytest.mark.timeout(120)
@@ -90,14 +81,14 @@ def test_interpreter_exit_with_an_enqueuer_running_does_not_hang(processes: bool
             print("started", flush=True)
         """
     )
-    before = shm_segments()
+    before = shared_memory()
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "started"
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
-    assert shm_segments() - before == set()
+    assert shared_memory() - before == set()
 
 
 # -- interrupts ----------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from gpuqueue import OrderedEnqueuer
+from tests.conftest import shared_memory
 from tests.seqs import Numbered
 
 BATCHES = int(os.environ.get("GPUQUEUE_SOAK_BATCHES", "4000"))
@@ -24,12 +25,7 @@ BATCHES = int(os.environ.get("GPUQUEUE_SOAK_BATCHES", "4000"))
 
 def resources() -> dict[str, Any]:
     fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1
-    shm = (
-        sorted(n for n in os.listdir("/dev/shm") if n.startswith("psm_"))
-        if os.path.isdir("/dev/shm")
-        else []
-    )
-    return {"threads": threading.active_count(), "fds": fds, "shm": shm}
+    return {"threads": threading.active_count(), "fds": fds, "shm": sorted(shared_memory())}
 
 
 class RandomFaults(Numbered):

@@ -76,3 +76,26 @@ def test_pack_unpack_round_trip_odd_layouts() -> None:
     out = unpack(treedef, metas, arena)
     assert np.array_equal(out[0], fortran) and np.array_equal(out[1], strided)
     assert out[2].shape == (0, 5) and bool(out[3]) and int(out[4]["k"]) == 7
+
+
+def test_a_dict_with_its_keys_in_another_order_is_the_same_batch() -> None:
+    """Regression: the structure check took keys as a set, the dtype check went by position."""
+    spec = spec_of({"a": np.zeros(3, np.float32), "b": np.zeros((2, 2), np.int64)})
+    check(spec, {"b": np.ones((1, 2), np.int64), "a": np.ones(3, np.float32)})
+    with pytest.raises(
+        BatchError, match=r"^batch index 7: field \['b'\] has dtype int32, expected int64 as in"
+    ):
+        check(spec, {"b": np.ones((1, 2), np.int32), "a": np.ones(3, np.float32)})
+    nested = spec_of({"x": {"p": np.zeros(1), "q": (np.zeros(1),)}, "y": np.zeros(1)})
+    check(nested, {"y": np.zeros(1), "x": {"q": (np.zeros(1),), "p": np.zeros(1)}})
+    with pytest.raises(BatchError, match=r"^batch index 7: structure differs from the first"):
+        check(nested, {"y": np.zeros(1), "x": {"q": np.zeros(1), "p": (np.zeros(1),)}})
+
+
+def test_without_packing_only_the_structure_is_checked() -> None:
+    spec = spec_of({"a": np.zeros(3, np.float32)})
+    treedef, leaves = describe({"a": np.zeros((3, 3), np.uint8)})
+    spec.check(treedef, layout(leaves)[0], "batch index 7", dtypes=False)
+    treedef, leaves = describe({"b": np.zeros(3, np.float32)})
+    with pytest.raises(BatchError, match=r"^batch index 7: structure differs from the first"):
+        spec.check(treedef, layout(leaves)[0], "batch index 7", dtypes=False)

@@ -1,0 +1,215 @@
+"""The worker process's side of ``use_multiprocessing=True``: the loop each process runs.
+
+``worker_main`` rebuilds the Sequence from the bytes it was started with,
+then reads one batch per request and packs it into the shared-memory slot the
+parent names, mapping each slot's segment once, when its descriptor arrives
+over the pipe (``shm.send_segment``). Every error, rebuilding the Sequence
+included, goes back to the parent as a value (its own type when it
+pickles), so the consumer sees the cause instead of an exit code. The
+parent's side is ``workers.ProcessPool``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import multiprocessing
+import multiprocessing.connection
+import pickle
+import signal
+import traceback
+from typing import Any
+
+import numpy as np
+
+from .errors import PipelineError, add_note
+from .shm import receive_segment
+from .staging import describe, layout, pack
+
+__all__ = ["portable_error", "worker_main"]
+
+
+def portable_error(error: BaseException) -> BaseException:
+    """The error itself if it survives pickling, else a PipelineError describing it."""
+    remote = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    note = f"traceback in the worker process:\n{remote}"
+    try:
+        error.__traceback__ = None
+        clone: BaseException = pickle.loads(pickle.dumps(error))
+    except Exception:
+        clone = PipelineError(
+            f"{type(error).__name__}: {error} (the exception could not be pickled)"
+        )
+    notes = [*getattr(error, "__notes__", []), note]
+    clone.__notes__ = notes  # type: ignore[attr-defined]
+    return clone
+
+
+def _receive_or_stop(
+    conn: multiprocessing.connection.Connection, stop: multiprocessing.connection.Connection
+) -> Any:
+    """The next message from the parent, or None once the pipeline stops or the parent is gone."""
+    try:
+        ready = multiprocessing.connection.wait([conn, stop])
+        if stop in ready:
+            return None
+        return conn.recv()
+    except (EOFError, OSError):
+        return None
+
+
+def _iterate(source: Any) -> Any:
+    """An iterator over a generator function's output, or over an iterable."""
+    if callable(source) and not hasattr(source, "__iter__"):
+        return iter(source())
+    return iter(source)
+
+
+def _unpickle(payload: bytes, what: str) -> tuple[Any, BaseException | None]:
+    """The object ``payload`` holds, or the error rebuilding it raised (made portable)."""
+    try:
+        return pickle.loads(payload), None
+    except BaseException as error:  # whatever the user's __setstate__ raises goes back
+        note = f"raised while rebuilding {what} in worker process {_process_name()}"
+        add_note(error, note)
+        return None, portable_error(error)
+
+
+class _ParentGone(Exception):
+    """The pipe to the parent broke: it was killed, or dropped the run."""
+
+
+def _send(conn: multiprocessing.connection.Connection, message: Any) -> None:
+    try:
+        conn.send(message)
+    except (EOFError, OSError) as error:  # BrokenPipeError is an OSError
+        raise _ParentGone from error
+
+
+def _process_name() -> str:
+    return multiprocessing.current_process().name
+
+
+class _Mappings:
+    """The slots a worker process has mapped, each kept until its segment is replaced."""
+
+    def __init__(self) -> None:
+        self._mapped: dict[int, tuple[int, mmap.mmap]] = {}
+
+    def receive(
+        self, conn: multiprocessing.connection.Connection, slot: int, generation: int, size: int
+    ) -> None:
+        """Maps the segment the parent sends right after its message."""
+        try:
+            segment = receive_segment(conn, size)
+        except (EOFError, OSError, RuntimeError) as error:
+            raise _ParentGone from error
+        self.drop(slot)
+        self._mapped[slot] = (generation, segment)
+
+    def buffer(self, slot: int) -> Any:
+        return self._mapped[slot][1] if slot in self._mapped else bytearray(0)
+
+    def drop(self, slot: int) -> None:
+        if slot in self._mapped:
+            with contextlib.suppress(BufferError):
+                self._mapped.pop(slot)[1].close()
+
+    def close(self) -> None:
+        for slot in list(self._mapped):
+            self.drop(slot)
+
+
+def worker_main(
+    conn: multiprocessing.connection.Connection,
+    stop: multiprocessing.connection.Connection,
+    payload: bytes,
+    seed: int | None = None,
+) -> None:
+    """The loop of a worker process: read, pack, reply, until told to stop.
+
+    The Sequence (or generator function) arrives pickled in ``payload`` and is
+    rebuilt here, so an error rebuilding it goes back to the parent like any
+    read's, instead of killing the process before it could say why.
+
+    Messages in: ``("sequence", payload)`` replaces the Sequence (after
+    ``on_epoch_end`` ran in the parent); ``("read", index, slot, generation,
+    size, sent)`` reads ``sequence[index]`` (or with ``index`` None the
+    generator's next item) into slot number ``slot``, whose segment's
+    descriptor follows the message when ``sent`` is true (the slot is new to
+    this process, or grew); ``None``, or anything on the ``stop`` pipe (which
+    the parent's stop callback writes), stops. Replies: ``("ok", treedef,
+    metas, nbytes)``, ``("none",)``, ``("end",)`` (the generator is
+    exhausted), ``("grow", nbytes)`` (then ``(slot, generation, size)`` and
+    the new segment's descriptor), or ``("error", exception)``.
+
+    A parent that has gone (it was killed, or dropped the run) ends the loop
+    quietly: no broken-pipe traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if seed is not None:
+        np.random.seed(seed)  # as Keras's random_seed: the process's global NumPy state
+    sequence, broken = _unpickle(payload, "the Sequence")
+    iterator: Any = None
+    mappings = _Mappings()
+    try:
+        while True:
+            message = _receive_or_stop(conn, stop)
+            if message is None:
+                return
+            if message[0] == "sequence":
+                sequence, broken = _unpickle(message[1], "the Sequence after on_epoch_end()")
+                continue
+            _, index, slot, generation, size, sent = message
+            if sent:
+                mappings.receive(conn, slot, generation, size)
+            reply = _read_one(conn, stop, sequence, broken, index, slot, mappings, iterator)
+            if reply is None:
+                return
+            iterator = reply[1]
+            _send(conn, reply[0])
+    except _ParentGone:
+        return
+    finally:
+        mappings.close()
+
+
+def _read_one(
+    conn: multiprocessing.connection.Connection,
+    stop: multiprocessing.connection.Connection,
+    sequence: Any,
+    broken: BaseException | None,
+    index: int | None,
+    slot: int,
+    mappings: _Mappings,
+    iterator: Any,
+) -> tuple[Any, Any] | None:
+    """Reads one batch into ``slot``; its reply and the generator's iterator, or None to stop."""
+    try:
+        if broken is not None:
+            return ("error", broken), iterator
+        if index is not None:
+            batch = sequence[index]
+        else:
+            if iterator is None:
+                iterator = _iterate(sequence)
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return ("end",), iterator
+        if batch is None:
+            return ("none",), iterator
+        treedef, leaves = describe(batch)
+        metas, nbytes = layout(leaves)
+        if nbytes > len(mappings.buffer(slot)):
+            _send(conn, ("grow", nbytes))
+            grown = _receive_or_stop(conn, stop)
+            if grown is None:
+                return None
+            mappings.receive(conn, *grown)
+        pack(leaves, metas, mappings.buffer(slot))
+        return ("ok", treedef, metas, nbytes), iterator
+    except _ParentGone:
+        raise
+    except BaseException as error:  # SystemExit from user code too: it goes back in its place
+        return ("error", portable_error(error)), iterator
