@@ -27,6 +27,7 @@ import mmap
 import os
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
@@ -168,6 +169,13 @@ class SlotPool:
 
     def __init__(self, count: int, *, name: str, backend: Backend | None) -> None:
         self._backend = backend
+        # Page-locked slots by address. A mapping must never go while registered:
+        # if the pool is dropped without close() (an abandoned run), this keeps
+        # them mapped until the finaliser has waited for their copies and
+        # unregistered them (not at exit, where the process's end frees all).
+        self._registered: dict[int, Slot] = {}
+        if backend is not None:
+            weakref.finalize(self, _unregister_all, backend, self._registered).atexit = False
         self._lock = threading.Lock()  # segments are made and abandoned under it
         self._abandoned = False
         self._largest = 0  # the largest batch seen: every slot grows straight to it
@@ -215,12 +223,27 @@ class SlotPool:
         with self._lock:
             if self._abandoned:
                 raise CancelledError("the pipeline was abandoned")
-            slot.file, segment = create_segment(max(1, int(self._largest * _GROWTH)))
-            slot.segment = segment
+            file, segment = create_segment(max(1, int(self._largest * _GROWTH)))
+            array = np.frombuffer(segment, dtype=np.uint8)
+            if self._backend is not None:
+                # Page-locked before any worker or copy can see it.
+                try:
+                    self._backend.register_host(array)
+                except Exception as error:
+                    del array
+                    file.close()
+                    # The error's frames may still view it: the mapping then goes with them.
+                    with contextlib.suppress(BufferError):
+                        segment.close()
+                    raise PipelineError(
+                        f"page-locking a {len(segment)}-byte shared-memory slot for the GPU "
+                        f"(cudaHostRegister) failed: {error}; the locked-memory limit "
+                        "(ulimit -l, or the container's) may be too low for "
+                        "(workers + max_queue_size + 1) slots of the largest batch"
+                    ) from error
+                self._registered[int(array.ctypes.data)] = slot
+            slot.file, slot.segment, slot.array = file, segment, array
             slot.generation += 1
-            slot.array = np.frombuffer(segment, dtype=np.uint8)
-        if self._backend is not None:
-            self._backend.register_host(slot.array)
 
     def cancel(self) -> None:
         """Wakes every thread waiting for a slot; they see ``CancelledError``."""
@@ -260,8 +283,19 @@ class SlotPool:
             if slot.copy_done is not None:
                 self._backend.synchronize(slot.copy_done)
             self._backend.unregister_host(slot.array)
+            self._registered.pop(int(slot.array.ctypes.data), None)
         slot.copy_done = None
         _drop_mapping(slot)
+
+
+def _unregister_all(backend: Backend, registered: dict[int, Slot]) -> None:
+    """Unregisters the slots of a pool dropped without ``close``, once their copies are done."""
+    for slot in list(registered.values()):
+        with contextlib.suppress(Exception):  # a finaliser has nobody to raise to
+            if slot.copy_done is not None:
+                backend.synchronize(slot.copy_done)
+            backend.unregister_host(slot.array)
+    registered.clear()  # now the mappings may go
 
 
 def _drop_mapping(slot: Slot) -> None:

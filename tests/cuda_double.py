@@ -109,6 +109,7 @@ class StrictCuda:
     def __init__(self, devices: int = 2, elapsed_ms: float = 1.0, pools: bool = True) -> None:
         self.devices = devices
         self.pools = pools  # cudaDevAttrMemoryPoolsSupported
+        self.refuse_register = False  # hostRegister fails, as over the locked-memory limit
         self.elapsed_ms = elapsed_ms
         self.lock = threading.RLock()
         self.local = threading.local()
@@ -285,6 +286,8 @@ class _Runtime(types.ModuleType):
     def hostRegister(self, address: int, nbytes: int, flags: int) -> None:
         cuda = self._cuda
         cuda.current("hostRegister")
+        if cuda.refuse_register:
+            raise CUDARuntimeError(2)  # cudaErrorMemoryAllocation, as over the locked limit
         with cuda.lock:
             cuda.pinned[address] = _Pinned(address, nbytes, None)
 

@@ -290,6 +290,32 @@ def test_the_double_catches_a_rewrite_before_the_readers_event(strict_cuda: Stri
     backend.close()
 
 
+def test_worker_processes_write_into_page_locked_slots(strict_cuda: StrictCuda) -> None:
+    enqueuer = OrderedEnqueuer(
+        Numbered(length=5), use_multiprocessing=True, device=0, epochs=2, shard=None
+    )
+    enqueuer.start(workers=2)
+    stream = strict_cuda.default_stream(0)
+    got = [int(strict_cuda.read(b[1]["index"], stream)) for b in enqueuer.get()]
+    assert got == [0, 1, 2, 3, 4] * 2
+    assert "hostRegister" in [call for _, call in strict_cuda.calls]
+    assert strict_cuda.pinned == {}  # every slot unregistered (after its copies) and freed
+
+
+def test_a_slot_that_cannot_be_page_locked_is_a_clear_error(strict_cuda: StrictCuda) -> None:
+    strict_cuda.refuse_register = True
+    enqueuer = OrderedEnqueuer(Numbered(length=5), use_multiprocessing=True, device=0, shard=None)
+    enqueuer.start(workers=1)
+    try:
+        with pytest.raises(
+            PipelineError, match=r"page-locking a \d+-byte shared-memory slot for the GPU"
+        ):
+            next(enqueuer.get())
+    finally:
+        enqueuer.stop(timeout=10)
+    assert strict_cuda.pinned == {}
+
+
 # -- 6. no hidden syncs; copy timings from the device -------------------------------------
 
 
