@@ -44,8 +44,7 @@ class SequenceEnqueuer:
             usable, else NumPy. ``"cpu"``: the NumPy fallback of the device
             pipeline. An int or ``"cuda:N"``: that GPU, or a clear error.
         prefetch_depth: Batches copied ahead of the consumer (0 = copy in
-            ``get()``, no prefetch). Device memory is ``prefetch_depth + 1``
-            slots.
+            ``get()``, no prefetch).
         output: ``None`` for the backend's arrays (CuPy or NumPy; ``"cupy"``
             and ``"numpy"`` mean the same), or ``"torch"`` for PyTorch tensors
             on the same memory.
@@ -55,9 +54,8 @@ class SequenceEnqueuer:
             raises ``BatchTimeoutError`` naming the workers and the indices in
             flight, and stops. None waits, with a warning after a minute.
 
-    Device batches are valid until the next ``get`` (or ``release()``): the
-    slot is then reused, after the work the consumer queued on it is done.
-    Use ``gpuqueue.keep(batch)`` to copy one that must live longer.
+    A batch is its taker's for as long as it is held; its device memory is
+    reused once it is dropped, after the work queued on it is done.
 
     Raises:
         ValueError: If a keyword is out of range or contradicts another.
@@ -149,7 +147,7 @@ class SequenceEnqueuer:
         self.stop()
 
     def get(self) -> Iterator[Any]:
-        """Returns an iterator of batches, in order, for one consuming thread at a time.
+        """Returns an iterator of batches, in order (several threads may share a run).
 
         For a Sequence the stream is endless (epoch after epoch) unless
         ``epochs`` was given; for a generator it ends once everything the
@@ -161,8 +159,7 @@ class SequenceEnqueuer:
         again. If another thread calls ``stop()``, the iteration ends.
 
         Raises:
-            PipelineError: If ``start()`` was not called, or (when iterated)
-                another thread is consuming the batches.
+            PipelineError: If ``start()`` was not called.
             BatchTimeoutError: When iterated, if ``timeout`` passed with no batch.
         """
         if self._run is None:

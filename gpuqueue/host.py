@@ -25,11 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from .arenas import Copied
 from .channel import FIFOQueue
 from .errors import CancelledError, note_thread
-from .looper import Copied, PinnedPool, Staged
+from .looper import PinnedPool
 from .sources import GeneratorTasks, SequenceTasks, Task
-from .staging import BatchSpec, LeafMeta, TreeDef, describe, device_ready, layout
+from .staging import BatchSpec, LeafMeta, Staged, TreeDef, describe, device_ready, layout
 
 __all__ = ["Counters", "Described", "HostStage", "Item", "Sequencer"]
 

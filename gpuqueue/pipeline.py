@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from .arenas import DeviceArenas
 from .backends import check_device, resolve
 from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator
 from .errors import PipelineError
 from .host import Counters, HostStage, Item
-from .looper import CopyLooper, DeviceArenas, PinnedPool
+from .looper import CopyLooper, PinnedPool
 from .runner import QueueRunner
 from .sources import GeneratorTasks, SequenceTasks, overrides_on_epoch_end
 

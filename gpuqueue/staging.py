@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,16 @@ import numpy as np
 
 from .errors import BatchError
 
-__all__ = ["ALIGNMENT", "BatchSpec", "LeafMeta", "TreeDef", "describe", "pack", "unpack"]
+__all__ = [
+    "ALIGNMENT",
+    "BatchSpec",
+    "LeafMeta",
+    "Staged",
+    "TreeDef",
+    "describe",
+    "pack",
+    "unpack",
+]
 
 # Offsets in an arena are multiples of this, which suits every dtype and
 # the alignment CUDA copies and kernels prefer.
@@ -267,3 +276,25 @@ def unpack(treedef: TreeDef, metas: Sequence[LeafMeta], arena: Any, copy: bool =
     """Rebuilds a batch whose arrays are views of ``arena`` (or, with ``copy``, copies)."""
     views = [_view(arena, meta) for meta in metas]
     return rebuild(treedef, [view.copy() for view in views] if copy else views)
+
+
+@dataclass
+class Staged:
+    """A batch packed into one host arena, ready for one host-to-device copy."""
+
+    treedef: TreeDef
+    metas: list[LeafMeta]
+    nbytes: int
+    buffer: np.ndarray  # uint8, at least nbytes long
+    give_back: Callable[[Any], None]  # returns the slot to its pool, fenced by an event
+    released: bool = False
+
+    def release(self, copy_done: Any = None) -> None:
+        """Returns the slot to its pool, once: the next user waits for ``copy_done``.
+
+        Idempotent, because an item can be dropped (on stop) after its copy
+        already gave the slot back.
+        """
+        if not self.released:
+            self.released = True
+            self.give_back(copy_done)

@@ -31,8 +31,8 @@ from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator
 from .errors import CancelledError, OutOfRangeError, PipelineError, WorkerDiedError
-from .looper import Staged
 from .shm import Slot, SlotPool, send_segment
+from .staging import Staged
 from .worker_process import worker_main
 
 __all__ = ["ProcessPool"]

@@ -14,10 +14,11 @@ import pytest
 
 import gpuqueue
 from gpuqueue import GeneratorEnqueuer, OrderedEnqueuer, PipelineError
+from gpuqueue.arenas import DeviceArenas
 from gpuqueue.backends import resolve
 from gpuqueue.backends.numpy import NumpyBackend
 from gpuqueue.backends.simulated import SimulatedBackend
-from gpuqueue.looper import DeviceArenas, PinnedPool
+from gpuqueue.looper import PinnedPool
 from gpuqueue.staging import describe, layout
 from tests.conftest import start, wait_entered
 from tests.faults import failing
