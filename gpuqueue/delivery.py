@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .backends.base import Backend
-from .errors import CancelledError, OutOfRangeError, note_thread
+from .errors import BatchError, CancelledError, OutOfRangeError, note_thread
 from .host import Item
+from .looper import Staged
 from .pipeline import DEFAULT_STOP_TIMEOUT, Run
 from .sources import Task
-from .staging import flatten, rebuild, unpack
+from .staging import LeafMeta, as_source, flatten, map_arrays, rebuild, unpack
 
 __all__ = ["batches", "keep"]
 
@@ -88,7 +89,8 @@ def _deliver(run: Run, item: Item) -> Any:
         # memcpy per array, no pickling) and give the slot back at once.
         batch = unpack(staged.treedef, staged.metas, staged.buffer, copy=True)
         staged.release(None)
-        return batch
+        # The leaf types the source gave, as with threads (a tensor stays a tensor).
+        return map_arrays(staged.treedef, staged.metas, batch, as_source)
     assert staged is not None and run.backend is not None
     stream = _consumer_stream(run, run.backend)
     slot = item.device_slot
@@ -96,7 +98,7 @@ def _deliver(run: Run, item: Item) -> Any:
         slot = run.ring.free.get()
         run.ring.copy(slot, staged, stream)
     run.held = (slot, stream)
-    return _to_output(run, run.backend, run.ring.batch(slot, staged, stream))
+    return _to_output(run, run.backend, run.ring.batch(slot, staged, stream), staged)
 
 
 def _consumer_stream(run: Run, backend: Backend) -> Any:
@@ -107,15 +109,46 @@ def _consumer_stream(run: Run, backend: Backend) -> Any:
     return backend.current_stream()
 
 
-def _to_output(run: Run, backend: Backend, batch: Any) -> Any:
-    if run.config.output != "torch":
-        return batch
-    import torch
-    import torch.utils.dlpack
+def _to_output(run: Run, backend: Backend, batch: Any, staged: Staged) -> Any:
+    """Converts the device batch's array leaves to the library ``output`` names.
 
-    convert = torch.from_numpy if backend.name != "cupy" else torch.utils.dlpack.from_dlpack
-    treedef, leaves = flatten(batch)
-    return rebuild(treedef, [convert(leaf) for _, leaf in leaves])
+    Host leaves (``None``, strings) pass through. A ``bfloat16`` tensor, which
+    travels as its bits, becomes ``bfloat16`` again in torch and JAX; NumPy
+    and CuPy have no such dtype, so without one of those it is an error.
+    """
+    output = run.config.output
+    if output == "torch":
+        import torch
+        import torch.utils.dlpack
+
+        to_torch = torch.from_numpy if backend.name != "cupy" else torch.utils.dlpack.from_dlpack
+
+        def convert(meta: LeafMeta, leaf: Any) -> Any:
+            tensor = to_torch(leaf)
+            return tensor.view(torch.bfloat16) if meta.kind == "torch:bfloat16" else tensor
+
+    elif output == "jax":
+        import jax.dlpack
+        import jax.numpy as jnp
+
+        def convert(meta: LeafMeta, leaf: Any) -> Any:
+            try:
+                array = jax.dlpack.from_dlpack(leaf)
+            except BufferError:  # a read-only NumPy array: DLPack cannot say so
+                array = jnp.asarray(leaf)
+            return array.view(jnp.bfloat16) if meta.kind == "torch:bfloat16" else array
+
+    else:
+
+        def convert(meta: LeafMeta, leaf: Any) -> Any:
+            if meta.kind == "torch:bfloat16":
+                raise BatchError(
+                    f"field {meta.path} is a torch.bfloat16 tensor, which NumPy and CuPy have "
+                    "no dtype for; use output='torch' or output='jax'"
+                )
+            return leaf
+
+    return map_arrays(staged.treedef, staged.metas, batch, convert)
 
 
 def keep(batch: Any) -> Any:

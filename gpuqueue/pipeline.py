@@ -23,6 +23,7 @@ runs as soon as the epoch's last read has finished.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import threading
 import warnings
 from collections.abc import Callable
@@ -45,7 +46,31 @@ __all__ = ["DEFAULT_STOP_TIMEOUT", "EMPTY_STATS", "OUTPUTS", "PipelineConfig", "
 # How long stop() waits for threads by default before naming the stragglers.
 DEFAULT_STOP_TIMEOUT = 60.0
 
-OUTPUTS = (None, "cupy", "numpy", "torch")
+OUTPUTS = (None, "cupy", "numpy", "torch", "jax")
+
+# The module each output needs, what it is called, and how to install it.
+_OUTPUT_NEEDS = {
+    "torch": ("torch", "PyTorch", "install gpuqueue[torch] (or torch itself)"),
+    "jax": ("jax", "JAX", "install gpuqueue[jax] (or jax[cpu], jax[cuda12])"),
+    "cupy": ("cupy", "CuPy", "install gpuqueue[cuda12] or gpuqueue[cuda13]"),
+}
+
+
+def _check_output_installed(output: str | None) -> None:
+    """Raises ``PipelineError`` naming the extra if ``output``'s library is missing.
+
+    Looks the module up without importing it, so that building an enqueuer
+    stays cheap and ``import gpuqueue`` imports none of them.
+    """
+    if output not in _OUTPUT_NEEDS:
+        return
+    module, library, hint = _OUTPUT_NEEDS[output]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise PipelineError(f"output={output!r} needs {library}, which is not installed: {hint}")
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
@@ -67,13 +92,14 @@ class PipelineConfig:
             ``"cpu"``, an int or ``"cuda:N"``, or a backend object.
         prefetch_depth: Batches copied ahead of the consumer (0 = copy in
             ``get()``).
-        output: ``None``, ``"cupy"``, ``"numpy"`` or ``"torch"``.
+        output: ``None``, ``"cupy"``, ``"numpy"``, ``"torch"`` or ``"jax"``.
         stream: The consumer's stream; None for the current one at each get.
         process_seed: Seeds NumPy in a generator's worker process.
 
     Raises:
         ValueError: If a setting is out of range or settings contradict
             each other.
+        PipelineError: If ``output`` names a library that is not installed.
     """
 
     name: str
@@ -93,10 +119,15 @@ class PipelineConfig:
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
         if self.device is None:
-            if self.output == "torch" or self.stream is not None:
-                raise ValueError("output='torch' and stream need a device (device='auto', 0, ...)")
+            if self.output in ("torch", "jax") or self.stream is not None:
+                raise ValueError(
+                    f"output={self.output!r} and stream need a device (device='auto', 0, ...)"
+                    if self.output in ("torch", "jax")
+                    else "stream needs a device (device='auto', 0, ...)"
+                )
         else:
             check_device(self.device)
+        _check_output_installed(self.output)
 
 
 TaskSource = SequenceTasks | GeneratorTasks

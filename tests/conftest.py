@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -79,3 +80,12 @@ def start(running: list[Any], enqueuer: Any, workers: int = 2, max_queue_size: i
     running.append(enqueuer)
     enqueuer.start(workers=workers, max_queue_size=max_queue_size)
     return enqueuer
+
+
+def received(batches: Any) -> list[Any]:
+    """Every batch, each deep-copied as it arrives.
+
+    On a device path a batch's memory may be reused after the next ``get``;
+    copying on arrival lets a test look at all of them afterwards.
+    """
+    return [copy.deepcopy(batch) for batch in batches]

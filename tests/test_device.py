@@ -354,7 +354,7 @@ def test_device_arguments() -> None:
     with pytest.raises(ValueError, match=r"^prefetch_depth must be an int >= 0, got -1$"):
         OrderedEnqueuer(Numbered(), device="cpu", prefetch_depth=-1)
     with pytest.raises(ValueError, match=r"^output must be one of"):
-        OrderedEnqueuer(Numbered(), device="cpu", output="jax")
+        OrderedEnqueuer(Numbered(), device="cpu", output="tensorflow")
     with pytest.raises(ValueError, match=r"^output='torch' and stream need a device"):
         OrderedEnqueuer(Numbered(), output="torch")
     with pytest.raises(ValueError, match=r"^device must be None, 'auto', 'cpu', an int"):

@@ -4,7 +4,8 @@
 
 - ``"cpu"``: the NumPy backend (the same pipeline, host memory);
 - ``"auto"``: CuPy on GPU 0 if CuPy imports and a GPU is usable, else NumPy,
-  saying which at debug level;
+  with a ``UserWarning`` that says why (no CuPy, no driver, no GPU); Python
+  shows it once per reason and process;
 - an int or ``"cuda:N"``: CuPy on that GPU, or a clear error naming the extra
   to install;
 - ``"simulated"``: NumPy memory with late, stream-ordered copies (tests);
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from typing import Any
 
 from ..errors import PipelineError
@@ -88,7 +90,13 @@ def resolve(device: Any) -> Backend:
         try:
             backend = _cupy_backend(0)
         except PipelineError as error:
-            logger.debug("device='auto': using NumPy, because %s", error)
+            # stacklevel=1 on purpose: the warning registry is then this line's,
+            # so Python's default filter shows each reason once per process.
+            warnings.warn(
+                f"gpuqueue: device='auto' found no usable GPU and uses NumPy on the CPU ({error})",
+                UserWarning,
+                stacklevel=1,
+            )
             from .numpy import NumpyBackend
 
             return NumpyBackend()
