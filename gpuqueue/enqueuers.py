@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from .adapters import check_generator, check_sequence
 from .delivery import batches
 from .errors import PipelineError
 from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, PipelineConfig, Run, not_launched
@@ -231,11 +232,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
         output: str | None = None,
         stream: Any = None,
     ) -> None:
-        if not (hasattr(sequence, "__getitem__") and hasattr(sequence, "__len__")):
-            raise TypeError(
-                f"OrderedEnqueuer needs a Sequence (with __getitem__ and __len__), "
-                f"got {type(sequence).__name__}"
-            )
+        check_sequence(sequence)
         self.shuffle = bool(shuffle)
         self._order = ReadingOrder.of(
             sequence, shuffle=self.shuffle, seed=seed, shard=shard, epochs=epochs
@@ -302,7 +299,8 @@ class GeneratorEnqueuer(SequenceEnqueuer):
     Raises:
         TypeError: If ``generator`` is not iterable (or, with processes, a
             generator function).
-        PipelineError: With processes, if ``generator`` cannot be pickled.
+        PipelineError: With processes, if ``generator`` cannot be pickled or
+            is a torch ``DataLoader`` (which has worker processes of its own).
     """
 
     _name = "GeneratorEnqueuer"
@@ -318,13 +316,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         output: str | None = None,
         stream: Any = None,
     ) -> None:
-        iterable = hasattr(generator, "__iter__") or hasattr(generator, "__next__")
-        if not iterable and not (use_multiprocessing and callable(generator)):
-            raise TypeError(f"GeneratorEnqueuer needs an iterable, got {type(generator).__name__}")
-        if use_multiprocessing:
-            from .workers import check_picklable
-
-            check_picklable(generator, "the generator function or a picklable iterable")
+        check_generator(generator, use_multiprocessing)
         super().__init__(
             generator,
             use_multiprocessing,

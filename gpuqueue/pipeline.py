@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from .adapters import check_main_guard, main_without_file
 from .backends import check_device, resolve
 from .backends.base import Backend
 from .channel import FIFOQueue
@@ -203,18 +204,20 @@ class Run:
         if config.use_multiprocessing:
             from .workers import ProcessPool
 
+            check_main_guard()
             # A generator has one reader: one process runs it (as many would
             # each run a copy and repeat the data); threads handle the rest.
             reading = isinstance(tasks, GeneratorTasks)
-            processes = ProcessPool(
-                source,
-                1 if reading else config.workers,
-                coord,
-                name=config.name,
-                slots=config.workers + config.max_queue_size + 1,
-                backend=self.backend,
-                seed=config.process_seed,
-            )
+            with main_without_file():
+                processes = ProcessPool(
+                    source,
+                    1 if reading else config.workers,
+                    coord,
+                    name=config.name,
+                    slots=config.workers + config.max_queue_size + 1,
+                    backend=self.backend,
+                    seed=config.process_seed,
+                )
             self.processes = processes
             if isinstance(tasks, GeneratorTasks):
                 tasks.fetch = lambda position: processes.read(None, f"generator item {position}")

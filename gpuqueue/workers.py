@@ -36,6 +36,7 @@ from .channel import FIFOQueue
 from .coordinator import Coordinator
 from .errors import CancelledError, OutOfRangeError, PipelineError, WorkerDiedError
 from .looper import Staged
+from .pickling import PickledSource, pickle_source
 from .shm import Slot, SlotPool, attach
 from .staging import describe, layout, pack
 
@@ -45,10 +46,14 @@ __all__ = ["ProcessPool"]
 _STOP = pickle.dumps(None)
 
 
-def check_picklable(source: Any, what: str) -> None:
-    """Raises ``PipelineError`` if ``source`` cannot be sent to a worker process."""
+def check_picklable(source: Any, what: str) -> PickledSource:
+    """Pickles ``source`` for a worker process (``pickle_source``), or explains why not.
+
+    Raises:
+        PipelineError: If ``source`` cannot be pickled, even by value.
+    """
     try:
-        pickle.dumps(source)
+        return pickle_source(source)
     except Exception as error:
         hint = (
             "pass the generator function itself (make_batches, not make_batches()), "
@@ -121,6 +126,8 @@ def worker_main(
     ``(slot, capacity)``), or ``("error", exception)``.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if isinstance(sequence, PickledSource):
+        sequence = sequence.load()
     if seed is not None:
         np.random.seed(seed)  # as Keras's random_seed: the process's global NumPy state
     iterator: Any = None
@@ -131,7 +138,7 @@ def worker_main(
             if message is None:
                 return
             if message[0] == "sequence":
-                sequence = message[1]
+                sequence = message[1].load()
                 continue
             _, index, slot, capacity = message
             try:
@@ -209,7 +216,7 @@ class ProcessPool:
         backend: Backend | None = None,
         seed: int | None = None,
     ) -> None:
-        check_picklable(sequence, "a picklable Sequence")
+        payload = check_picklable(sequence, "a picklable Sequence")
         self._sequence = sequence
         self._backend = backend
         self._closed = False
@@ -225,7 +232,7 @@ class ProcessPool:
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=worker_main,
-                args=(child_end, self._stop_reader, sequence, seed),
+                args=(child_end, self._stop_reader, payload, seed),
                 name=f"{name}-process{number}",
                 daemon=True,
             )
@@ -290,7 +297,7 @@ class ProcessPool:
             with self._lock:
                 version = self._sequence_version
             if worker.sequence_version != version:
-                self._send(worker, ("sequence", self._sequence))
+                self._send(worker, ("sequence", pickle_source(self._sequence)))
                 worker.sequence_version = version
             self._send(worker, ("read", index, slot.name, slot.capacity))
             reply = self._receive(worker)
