@@ -29,8 +29,17 @@ def batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
 
     Ends when a finite source ends (the run is stopped) or another thread
     stops the run. A worker's error is raised in its place, stops the run,
-    and is raised again by every later call (``Run.fail``).
+    and is raised again by every later call (``Run.fail``). Ctrl-C while it
+    waits interrupts the run (``Run.interrupt``) before going on up.
     """
+    try:
+        yield from _batches(run, received)
+    except KeyboardInterrupt:
+        run.interrupt()
+        raise
+
+
+def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
     queue = run.output_queue
     while True:
         run.release_held()

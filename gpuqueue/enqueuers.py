@@ -138,6 +138,8 @@ class SequenceEnqueuer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if isinstance(exc_info[1], KeyboardInterrupt) and self._run is not None:
+            self._run.interrupt()  # Ctrl-C: wait for nothing user code could hold up
         self.stop()
 
     def get(self) -> Iterator[Any]:

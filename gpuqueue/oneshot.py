@@ -113,5 +113,8 @@ def prefetch(
     enqueuer.start(workers=workers, max_queue_size=max_queue_size)
     try:
         yield enqueuer.get()
+    except KeyboardInterrupt as interrupt:  # Ctrl-C in the loop's body: stop without waiting
+        enqueuer.__exit__(KeyboardInterrupt, interrupt, interrupt.__traceback__)
+        raise
     finally:
         enqueuer.stop()

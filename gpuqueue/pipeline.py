@@ -133,6 +133,10 @@ class PipelineConfig:
 
 TaskSource = SequenceTasks | GeneratorTasks
 
+# After Ctrl-C: time for gpuqueue's own threads to see the stop (they take
+# milliseconds); threads still inside user code then are left as daemons.
+INTERRUPT_GRACE = 0.5
+
 
 @dataclass
 class Run:
@@ -156,6 +160,8 @@ class Run:
     looper: CopyLooper | None = None
     held: tuple[DeviceSlot, Any] | None = None  # the device slot the consumer holds
     closed: bool = False
+    interrupted: bool = False  # Ctrl-C: stop waits for nothing user code could hold up
+    abandoned: bool = False  # stopped after Ctrl-C; threads in user code were left running
     close_lock: threading.Lock = field(default_factory=threading.Lock)
     counters: Counters = field(default_factory=Counters)
     # The first error the consumer saw: every later get() raises it again.
@@ -254,7 +260,12 @@ class Run:
 
         Threads still inside user code after ``grace`` seconds are named in a
         ``RuntimeWarning``, and their memory is left for the garbage collector.
+        After ``interrupt()`` the grace is ``INTERRUPT_GRACE``.
         """
+        if self.interrupted:
+            if self.abandoned:  # stopped once already: nothing left to wait for
+                return
+            grace = min(grace, INTERRUPT_GRACE)
         self.coord.request_stop()
         try:
             self.coord.join(self.threads, stop_grace_period_secs=grace, ignore_live_threads=True)
@@ -265,22 +276,46 @@ class Run:
         stragglers = [t.name for t in self.threads if t.is_alive()]
         if stragglers:
             warnings.warn(
-                f"{self.name}.stop(): threads still running after {grace} s, "
-                f"most likely inside the Sequence or generator: {', '.join(stragglers)}",
+                f"{self.name}.stop(): "
+                + (
+                    "after Ctrl-C, threads left running as daemons"
+                    if self.interrupted
+                    else f"threads still running after {grace} s"
+                )
+                + f", most likely inside the Sequence or generator: {', '.join(stragglers)}",
                 RuntimeWarning,
                 stacklevel=3,
             )
         if self.processes is not None:
             killed = self.processes.close(grace)
-            if killed:
+            if killed and not self.interrupted:
                 warnings.warn(
                     f"{self.name}.stop(): worker processes did not exit within {grace} s and "
                     f"were killed, most likely inside the Sequence: {', '.join(killed)}",
                     RuntimeWarning,
                     stacklevel=3,
                 )
+        self.abandoned = self.interrupted
         if not stragglers:
             self._free()
+
+    def interrupt(self) -> None:
+        """Ctrl-C in the consumer: stops now, waiting for nothing user code could hold up.
+
+        Worker processes (which ignore SIGINT) are killed and their shared
+        memory unlinked; threads still inside the Sequence or generator cannot
+        be interrupted, so they are left running as daemons, named in a
+        ``RuntimeWarning``, and the interpreter exits without them.
+        """
+        if self.interrupted:
+            return
+        self.interrupted = True
+        self.coord.request_stop()
+        if self.processes is not None:
+            for process in self.processes.processes:
+                with contextlib.suppress(ValueError, OSError):  # already closed
+                    process.kill()
+        self.stop(INTERRUPT_GRACE)
 
     def _free(self) -> None:
         """Frees pinned and device memory once no thread can touch it."""
