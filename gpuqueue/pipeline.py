@@ -247,7 +247,7 @@ class Run:
         if self.ring is not None:
             coord.add_stop_callback(self.ring.free.cancel)
         runner = QueueRunner(self.host_queue, ops)
-        self.threads = runner.create_threads(coord, daemon=True, start=True)
+        self.threads = runner.create_threads(coord=coord, daemon=True, start=True)
         if self.ring is not None and config.prefetch_depth > 0:
             self.looper = CopyLooper(
                 coord, self.ring, self.host_queue, self.output_queue, name=f"{config.name}-copy"

@@ -224,7 +224,7 @@ def test_stop_from_another_thread_with_every_stage_blocked(
 
     class WatchedQueue(gpuqueue.FIFOQueue[Any]):
         def __init__(self, capacity: int, name: str | None = None) -> None:
-            super().__init__(capacity, name)
+            super().__init__(capacity, name=name)
             if name is not None and name.endswith("-host"):
                 self._not_full = wait_entered(self._not_full, host_full)
 
