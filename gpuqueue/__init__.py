@@ -5,6 +5,7 @@ The public names follow TensorFlow's ``Coordinator``, ``LooperThread``,
 code written for those runs after changing the import.
 """
 
+from .adapters import keras_dataset
 from .channel import FIFOQueue
 from .coordinator import Coordinator, LooperThread
 from .delivery import keep
@@ -41,5 +42,6 @@ __all__ = [
     "SequenceEnqueuer",
     "WorkerDiedError",
     "keep",
+    "keras_dataset",
     "prefetch",
 ]
