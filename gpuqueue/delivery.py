@@ -163,11 +163,19 @@ def _to_output(run: Run, backend: Backend, batch: Any, staged: Staged) -> Any:
 def keep(batch: Any) -> Any:
     """Copies a device batch so it stays valid after the next ``get()``.
 
-    Works for CuPy, NumPy and PyTorch leaves; the copy is ordered on the
+    Works for CuPy, NumPy, PyTorch and JAX leaves (host leaves such as
+    ``None`` or strings are returned as they are); the copy is ordered on the
     current stream like any other work. With an enqueuer given an explicit
     ``stream``, call it with that stream current (``with stream:``), since
     only that stream is ordered after the batch's copy.
     """
     treedef, leaves = flatten(batch)
-    copies = [leaf.clone() if hasattr(leaf, "clone") else leaf.copy() for _, leaf in leaves]
-    return rebuild(treedef, copies)
+    return rebuild(treedef, [_copy_leaf(leaf) for _, leaf in leaves])
+
+
+def _copy_leaf(leaf: Any) -> Any:
+    if hasattr(leaf, "clone"):  # torch
+        return leaf.clone()
+    if hasattr(leaf, "copy") and hasattr(leaf, "shape"):  # NumPy, CuPy, JAX
+        return leaf.copy()
+    return leaf  # a host leaf (None, a string): never in a reused slot

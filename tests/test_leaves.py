@@ -160,3 +160,13 @@ def test_a_cuda_tensor_is_a_clear_error() -> None:
     pytest.importorskip("torch")
     with pytest.raises(BatchError, match=r"^field \[0\] is a torch tensor on cuda:0; gpuqueue"):
         describe((FakeCudaTensor(),))
+
+
+def test_keep_copies_array_leaves_and_passes_host_leaves() -> None:
+    from gpuqueue import keep
+
+    with prefetch(KerasLoose(), "cpu", epochs=1) as batches:
+        x, y, w = keep(next(batches))
+        following = next(batches)
+    assert np.all(x == 0) and y.tolist() == [0, 1, 2, 3] and w is None
+    assert np.all(following[0] == 1)
