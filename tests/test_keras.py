@@ -73,7 +73,28 @@ FIT = textwrap.dedent(
     losses["keras_dataset"] = history.history["loss"]
     losses["on_epoch_end_calls"] = seq.epochs_ended - ended_before
 
-    # 4. The import swap alone: Keras refuses the object; what it says.
+    # 4. Keras's own dataset class goes into gpuqueue as it is, threads and processes
+    # (the class is defined in this -c script: it reaches the processes by value).
+    BASE = keras.utils.PyDataset if FLAVOR == "keras" else keras.utils.Sequence
+
+    class KerasData(BASE):
+        def __init__(self):
+            super().__init__()
+            self.inner = Data()
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, index):
+            return self.inner[index]
+
+    for processes in (False, True):
+        with gpuqueue.prefetch(
+            KerasData(), device=None, workers=2, epochs=2, use_multiprocessing=processes
+        ) as batches:
+            losses[f"keras_class_batches_{processes}"] = sum(1 for _ in batches)
+
+    # 5. The import swap alone: Keras refuses the object; what it says.
     try:
         model().fit(seq, epochs=1, verbose=0)
         losses["plain_fit"] = "accepted"
@@ -111,6 +132,7 @@ def _check(losses: dict[str, object]) -> None:
         assert curve[-1] < curve[0], (how, curve)  # it trained
     assert losses["on_epoch_end_calls"] >= 3  # Keras 3 calls it once more
     assert losses["plain_fit"] == "ValueError"  # Keras's own refusal, documented in README
+    assert losses["keras_class_batches_False"] == losses["keras_class_batches_True"] == 16
 
 
 def _needs(*modules: str) -> None:
