@@ -145,6 +145,18 @@ def test_a_torch_map_style_dataset_of_batches_is_a_sequence() -> None:
         assert [y for _, y in enqueuer.get()] == [0, 1, 0, 1]
 
 
+def test_a_class_defined_in_a_function_reaches_worker_processes_by_value() -> None:
+    class Local:  # the standard pickler cannot find it by name
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> Any:
+            return np.full(2, index)
+
+    with prefetch(Local(), None, epochs=1, use_multiprocessing=True) as batches:
+        assert [int(b[0]) for b in batches] == [0, 1]
+
+
 NOTEBOOK_CODE = textwrap.dedent(
     """
     import numpy as np
