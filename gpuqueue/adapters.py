@@ -76,9 +76,6 @@ class Epochs:
         for _ in range(self.epochs):
             yield from self.source
 
-    def __len__(self) -> int:
-        return len(self.source) * self.epochs  # type: ignore[arg-type]
-
 
 def check_sequence(sequence: Any) -> None:
     """Raises ``TypeError`` unless ``sequence`` can be read by index (``OrderedEnqueuer``)."""
