@@ -25,12 +25,16 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import gpuqueue
 
+    def say(line):  # one write per line: threads of this process print too
+        sys.stdout.write(line + "\\n")
+        sys.stdout.flush()
+
     create_segment = shared_memory.SharedMemory.__init__
 
     def record_segment(self, name=None, create=False, size=0, **options):
         create_segment(self, name, create, size, **options)
         if create:  # the test checks that each one is gone once the process has exited
-            print("SEGMENT", self.name, flush=True)
+            say(f"SEGMENT {self.name}")
 
     shared_memory.SharedMemory.__init__ = record_segment
 
@@ -40,7 +44,7 @@ SCRIPT = textwrap.dedent(
 
         def __getitem__(self, index):
             if index >= 2:
-                print("READING", flush=True)
+                say("READING")
                 threading.Event().wait(60)  # a read that nothing can interrupt
             return np.full(3, index)
 
@@ -51,7 +55,7 @@ SCRIPT = textwrap.dedent(
         ) as batches:
             for batch in batches:
                 if int(batch[0]) == 1:
-                    print("BLOCKED", flush=True)  # the next step waits in get()
+                    say("BLOCKED")  # the next step waits in get()
     """
 )
 
