@@ -173,6 +173,13 @@ NOTEBOOK_CODE = textwrap.dedent(
         Data(), None, workers=2, epochs=2, use_multiprocessing=True
     ) as batches:
         print([(int(x[0]), y, w) for x, y, w in batches])
+
+    def make_batches():  # a generator function typed in: one worker process runs it
+        for index in range(3):
+            yield {"x": np.full(2, index), "tag": f"b{index}"}
+
+    with gpuqueue.GeneratorEnqueuer(make_batches, use_multiprocessing=True) as enqueuer:
+        print([(int(b["x"][0]), b["tag"]) for b in enqueuer.get()])
     """
 )
 
@@ -189,7 +196,8 @@ def test_a_class_typed_into_stdin_works_with_processes() -> None:
     )
     assert result.returncode == 0, result.stderr
     expected = [(i, [i, i + 1], None) for i in range(4)] * 2
-    assert result.stdout.strip() == repr(expected)
+    generated = [(i, f"b{i}") for i in range(3)]
+    assert result.stdout.strip().splitlines() == [repr(expected), repr(generated)]
 
 
 UNGUARDED_SCRIPT = textwrap.dedent(
