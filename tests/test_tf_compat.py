@@ -168,7 +168,7 @@ def test_fifo_queue_tf_constructor_and_eager_methods() -> None:
         q.dequeue_many(2)
     x, y = q.dequeue_up_to(2)  # once closed: what is left
     assert x.shape == (1, 2) and y.tolist() == [3]
-    with pytest.raises(errors.OutOfRangeError):
+    with pytest.raises(errors.OutOfRangeError, match=r"^queue 'q' is closed and holds 0 of the 2"):
         q.dequeue_up_to(2)
 
 
