@@ -5,6 +5,7 @@ The public names follow TensorFlow's ``Coordinator``, ``LooperThread``,
 code written for those runs after changing the import.
 """
 
+from .adapters import keras_dataset
 from .channel import FIFOQueue
 from .coordinator import Coordinator, LooperThread
 from .delivery import keep
@@ -43,5 +44,6 @@ __all__ = [
     "SequenceEnqueuer",
     "WorkerDiedError",
     "keep",
+    "keras_dataset",
     "prefetch",
 ]

@@ -11,6 +11,12 @@ never polls: one lock with two conditions (as CPython's ``queue.Queue``), and
   can recycle buffers), and every blocked ``put`` and ``get`` raises
   ``CancelledError``.
 - A timeout, which exists only at the user's edge, raises ``TimeoutError``.
+
+It also answers to ``tf.queue.FIFOQueue``'s constructor and eager-mode
+methods (``enqueue``, ``enqueue_many``, ``dequeue``, ``dequeue_many``,
+``dequeue_up_to``, ``size``, ``close(cancel_pending_enqueues)``,
+``is_closed``), so code written for TensorFlow's queue runs; with
+``dtypes`` given, elements are tuples of NumPy arrays checked against them.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Generic, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Any, Generic, TypeVar
+
+import numpy as np
 
 from .errors import CancelledError, OutOfRangeError, QueueClosedError
 
@@ -42,17 +51,42 @@ def _remaining(deadline: float | None) -> float | None:
 class FIFOQueue(Generic[T]):
     """A bounded first-in first-out queue that can be closed or cancelled.
 
+    ``FIFOQueue(capacity, dtypes, shapes=None, names=None, shared_name=None,
+    name=None)`` as ``tf.queue.FIFOQueue`` takes it; only ``capacity`` is
+    required here.
+
     Args:
         capacity: The most items the queue holds; ``put`` blocks beyond it.
+        dtypes: For ``enqueue``/``dequeue``: the dtype of each component of
+            an element (anything ``np.dtype`` takes, or a TensorFlow
+            ``DType``); a single dtype means one component. None: elements
+            are any Python objects, unchecked.
+        shapes: The shape of each component (``None`` for an unknown
+            dimension), checked at ``enqueue``; needs ``dtypes``.
+        names: A name for each component: ``enqueue`` then takes a dict and
+            ``dequeue`` returns one; needs ``dtypes``.
+        shared_name: Accepted for TensorFlow's signature; there are no
+            sessions to share a queue across, so it is ignored.
         name: A name for messages and thread names.
 
     Raises:
-        ValueError: If ``capacity`` is not a positive integer.
+        ValueError: If ``capacity`` is not a positive integer, or
+            ``shapes``/``names`` do not match ``dtypes``.
+        TypeError: If a dtype is not one NumPy knows.
     """
 
-    def __init__(self, capacity: int, name: str | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        dtypes: Any = None,
+        shapes: Any = None,
+        names: Any = None,
+        shared_name: str | None = None,
+        name: str | None = None,
+    ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        self._spec = _ElementSpec.of(dtypes, shapes, names)
         self._capacity = capacity
         self._name = name if name is not None else f"fifo_queue_{id(self):x}"
         self._items: deque[T] = deque()
@@ -65,6 +99,9 @@ class FIFOQueue(Generic[T]):
         # Condition.notify costs microseconds even with no waiter.
         self._putters = 0
         self._getters = 0
+        # dequeue_many/dequeue_up_to wait here, for several items at once.
+        self._enough = threading.Condition(self._lock)
+        self._many_getters = 0
 
     @property
     def name(self) -> str:
@@ -121,6 +158,8 @@ class FIFOQueue(Generic[T]):
             self._items.append(item)
             if self._getters:
                 self._not_empty.notify()
+            if self._many_getters:
+                self._enough.notify_all()
 
     def get(self, timeout: float | None = None) -> T:
         """Removes and returns the oldest item, blocking while the queue is empty.
@@ -152,15 +191,19 @@ class FIFOQueue(Generic[T]):
                 self._not_full.notify()
             return item
 
-    def close(self) -> None:
+    def close(self, cancel_pending_enqueues: bool = False, name: str | None = None) -> None:
         """Refuses new items; getters drain what is queued, then see the end.
 
-        Idempotent. Wakes every blocked caller.
+        Idempotent. Wakes every blocked caller. A blocked ``put`` fails at
+        once with ``QueueClosedError`` whatever ``cancel_pending_enqueues``
+        says (TensorFlow lets it finish unless that is true): a closed queue
+        takes nothing more. ``name`` is accepted for TensorFlow's signature.
         """
         with self._lock:
             self._closed = True
             self._not_empty.notify_all()
             self._not_full.notify_all()
+            self._enough.notify_all()
 
     def cancel(self) -> list[T]:
         """Closes the queue, drops what it holds and wakes every blocked caller.
@@ -176,8 +219,222 @@ class FIFOQueue(Generic[T]):
             self._items.clear()
             self._not_empty.notify_all()
             self._not_full.notify_all()
+            self._enough.notify_all()
         return dropped
+
+    def _take(self, count: int, up_to: bool) -> list[T]:
+        """Removes ``count`` items at once, or (``up_to``) what is left of them once closed."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"n must be a positive int, got {count!r}")
+        if count > self._capacity:
+            raise ValueError(f"n={count} is more than the queue's capacity {self._capacity}")
+        with self._lock:
+            while True:
+                if self._cancelled:
+                    raise CancelledError(f"queue {self._name!r} was cancelled")
+                if len(self._items) >= count or (up_to and self._closed and self._items):
+                    break
+                if self._closed:
+                    raise OutOfRangeError(
+                        f"queue {self._name!r} is closed and holds {len(self._items)} of the "
+                        f"{count} items asked for"
+                    )
+                self._many_getters += 1
+                try:
+                    self._enough.wait()
+                finally:
+                    self._many_getters -= 1
+            taken = [self._items.popleft() for _ in range(min(count, len(self._items)))]
+            if self._putters:
+                self._not_full.notify_all()
+            return taken
+
+    # TensorFlow's names, as tf.queue.FIFOQueue behaves in eager mode.
+
+    @property
+    def dtypes(self) -> list[np.dtype[Any]] | None:
+        """The components' dtypes, or None for unchecked elements."""
+        return None if self._spec is None else list(self._spec.dtypes)
+
+    @property
+    def shapes(self) -> list[tuple[int | None, ...] | None] | None:
+        """The components' shapes (None where not given), or None without ``dtypes``."""
+        return None if self._spec is None else list(self._spec.shapes)
+
+    @property
+    def names(self) -> list[str] | None:
+        """The components' names, or None."""
+        return None if self._spec is None or self._spec.names is None else list(self._spec.names)
+
+    def enqueue(self, vals: Any, name: str | None = None) -> None:
+        """Puts one element; with ``dtypes``, its components are checked and made arrays.
+
+        Raises:
+            ValueError: If the element has the wrong number of components
+                (or names), or a component the wrong shape.
+            TypeError: If a component's dtype cannot be cast to the queue's.
+            QueueClosedError, CancelledError: As ``put``.
+        """
+        self.put(vals if self._spec is None else self._spec.element(vals))  # type: ignore[arg-type]
+
+    def enqueue_many(self, vals: Any, name: str | None = None) -> None:
+        """Puts several elements: each component is split along its first dimension.
+
+        Without ``dtypes``, ``vals`` is an iterable of elements. Elements go
+        in one at a time, each waiting for room as ``put`` does.
+        """
+        if self._spec is None:
+            for item in vals:
+                self.put(item)
+            return
+        for element in self._spec.split(vals):
+            self.put(element)  # type: ignore[arg-type]
+
+    def dequeue(self, name: str | None = None) -> Any:
+        """Takes one element: one array, a list of them, or a dict with ``names``.
+
+        Raises:
+            OutOfRangeError: If the queue is closed and empty.
+            CancelledError: If the queue is cancelled.
+        """
+        item: Any = self.get()
+        return item if self._spec is None else self._spec.output(item)
+
+    def dequeue_many(self, n: int, name: str | None = None) -> Any:
+        """Takes ``n`` elements at once, stacked per component (a list without ``dtypes``).
+
+        Raises:
+            OutOfRangeError: If the queue is closed with fewer than ``n`` left
+                (it then takes none).
+            ValueError: If ``n`` is not positive or exceeds the capacity.
+        """
+        return self._many(self._take(n, up_to=False))
+
+    def dequeue_up_to(self, n: int, name: str | None = None) -> Any:
+        """As ``dequeue_many``, but once the queue is closed, takes what is left (at least one).
+
+        Raises:
+            OutOfRangeError: If the queue is closed and empty.
+        """
+        return self._many(self._take(n, up_to=True))
+
+    def _many(self, items: list[T]) -> Any:
+        if self._spec is None:
+            return items
+        stacked = tuple(np.stack(parts) for parts in zip(*items, strict=True))
+        return self._spec.output(stacked)
+
+    def size(self, name: str | None = None) -> int:
+        """The number of elements queued now (``qsize()``)."""
+        return self.qsize()
+
+    def is_closed(self, name: str | None = None) -> bool:
+        """True once the queue was closed or cancelled."""
+        return self.closed
 
     def __repr__(self) -> str:
         state = "cancelled" if self._cancelled else "closed" if self._closed else "open"
         return f"<FIFOQueue {self._name!r} {len(self._items)}/{self._capacity} {state}>"
+
+
+def _as_dtype(dtype: Any) -> np.dtype[Any]:
+    numpy_dtype = getattr(dtype, "as_numpy_dtype", dtype)  # a TensorFlow DType
+    try:
+        converted: np.dtype[Any] = np.dtype(numpy_dtype)
+        return converted
+    except TypeError:
+        raise TypeError(f"dtypes: {dtype!r} is not a dtype NumPy knows") from None
+
+
+def _as_shape(shape: Any) -> tuple[int | None, ...] | None:
+    if shape is None:
+        return None
+    if hasattr(shape, "as_list"):  # a TensorFlow TensorShape
+        shape = shape.as_list()
+    return tuple(None if dim is None else int(dim) for dim in shape)
+
+
+class _ElementSpec:
+    """The dtypes (and shapes, names) of a typed queue's elements: checks and converts them."""
+
+    def __init__(
+        self,
+        dtypes: tuple[np.dtype[Any], ...],
+        shapes: tuple[tuple[int | None, ...] | None, ...],
+        names: tuple[str, ...] | None,
+    ) -> None:
+        self.dtypes, self.shapes, self.names = dtypes, shapes, names
+
+    @classmethod
+    def of(cls, dtypes: Any, shapes: Any, names: Any) -> _ElementSpec | None:
+        if dtypes is None:
+            if shapes is not None or names is not None:
+                raise ValueError("shapes and names need dtypes")
+            return None
+        single = not isinstance(dtypes, (list, tuple))
+        dtype_list = tuple(_as_dtype(d) for d in ([dtypes] if single else dtypes))
+        if shapes is None:
+            shape_list: tuple[Any, ...] = (None,) * len(dtype_list)
+        else:
+            given = [shapes] if single else list(shapes)
+            if len(given) != len(dtype_list):
+                raise ValueError(f"{len(given)} shapes for {len(dtype_list)} dtypes")
+            shape_list = tuple(_as_shape(s) for s in given)
+        name_list = None
+        if names is not None:
+            name_list = (names,) if isinstance(names, str) else tuple(names)
+            if len(name_list) != len(dtype_list):
+                raise ValueError(f"{len(name_list)} names for {len(dtype_list)} dtypes")
+        return cls(dtype_list, shape_list, name_list)
+
+    def _components(self, vals: Any) -> list[Any]:
+        if self.names is not None:
+            if not isinstance(vals, Mapping) or set(vals) != set(self.names):
+                got = sorted(vals) if isinstance(vals, Mapping) else type(vals).__name__
+                raise ValueError(f"expected a dict with keys {sorted(self.names)}, got {got}")
+            return [vals[key] for key in self.names]
+        if len(self.dtypes) == 1 and not isinstance(vals, (list, tuple)):
+            return [vals]
+        if not isinstance(vals, (list, tuple)) or len(vals) != len(self.dtypes):
+            count = len(vals) if isinstance(vals, (list, tuple)) else 1
+            raise ValueError(f"expected {len(self.dtypes)} components, got {count}")
+        return list(vals)
+
+    def _array(self, position: int, value: Any, leading: bool) -> np.ndarray:
+        dtype, shape = self.dtypes[position], self.shapes[position]
+        array = np.asarray(value)
+        if array.dtype != dtype:
+            # Python numbers and lists convert as TensorFlow converts them; no narrowing.
+            if isinstance(value, (np.ndarray, np.generic)) or not np.can_cast(
+                array.dtype, dtype, "same_kind"
+            ):
+                raise TypeError(f"component {position} has dtype {array.dtype}, expected {dtype}")
+            array = array.astype(dtype)
+        actual = array.shape[1:] if leading else array.shape
+        if shape is not None and (
+            len(actual) != len(shape)
+            or any(
+                want is not None and got != want for got, want in zip(actual, shape, strict=True)
+            )
+        ):
+            raise ValueError(f"component {position} has shape {actual}, expected {shape}")
+        return array
+
+    def element(self, vals: Any) -> tuple[np.ndarray, ...]:
+        parts = self._components(vals)
+        return tuple(self._array(i, v, leading=False) for i, v in enumerate(parts))
+
+    def split(self, vals: Any) -> Iterable[tuple[np.ndarray, ...]]:
+        parts = self._components(vals)
+        arrays = [self._array(i, v, leading=True) for i, v in enumerate(parts)]
+        counts = {len(a) if a.ndim else -1 for a in arrays}
+        if len(counts) != 1 or -1 in counts:
+            raise ValueError(
+                f"enqueue_many needs one first dimension for every component, got {counts}"
+            )
+        return [tuple(a[k] for a in arrays) for k in range(counts.pop())]
+
+    def output(self, components: tuple[np.ndarray, ...]) -> Any:
+        if self.names is not None:
+            return dict(zip(self.names, components, strict=True))
+        return components[0] if len(components) == 1 else list(components)

@@ -1,10 +1,12 @@
 """The consumer's side of a run: queued items become the user's batches, in order.
 
-``Batches`` is the iterator ``get()`` returns: it takes items off the run's
+``batches`` is the generator ``get()`` returns (a generator, as Keras's
+``fit`` requires of an iterator it is given): it takes items off the run's
 output queue, yields each batch (on a device, ordered after its copy on the
 consumer's stream, in the output library the user asked for), and raises a
 worker's error in its place, after every batch before it. Every batch is
-its taker's to keep, so several threads may consume one run: a batch's
+its taker's to keep, so several threads may consume one run, each through
+a ``get()`` of its own (one generator, as any, runs in one thread at a time): a batch's
 device memory is reused only once the last view of it is gone
 (``looper.DeviceArenas``). ``keep`` copies a batch all the same, for code
 written against the older "valid until the next get" rule.
@@ -13,20 +15,19 @@ written against the older "valid until the next get" rule.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from .backends.base import Backend
 from .channel import FIFOQueue
-from .errors import BatchTimeoutError, CancelledError, OutOfRangeError, note_thread
+from .errors import BatchError, BatchTimeoutError, CancelledError, OutOfRangeError, note_thread
 from .host import Item
 from .pipeline import DEFAULT_STOP_TIMEOUT, Run
 from .sources import Task
-from .staging import flatten, rebuild, unpack
+from .staging import LeafMeta, TreeDef, as_source, flatten, map_arrays, rebuild, unpack
 
-__all__ = ["WARN_AFTER_S", "Batches", "batches", "keep"]
+__all__ = ["WARN_AFTER_S", "batches", "keep"]
 
 logger = logging.getLogger("gpuqueue")
 
@@ -35,41 +36,25 @@ logger = logging.getLogger("gpuqueue")
 WARN_AFTER_S = 60.0
 
 
-class Batches:
-    """The iterator ``get()`` returns: the run's batches, in order.
-
-    Every batch is its taker's, so several threads may consume one run, each
-    through its own ``get()`` or together through one iterator: ``next()``
-    calls take turns, and each returns a batch of its own.
-    """
-
-    def __init__(self, run: Run, received: Callable[[Task], None]) -> None:
-        self._batches = batches(run, received)
-        self._turn = threading.Lock()  # a generator runs in one thread at a time
-
-    def __iter__(self) -> Batches:
-        return self
-
-    def __next__(self) -> Any:
-        with self._turn:
-            return next(self._batches)
-
-    def close(self) -> None:
-        """Ends the iteration now, as a generator's ``close`` does."""
-        with self._turn:
-            self._batches.close()
-
-
 def batches(run: Run, received: Callable[[Task], None]) -> Generator[Any, None, None]:
     """Yields the run's batches in order; ``received`` learns each task delivered.
 
     Ends when a finite source ends (the run is stopped) or another thread
     stops the run. A worker's error is raised in its place, stops the run,
-    and is raised again by every later call (``Run.fail``).
+    and is raised again by every later call (``Run.fail``). Ctrl-C while it
+    waits interrupts the run (``Run.interrupt``) before going on up.
 
     Raises:
         BatchTimeoutError: If ``timeout`` is set and no batch arrives within it.
     """
+    try:
+        yield from _batches(run, received)
+    except KeyboardInterrupt:
+        run.interrupt()
+        raise
+
+
+def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
     queue = run.output_queue
     while True:
         if run.error is not None:
@@ -159,7 +144,8 @@ def _deliver(run: Run, item: Item) -> Any:
         # memcpy per array, no pickling) and give the slot back at once.
         batch = unpack(staged.treedef, staged.metas, staged.buffer, copy=True)
         staged.release(None)
-        return batch
+        # The leaf types the source gave, as with threads (a tensor stays a tensor).
+        return map_arrays(staged.treedef, staged.metas, batch, as_source)
     assert run.backend is not None
     stream = _consumer_stream(run, run.backend)
     copied = item.copied
@@ -167,7 +153,8 @@ def _deliver(run: Run, item: Item) -> Any:
         assert staged is not None
         run.arenas.reserve()
         copied = run.arenas.copy(staged, stream)
-    return _to_output(run, run.backend, run.arenas.deliver(copied, stream))
+    batch = run.arenas.deliver(copied, stream)
+    return _to_output(run, run.backend, batch, copied.treedef, copied.metas)
 
 
 def _consumer_stream(run: Run, backend: Backend) -> Any:
@@ -178,44 +165,75 @@ def _consumer_stream(run: Run, backend: Backend) -> Any:
     return backend.current_stream()
 
 
-def _to_output(run: Run, backend: Backend, batch: Any) -> Any:
-    if run.config.output != "torch":
-        return batch
-    import torch
+def _to_output(
+    run: Run, backend: Backend, batch: Any, treedef: TreeDef, metas: list[LeafMeta]
+) -> Any:
+    """Converts the device batch's array leaves to the library ``output`` names.
 
-    treedef, leaves = flatten(batch)
-    if backend.name != "cupy":
-        return rebuild(treedef, [torch.from_numpy(leaf) for _, leaf in leaves])
-    import torch.utils.dlpack
+    Host leaves (``None``, strings) pass through. A ``bfloat16`` tensor, which
+    travels as its bits, becomes ``bfloat16`` again in torch and JAX; NumPy
+    and CuPy have no such dtype, so without one of those it is an error.
+    """
+    output = run.config.output
+    if output == "torch":
+        import torch
+        import torch.utils.dlpack
 
-    # The batch is already ordered on the consumer's stream (one event for the
-    # whole batch), so each leaf is exported with no stream order of its own
-    # (DLPack's stream -1): no event per tensor.
-    return rebuild(
-        treedef,
-        [torch.utils.dlpack.from_dlpack(leaf.__dlpack__(stream=-1)) for _, leaf in leaves],
-    )
+        def to_torch(leaf: Any) -> Any:
+            if backend.name != "cupy":
+                return torch.from_numpy(leaf)
+            # The batch is already ordered on the consumer's stream (one event for
+            # the whole batch), so each leaf is exported with no stream order of
+            # its own (DLPack's stream -1): no event per tensor.
+            return torch.utils.dlpack.from_dlpack(leaf.__dlpack__(stream=-1))
+
+        def convert(meta: LeafMeta, leaf: Any) -> Any:
+            tensor = to_torch(leaf)
+            return tensor.view(torch.bfloat16) if meta.kind == "torch:bfloat16" else tensor
+
+    elif output == "jax":
+        import jax.dlpack
+        import jax.numpy as jnp
+
+        def convert(meta: LeafMeta, leaf: Any) -> Any:
+            try:
+                array = jax.dlpack.from_dlpack(leaf)
+            except BufferError:  # a read-only NumPy array: DLPack cannot say so
+                array = jnp.asarray(leaf)
+            return array.view(jnp.bfloat16) if meta.kind == "torch:bfloat16" else array
+
+    else:
+
+        def convert(meta: LeafMeta, leaf: Any) -> Any:
+            if meta.kind == "torch:bfloat16":
+                raise BatchError(
+                    f"field {meta.path} is a torch.bfloat16 tensor, which NumPy and CuPy have "
+                    "no dtype for; use output='torch' or output='jax'"
+                )
+            return leaf
+
+    return map_arrays(treedef, metas, batch, convert)
 
 
 def keep(batch: Any) -> Any:
     """Copies a batch: its arrays and tensors are copied, other leaves are kept as they are.
 
-    Batches are the consumer's already (they stay valid as long as they are
-    held), so this is only for code written for the older "valid until the
-    next get" rule, or that wants a copy anyway. Works for CuPy, NumPy and
-    PyTorch leaves, and any other leaf (a Python number, a string, None) is
-    returned as is. A device copy is ordered on the current stream like any
-    other work; with an enqueuer given an explicit ``stream``, call it with
-    that stream current (``with stream:``), since only that stream is
-    ordered after the batch's copy.
+    Batches are their takers' already (they stay valid as long as they are
+    held), so this is for code written for the older "valid until the next
+    get" rule, or that wants a copy anyway. Works for CuPy, NumPy, PyTorch
+    and JAX leaves (host leaves such as ``None`` or strings are returned as
+    they are); a device copy is ordered on the current stream like any other
+    work. With an enqueuer given an explicit ``stream``, call it with that
+    stream current (``with stream:``), since only that stream is ordered
+    after the batch's copy.
     """
     treedef, leaves = flatten(batch)
     return rebuild(treedef, [_copy_leaf(leaf) for _, leaf in leaves])
 
 
 def _copy_leaf(leaf: Any) -> Any:
-    if hasattr(leaf, "clone"):  # PyTorch
+    if hasattr(leaf, "clone"):  # torch
         return leaf.clone()
-    if hasattr(leaf, "copy"):  # NumPy, CuPy
+    if hasattr(leaf, "copy") and hasattr(leaf, "shape"):  # NumPy, CuPy, JAX
         return leaf.copy()
-    return leaf
+    return leaf  # a host leaf (None, a string): never in a reused slot

@@ -17,10 +17,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import pipeline
-from .delivery import Batches
+from .adapters import check_generator, check_sequence
+from .delivery import batches
 from .distributed import describe_shard
 from .errors import PipelineError
-from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, PipelineConfig, Run
+from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, INTERRUPT_GRACE, PipelineConfig, Run
 from .sources import GeneratorTasks, ReadingOrder, SequenceTasks, Task
 
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]
@@ -135,8 +136,13 @@ class SequenceEnqueuer:
         blocked on a full queue; a worker still inside user code then is named
         in a ``RuntimeWarning``. Safe to call twice, from any thread, or before ``start()``.
         """
-        if self._run is not None:
-            self._run.stop(DEFAULT_STOP_TIMEOUT if timeout is None else timeout)
+        run = self._run
+        if run is not None:
+            # After Ctrl-C, stop() in a `finally` or `with` must not wait on threads
+            # stuck in user code: those were left as daemons; an explicit timeout
+            # is honoured (the user may have unblocked them).
+            default = INTERRUPT_GRACE if run.interrupted else DEFAULT_STOP_TIMEOUT
+            run.stop(default if timeout is None else timeout)
 
     def __enter__(self) -> SequenceEnqueuer:
         if not self.is_running():
@@ -144,10 +150,12 @@ class SequenceEnqueuer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if isinstance(exc_info[1], KeyboardInterrupt) and self._run is not None:
+            self._run.interrupt()  # Ctrl-C: wait for nothing user code could hold up
         self.stop()
 
     def get(self) -> Iterator[Any]:
-        """Returns an iterator of batches, in order (several threads may share a run).
+        """Returns a generator of batches, in order (each thread may have one).
 
         For a Sequence the stream is endless (epoch after epoch) unless
         ``epochs`` was given; for a generator it ends once everything the
@@ -164,7 +172,7 @@ class SequenceEnqueuer:
         """
         if self._run is None:
             raise PipelineError(f"{self._name}.get() called before start()")
-        return Batches(self._run, self._received)
+        return batches(self._run, self._received)
 
     def release(self) -> None:
         """Kept for code written against the older ring: batches are the consumer's now.
@@ -246,11 +254,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
         stream: Any = None,
         timeout: float | None = None,
     ) -> None:
-        if not (hasattr(sequence, "__getitem__") and hasattr(sequence, "__len__")):
-            raise TypeError(
-                f"OrderedEnqueuer needs a Sequence (with __getitem__ and __len__), "
-                f"got {type(sequence).__name__}"
-            )
+        check_sequence(sequence)
         self.shuffle = bool(shuffle)
         self._order = ReadingOrder.of(
             sequence,
@@ -331,7 +335,8 @@ class GeneratorEnqueuer(SequenceEnqueuer):
     Raises:
         TypeError: If ``generator`` is not iterable (or, with processes, a
             generator function).
-        PipelineError: With processes, if ``generator`` cannot be pickled.
+        PipelineError: With processes, if ``generator`` cannot be pickled or
+            is a torch ``DataLoader`` (which has worker processes of its own).
     """
 
     _name = "GeneratorEnqueuer"
@@ -348,7 +353,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         stream: Any = None,
         timeout: float | None = None,
     ) -> None:
-        pipeline.check_generator(generator, use_multiprocessing)
+        check_generator(generator, use_multiprocessing)
         super().__init__(
             generator,
             use_multiprocessing,

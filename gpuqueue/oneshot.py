@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from .adapters import check_iterable_source
 from .distributed import check_iterable_shard, reads_by_index
 from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
 
@@ -32,22 +33,72 @@ def prefetch(
 ) -> Iterator[Iterator[Any]]:
     """Yields an iterator of device batches from a Sequence or any iterable.
 
-    The one-call form of the enqueuers: a ``Sequence`` (anything with
-    ``__getitem__`` and ``__len__``) goes through an ``OrderedEnqueuer``
-    (endless unless ``epochs`` is given), any other iterable through a
-    ``GeneratorEnqueuer``. ``timeout`` (seconds) bounds the wait for each
-    batch, as the enqueuers' (``BatchTimeoutError``). Everything is stopped
-    and freed when the block ends, also on error::
+    The one-call form of the enqueuers. Everything is stopped and freed when
+    the block ends, also on error or Ctrl-C::
 
         with gpuqueue.prefetch(dataset, device="auto", workers=4, epochs=1) as batches:
             for x, y in batches:
                 loss = step(x, y)
 
-    ``shard`` and ``drop_last`` split a Sequence among ranks as
-    ``OrderedEnqueuer`` does. An iterable (a generator, a DataLoader, an
-    IterableDataset) is never split: ``"auto"`` reads it as it is, since it
-    is split at its source if at all, and ``(rank, world_size)`` is a
-    ``ValueError`` that says why.
+    What ``source`` may be, and how epochs work for each:
+
+    - Anything with ``__len__`` and ``__getitem__`` (a ``gpuqueue.Sequence``,
+      a Keras ``PyDataset`` or ``Sequence``, a torch map-style ``Dataset`` of
+      batches, a list of batches): read by index through an
+      ``OrderedEnqueuer``; endless unless ``epochs`` is given;
+      ``on_epoch_end()`` is called between epochs when it exists.
+    - An iterable that starts over on each ``iter()`` (a torch
+      ``DataLoader``, a list of batches passed as ``iter``-able): read
+      through a ``GeneratorEnqueuer`` ``epochs`` times (once if None).
+      A ``DataLoader`` keeps its own workers; gpuqueue pins, copies and
+      overlaps, as timm's ``PrefetchLoader`` does.
+    - A one-shot iterator (a generator): read once, to its end; ``epochs``
+      other than None or 1 is an error.
+
+    Args:
+        source: What to read, as above.
+        device: ``"auto"`` (the default: a CUDA GPU through CuPy if one is
+            usable, else NumPy, with a warning saying why), ``None`` (host
+            batches exactly as the source made them), ``"cpu"`` (the NumPy
+            fallback of the device path), an int or ``"cuda:N"``.
+        workers: Worker threads (or processes) reading in parallel.
+        prefetch_depth: Batches copied to the device ahead of the loop
+            (0 = copy in ``get()``).
+        max_queue_size: The most finished batches waiting in host memory.
+        use_multiprocessing: Read a Sequence in worker processes (a generator
+            in one process); not for a ``DataLoader``, which has its own.
+        shuffle: Read each epoch of a Sequence in a permutation drawn from
+            ``(seed, epoch)``.
+        seed: The shuffling seed.
+        epochs: How many epochs to read; None is endless for a Sequence and
+            one pass for an iterable.
+        output: ``None`` (the backend's arrays: CuPy or NumPy), ``"cupy"``,
+            ``"numpy"``, ``"torch"`` or ``"jax"`` (through DLPack, on the
+            same device).
+        stream: The stream the consumer's work runs on; by default the
+            current one at each step.
+        shard: Split a Sequence among ranks as ``OrderedEnqueuer`` does
+            (``"auto"``: from ``torch.distributed`` or the launcher). An
+            iterable (a generator, a DataLoader, an IterableDataset) is never
+            split: ``"auto"`` reads it as it is, since it is split at its
+            source if at all, and ``(rank, world_size)`` is an error.
+        drop_last: With several ranks, drop each epoch's tail instead of
+            padding it, as ``OrderedEnqueuer``.
+        timeout: Seconds to wait for each batch before ``BatchTimeoutError``.
+
+    Yields:
+        An iterator of batches, each with the source's structure.
+
+    Raises:
+        ValueError: If an argument is out of range, ``epochs`` asks a
+            one-shot iterator for more than one pass, or ``shard`` names
+            ranks for an iterable.
+        TypeError: If ``source`` is neither indexable nor iterable.
+        PipelineError: If the device or the ``output`` library is missing,
+            the source cannot be pickled for processes, or a
+            ``DataLoader`` is given with ``use_multiprocessing=True``.
+        Whatever the source raised, as its own type, in place of the batch
+        it was reading.
     """
     enqueuer: SequenceEnqueuer
     if reads_by_index(source):
@@ -68,7 +119,7 @@ def prefetch(
     else:
         check_iterable_shard(source, shard)
         enqueuer = GeneratorEnqueuer(
-            source,
+            check_iterable_source(source, epochs=epochs, use_multiprocessing=use_multiprocessing),
             use_multiprocessing,
             device=device,
             prefetch_depth=prefetch_depth,
@@ -79,5 +130,8 @@ def prefetch(
     enqueuer.start(workers=workers, max_queue_size=max_queue_size)
     try:
         yield enqueuer.get()
+    except KeyboardInterrupt as interrupt:  # Ctrl-C in the loop's body: stop without waiting
+        enqueuer.__exit__(KeyboardInterrupt, interrupt, interrupt.__traceback__)
+        raise
     finally:
         enqueuer.stop()

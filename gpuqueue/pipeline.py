@@ -23,6 +23,7 @@ runs as soon as the epoch's last read has finished.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import threading
 import warnings
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from .adapters import check_main_guard, main_without_file
 from .arenas import DeviceArenas
 from .backends import check_device, resolve
 from .backends.base import Backend
@@ -46,7 +48,31 @@ __all__ = ["DEFAULT_STOP_TIMEOUT", "EMPTY_STATS", "OUTPUTS", "PipelineConfig", "
 # How long stop() waits for threads by default before naming the stragglers.
 DEFAULT_STOP_TIMEOUT = 60.0
 
-OUTPUTS = (None, "cupy", "numpy", "torch")
+OUTPUTS = (None, "cupy", "numpy", "torch", "jax")
+
+# The module each output needs, what it is called, and how to install it.
+_OUTPUT_NEEDS = {
+    "torch": ("torch", "PyTorch", "install gpuqueue[torch] (or torch itself)"),
+    "jax": ("jax", "JAX", "install gpuqueue[jax] (or jax[cpu], jax[cuda12])"),
+    "cupy": ("cupy", "CuPy", "install gpuqueue[cuda12] or gpuqueue[cuda13]"),
+}
+
+
+def _check_output_installed(output: str | None) -> None:
+    """Raises ``PipelineError`` naming the extra if ``output``'s library is missing.
+
+    Looks the module up without importing it, so that building an enqueuer
+    stays cheap and ``import gpuqueue`` imports none of them.
+    """
+    if output not in _OUTPUT_NEEDS:
+        return
+    module, library, hint = _OUTPUT_NEEDS[output]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise PipelineError(f"output={output!r} needs {library}, which is not installed: {hint}")
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
@@ -68,7 +94,7 @@ class PipelineConfig:
             ``"cpu"``, an int or ``"cuda:N"``, or a backend object.
         prefetch_depth: Batches copied ahead of the consumer (0 = copy in
             ``get()``).
-        output: ``None``, ``"cupy"``, ``"numpy"`` or ``"torch"``.
+        output: ``None``, ``"cupy"``, ``"numpy"``, ``"torch"`` or ``"jax"``.
         stream: The consumer's stream; None for the current one at each get.
         process_seed: Seeds NumPy in a generator's worker process.
         timeout: Seconds ``get()`` waits for one batch before it raises
@@ -78,6 +104,7 @@ class PipelineConfig:
     Raises:
         ValueError: If a setting is out of range or settings contradict
             each other.
+        PipelineError: If ``output`` names a library that is not installed.
     """
 
     name: str
@@ -105,13 +132,22 @@ class PipelineConfig:
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
         if self.device is None:
-            if self.output == "torch" or self.stream is not None:
-                raise ValueError("output='torch' and stream need a device (device='auto', 0, ...)")
+            if self.output in ("torch", "jax") or self.stream is not None:
+                raise ValueError(
+                    f"output={self.output!r} and stream need a device (device='auto', 0, ...)"
+                    if self.output in ("torch", "jax")
+                    else "stream needs a device (device='auto', 0, ...)"
+                )
         else:
             check_device(self.device)
+        _check_output_installed(self.output)
 
 
 TaskSource = SequenceTasks | GeneratorTasks
+
+# After Ctrl-C: time for gpuqueue's own threads to see the stop (they take
+# milliseconds); threads still inside user code then are left as daemons.
+INTERRUPT_GRACE = 0.5
 
 
 @dataclass
@@ -135,6 +171,7 @@ class Run:
     arenas: DeviceArenas | None = None
     looper: CopyLooper | None = None
     closed: bool = False
+    interrupted: bool = False  # Ctrl-C: stop waits for nothing user code could hold up
     close_lock: threading.Lock = field(default_factory=threading.Lock)
     host: HostStage | None = None
     # The threads iterating the run's batches (delivery.py lets one at a time).
@@ -188,18 +225,20 @@ class Run:
         if config.use_multiprocessing:
             from .workers import ProcessPool
 
+            check_main_guard()
             # A generator has one reader: one process runs it (as many would
             # each run a copy and repeat the data); threads handle the rest.
             reading = isinstance(tasks, GeneratorTasks)
-            processes = ProcessPool(
-                source,
-                1 if reading else config.workers,
-                coord,
-                name=config.name,
-                slots=config.workers + config.max_queue_size + 1,
-                backend=self.backend,
-                seed=config.process_seed,
-            )
+            with main_without_file():
+                processes = ProcessPool(
+                    source,
+                    1 if reading else config.workers,
+                    coord,
+                    name=config.name,
+                    slots=config.workers + config.max_queue_size + 1,
+                    backend=self.backend,
+                    seed=config.process_seed,
+                )
             self.processes = processes
             if isinstance(tasks, GeneratorTasks):
                 tasks.fetch = lambda position: processes.read(None, f"generator item {position}")
@@ -230,7 +269,7 @@ class Run:
         if self.arenas is not None:
             coord.add_stop_callback(self.arenas.cancel)
         runner = QueueRunner(self.host_queue, ops)
-        self.threads = runner.create_threads(coord, daemon=True, start=True)
+        self.threads = runner.create_threads(coord=coord, daemon=True, start=True)
         if self.arenas is not None and config.prefetch_depth > 0:
             self.looper = CopyLooper(
                 coord, self.arenas, self.host_queue, self.output_queue, name=f"{config.name}-copy"
@@ -242,7 +281,8 @@ class Run:
         """Stops the run's threads and processes, then frees its memory.
 
         Threads still inside user code after ``grace`` seconds are named in a
-        ``RuntimeWarning``, and their memory is left for the garbage collector.
+        ``RuntimeWarning``, and their memory is left for the garbage collector
+        (or for a later ``stop``, once they have ended).
         """
         self.coord.request_stop()
         # join() re-raises the recorded error with the traceback it was recorded with.
@@ -262,14 +302,19 @@ class Run:
         stragglers = [t.name for t in self.threads if t.is_alive()]
         if stragglers:
             warnings.warn(
-                f"{self.name}.stop(): threads still running after {grace} s, "
-                f"most likely inside the Sequence or generator: {', '.join(stragglers)}",
+                f"{self.name}.stop(): "
+                + (
+                    "after Ctrl-C, threads left running as daemons"
+                    if self.interrupted
+                    else f"threads still running after {grace} s"
+                )
+                + f", most likely inside the Sequence or generator: {', '.join(stragglers)}",
                 RuntimeWarning,
                 stacklevel=3,
             )
         if self.processes is not None:
             killed = self.processes.close(grace)
-            if killed:
+            if killed and not self.interrupted:
                 warnings.warn(
                     f"{self.name}.stop(): worker processes did not exit within {grace} s and "
                     f"were killed, most likely inside the Sequence: {', '.join(killed)}",
@@ -278,6 +323,24 @@ class Run:
                 )
         if not stragglers:
             self._free()
+
+    def interrupt(self) -> None:
+        """Ctrl-C in the consumer: stops now, waiting for nothing user code could hold up.
+
+        Worker processes (which ignore SIGINT) are killed and their shared
+        memory unlinked; threads still inside the Sequence or generator cannot
+        be interrupted, so they are left running as daemons, named in a
+        ``RuntimeWarning``, and the interpreter exits without them.
+        """
+        if self.interrupted:
+            return
+        self.interrupted = True
+        self.coord.request_stop()
+        if self.processes is not None:
+            for process in self.processes.processes:
+                with contextlib.suppress(ValueError, OSError):  # already closed
+                    process.kill()
+        self.stop(INTERRUPT_GRACE)
 
     def _free(self) -> None:
         """Frees pinned and device memory once no thread can touch it."""
@@ -365,23 +428,6 @@ EMPTY_STATS: dict[str, Any] = {
     "queue_capacity": 0,
     "mean_queue_occupancy": 0.0,
 }
-
-
-def check_generator(generator: Any, use_multiprocessing: bool) -> None:
-    """Checks what a ``GeneratorEnqueuer`` was given.
-
-    Raises:
-        TypeError: If ``generator`` is not iterable (or, with processes, a
-            generator function).
-        PipelineError: With processes, if ``generator`` cannot be pickled.
-    """
-    iterable = hasattr(generator, "__iter__") or hasattr(generator, "__next__")
-    if not iterable and not (use_multiprocessing and callable(generator)):
-        raise TypeError(f"GeneratorEnqueuer needs an iterable, got {type(generator).__name__}")
-    if use_multiprocessing:
-        from .workers import check_picklable
-
-        check_picklable(generator, "the generator function or a picklable iterable")
 
 
 def generator_tasks(generator: Any, use_multiprocessing: bool, *, used: bool) -> GeneratorTasks:

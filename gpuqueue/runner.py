@@ -44,20 +44,35 @@ class QueueRunner:
             ``queue.cancel``.
         queue_closed_exception_types: Exception types that end an op thread
             cleanly. Defaults to ``(OutOfRangeError,)``, as in TensorFlow.
+        queue_runner_def: A ``to_config()`` dict to rebuild a runner from,
+            where TensorFlow took a ``QueueRunnerDef``; exclusive with the
+            other arguments.
+        import_scope: Accepted for TensorFlow's signature; there are no
+            graphs to scope names in, so it is ignored.
 
     Raises:
         ValueError: If ``queue`` or ``enqueue_ops`` is missing, or an op is
-            not callable.
+            not callable, or ``queue_runner_def`` comes with other arguments.
     """
 
     def __init__(
         self,
-        queue: FIFOQueue[Any] | None,
-        enqueue_ops: Sequence[EnqueueOp] | None,
+        queue: FIFOQueue[Any] | None = None,
+        enqueue_ops: Sequence[EnqueueOp] | None = None,
         close_op: EnqueueOp | None = None,
         cancel_op: EnqueueOp | None = None,
         queue_closed_exception_types: Iterable[type[BaseException]] | None = None,
+        queue_runner_def: dict[str, Any] | None = None,
+        import_scope: str | None = None,
     ) -> None:
+        if queue_runner_def is not None:
+            given = (queue, enqueue_ops, close_op, cancel_op, queue_closed_exception_types)
+            if any(arg is not None for arg in given):
+                raise ValueError("queue_runner_def and the other arguments are mutually exclusive")
+            queue, enqueue_ops = queue_runner_def["queue"], queue_runner_def["enqueue_ops"]
+            close_op = queue_runner_def.get("close_op")
+            cancel_op = queue_runner_def.get("cancel_op")
+            queue_closed_exception_types = queue_runner_def.get("queue_closed_exception_types")
         if queue is None:
             raise ValueError("QueueRunner needs a queue")
         if not enqueue_ops:
@@ -108,14 +123,23 @@ class QueueRunner:
             return list(self._exceptions_raised)
 
     def create_threads(
-        self, coord: Coordinator | None = None, daemon: bool = False, start: bool = False
+        self,
+        sess: Any = None,
+        coord: Coordinator | None = None,
+        daemon: bool = False,
+        start: bool = False,
     ) -> list[threading.Thread]:
         """Creates one thread per enqueue op (plus a cancel thread with ``coord``).
 
-        Returns ``[]`` while threads from an earlier call still run, as
-        TensorFlow does.
+        ``create_threads(sess, coord=coord, daemon=True, start=True)`` as
+        TensorFlow code writes it. Returns ``[]`` while threads from an
+        earlier call still run, as TensorFlow does.
 
         Args:
+            sess: TensorFlow's session: accepted and ignored (ops are plain
+                callables; pass None). A ``Coordinator`` here, with no
+                ``coord``, is taken as ``coord`` (gpuqueue's earlier form
+                ``create_threads(coord)``).
             coord: Threads obey it, register with it and report errors to it;
                 one extra thread cancels the queue when it stops.
             daemon: Make the threads daemons.
@@ -124,6 +148,8 @@ class QueueRunner:
         Returns:
             The threads created.
         """
+        if coord is None and isinstance(sess, Coordinator):
+            coord = sess
         with self._lock:
             if self._runs > 0:
                 return []

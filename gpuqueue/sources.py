@@ -37,6 +37,11 @@ class Sequence:
     ``__len__`` (the number of batches in an epoch), and may override
     ``on_epoch_end``, which the enqueuers call once every read of an epoch
     has finished and before any read of the next.
+
+    Subclassing is optional: anything with ``__len__`` and ``__getitem__`` is
+    read the same way (a list or array of batches, a torch map-style
+    ``Dataset`` of batches, a Keras 3 ``PyDataset``, a ``tf_keras`` Sequence),
+    and its ``on_epoch_end`` is called when it has one.
     """
 
     def __getitem__(self, index: int) -> Any:
@@ -206,8 +211,11 @@ class Task:
     index: int | None = None  # the Sequence index; None for a generator's item
     batch: Any = None  # a generator's item, read while claiming
     failure: BaseException | None = None  # an error that belongs at this point
+    boundary: bool = False  # the end of epoch ``epoch - 1`` (on_epoch_end), not a read
 
     def where(self) -> str:
+        if self.boundary:
+            return f"the end of epoch {self.epoch - 1} (on_epoch_end)"
         if self.index is None:
             return f"generator item {self.position}"
         return f"batch index {self.index} (epoch {self.epoch}, position {self.position})"
@@ -343,7 +351,10 @@ class SequenceTasks(_TaskSource):
             )
         else:
             try:
-                self._sequence.on_epoch_end()
+                # Optional, as for any map-style dataset: called when present.
+                on_epoch_end = getattr(self._sequence, "on_epoch_end", None)
+                if on_epoch_end is not None:
+                    on_epoch_end()
                 last = self._epochs is not None and self._epoch + 1 >= self._epochs
                 order = self._order if last else self._make_order(self._epoch + 1)
                 if self.epoch_ended is not None:
@@ -363,7 +374,7 @@ class SequenceTasks(_TaskSource):
                 raise OutOfRangeError(f"all {self._epochs} epochs were read")
             if failure is not None:
                 self._ended = True
-                return Task(self._next_seq_no(), self._epoch, 0, failure=failure)
+                return Task(self._next_seq_no(), self._epoch, 0, failure=failure, boundary=True)
             self._order = order
         return self.claim()
 

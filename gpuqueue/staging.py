@@ -1,12 +1,29 @@
 """Batch structure, validation, and packing a batch's arrays into one arena.
 
-A batch is any nesting of tuples (named ones too), lists and dicts whose
-leaves are NumPy arrays or scalars. ``describe`` splits it into a structure
-(``TreeDef``) and its leaves; ``BatchSpec`` remembers the first batch's
-structure, dtypes and ranks and names the field of any later batch that
-differs; ``pack`` / ``unpack`` lay a batch's arrays out in one buffer at
-aligned offsets, so one batch is one copy (into shared memory, or from pinned
-memory to the device).
+A batch is any nesting of tuples (named ones too), lists and dicts. Its
+leaves are, as Keras takes them:
+
+- NumPy arrays and NumPy scalars;
+- torch CPU tensors (pinned or not, read as a NumPy view without a copy;
+  ``bfloat16``, which NumPy lacks, travels as its 16-bit pattern);
+- Python numbers (``bool``, ``int``, ``float``, ``complex``), and lists or
+  tuples whose items are all numbers (or such lists, nested), which become
+  one array with ``np.asarray`` as Keras coerces them. The batch itself, if
+  it is a tuple, stays a tuple: Keras reads it as ``(x, y, sample_weight)``;
+- other array-likes with ``__array__``, ``shape`` and ``dtype`` (a JAX
+  array, say), through ``np.asarray``;
+- anything else (``None``, strings, bytes, other objects) is a *host leaf*:
+  it is not packed; it travels in the structure itself (pickled with it to
+  and from worker processes) and comes back in place, untouched.
+
+``describe`` splits a batch into a structure (``TreeDef``) and its array
+leaves; ``BatchSpec`` remembers the first batch's structure, dtypes and ranks
+and names the field of any later batch that differs; ``pack`` / ``unpack``
+lay a batch's arrays out in one buffer at aligned offsets, so one batch is
+one copy (into shared memory, or from pinned memory to the device).
+``LeafMeta.kind`` remembers what each array leaf was, so ``as_source`` can
+give the host path (``device=None``) the same leaf types in processes as in
+threads.
 """
 
 from __future__ import annotations
@@ -14,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,7 +44,9 @@ __all__ = [
     "LeafMeta",
     "Staged",
     "TreeDef",
+    "as_source",
     "describe",
+    "map_arrays",
     "pack",
     "unpack",
 ]
@@ -36,7 +55,8 @@ __all__ = [
 # the alignment CUDA copies and kernels prefer.
 ALIGNMENT = 256
 
-_SCALAR_TYPES = (bool, int, float, complex, np.generic)
+_NUMBER_TYPES = (bool, int, float, complex)
+_SCALAR_TYPES = (*_NUMBER_TYPES, np.generic)
 
 # Dtype kinds a device computes with: booleans, integers, floats, complex numbers.
 _DEVICE_KINDS = frozenset("biufc")
@@ -53,7 +73,8 @@ _KIND_NAMES = {
 class TreeDef:
     """The shape of a nested batch without its leaves.
 
-    ``kind`` is ``"leaf"``, ``"tuple"``, ``"list"`` or ``"dict"``; ``node_type``
+    ``kind`` is ``"leaf"`` (an array leaf), ``"host"`` (a host leaf, kept
+    in ``value``), ``"tuple"``, ``"list"`` or ``"dict"``; ``node_type``
     rebuilds named tuples; ``keys`` are a dict's keys in their first order.
     """
 
@@ -61,6 +82,7 @@ class TreeDef:
     children: tuple[TreeDef, ...] = ()
     keys: tuple[Any, ...] = ()
     node_type: type | None = None
+    value: Any = field(default=None, compare=False)
 
     def same_structure(self, other: TreeDef) -> bool:
         """True if ``other`` has the same nesting; a dict's keys may come in another order."""
@@ -78,6 +100,45 @@ class TreeDef:
             pairs = list(zip(self.children, other.children, strict=True))
         return all(a.same_structure(b) for a, b in pairs)
 
+    def first_difference(self, other: TreeDef, path: str = "") -> str | None:
+        """A sentence naming the first field where ``other`` differs from this one, or None."""
+        where = path or "<batch>"
+        if self.kind != other.kind or self.node_type is not other.node_type:
+            return f"field {where} is {_kind_name(other)}, expected {_kind_name(self)}"
+        if self.kind == "dict" and set(self.keys) != set(other.keys):
+            return (
+                f"field {where} has keys {sorted(map(repr, other.keys))}, "
+                f"expected {sorted(map(repr, self.keys))}"
+            )
+        if len(self.children) != len(other.children):
+            return f"field {where} has {len(other.children)} items, expected {len(self.children)}"
+        if self.kind == "dict":
+            mine = dict(zip(self.keys, self.children, strict=True))
+            pairs = [
+                (f"{path}[{k!r}]", mine[k], c)
+                for k, c in zip(other.keys, other.children, strict=True)
+            ]
+        else:
+            pairs = [
+                (f"{path}[{i}]", a, b)
+                for i, (a, b) in enumerate(zip(self.children, other.children, strict=True))
+            ]
+        for child_path, a, b in pairs:
+            found: str | None = a.first_difference(b, child_path)
+            if found is not None:
+                return found
+        return None
+
+
+def _kind_name(treedef: TreeDef) -> str:
+    if treedef.kind == "leaf":
+        return "an array"
+    if treedef.kind == "host":
+        return f"a {type(treedef.value).__name__} (passed through)"
+    if treedef.node_type is not None:
+        return f"a {treedef.node_type.__name__}"
+    return f"a {treedef.kind}"
+
 
 @dataclass(frozen=True)
 class LeafMeta:
@@ -87,6 +148,9 @@ class LeafMeta:
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
     offset: int = 0
+    # What the source gave: "array", "scalar" (a NumPy scalar), "number" (a
+    # Python number), "list"/"tuple" (of numbers), "torch" or "torch:bfloat16".
+    kind: str = "array"
 
 
 def _flatten(node: Any, path: str, leaves: list[tuple[str, Any]]) -> TreeDef:
@@ -112,37 +176,108 @@ def flatten(batch: Any) -> tuple[TreeDef, list[tuple[str, Any]]]:
     return _flatten(batch, "", leaves), leaves
 
 
-def _as_array(path: str, leaf: Any) -> np.ndarray:
-    if isinstance(leaf, np.ndarray):
-        array = leaf
-    elif isinstance(leaf, _SCALAR_TYPES):
-        array = np.asarray(leaf)
+class Leaves(list[tuple[str, np.ndarray]]):
+    """A batch's array leaves as ``(path, array)`` pairs, and what each one was (``kinds``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: list[str] = []
+
+    def add(self, path: str, array: np.ndarray, kind: str) -> None:
+        if array.dtype.hasobject:
+            raise BatchError(
+                f"field {path} has dtype {array.dtype}, which holds Python objects; "
+                "expected a numeric or boolean dtype"
+            )
+        self.append((path, array))
+        self.kinds.append(kind)
+
+
+def _is_number_list(node: Any) -> bool:
+    """True for a non-empty list or plain tuple of Python numbers, or of such lists (nested).
+
+    NumPy scalars do not count: a tuple of them stays a structure, as before.
+    """
+    if not isinstance(node, (list, tuple)) or hasattr(node, "_fields") or not node:
+        return False
+    return all(isinstance(item, _NUMBER_TYPES) or _is_number_list(item) for item in node)
+
+
+def _is_torch_tensor(leaf: Any) -> bool:
+    # Checked by module name, so that torch is imported only once it is in use.
+    return type(leaf).__module__.split(".")[0] == "torch" and hasattr(leaf, "numpy")
+
+
+def _torch_array(path: str, tensor: Any) -> tuple[np.ndarray, str]:
+    """A NumPy view of a CPU tensor (no copy), and its kind."""
+    import torch
+
+    if tensor.device.type != "cpu":
+        raise BatchError(
+            f"field {path} is a torch tensor on {tensor.device}; gpuqueue reads host "
+            "batches: return CPU tensors (the copy to the device is gpuqueue's job)"
+        )
+    tensor = tensor.detach().resolve_conj().resolve_neg()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy(), "torch:bfloat16"
+    try:
+        return tensor.numpy(), "torch"
+    except (TypeError, RuntimeError) as error:
+        raise BatchError(
+            f"field {path} is a torch tensor of dtype {tensor.dtype}, which NumPy cannot "
+            f"view ({error})"
+        ) from None
+
+
+def _describe(node: Any, path: str, leaves: Leaves, top: bool) -> TreeDef:
+    if isinstance(node, np.ndarray):
+        leaves.add(path or "<batch>", node, "array")
+        return TreeDef("leaf")
+    if isinstance(node, dict):
+        keys = tuple(node)
+        children = tuple(_describe(node[k], f"{path}[{k!r}]", leaves, False) for k in keys)
+        return TreeDef("dict", children, keys=keys)
+    if isinstance(node, (tuple, list)) and not (
+        _is_number_list(node) and (isinstance(node, list) or not top)
+    ):
+        kind = "list" if isinstance(node, list) else "tuple"
+        node_type = type(node) if hasattr(node, "_fields") else None
+        children = tuple(_describe(v, f"{path}[{i}]", leaves, False) for i, v in enumerate(node))
+        return TreeDef(kind, children, node_type=node_type)
+    where = path or "<batch>"
+    if isinstance(node, (tuple, list)):  # numbers, coerced as Keras does
+        leaves.add(where, np.asarray(node), "list" if isinstance(node, list) else "tuple")
+    elif isinstance(node, _NUMBER_TYPES):
+        leaves.add(where, np.asarray(node), "number")
+    elif isinstance(node, np.generic) and not isinstance(node, (np.str_, np.bytes_)):
+        leaves.add(where, np.asarray(node), "scalar")
+    elif _is_torch_tensor(node):
+        leaves.add(where, *_torch_array(where, node))
+    elif hasattr(node, "__array__") and hasattr(node, "shape") and hasattr(node, "dtype"):
+        leaves.add(where, np.asarray(node), "array")
     else:
-        raise BatchError(
-            f"field {path} is a {type(leaf).__name__}; expected a NumPy array, "
-            "a scalar, or a tuple, list or dict of them"
-        )
-    if array.dtype.hasobject:
-        raise BatchError(
-            f"field {path} has dtype {array.dtype}, which holds Python objects; "
-            "expected a numeric or boolean dtype"
-        )
-    return array
+        return TreeDef("host", value=node)
+    return TreeDef("leaf")
 
 
-def describe(batch: Any) -> tuple[TreeDef, list[tuple[str, np.ndarray]]]:
+def describe(batch: Any) -> tuple[TreeDef, Leaves]:
     """Splits a host batch into its structure and its ``(path, array)`` leaves.
 
+    Host leaves (``None``, strings, other objects) stay in the structure.
+
     Raises:
-        BatchError: If a leaf is not an array or scalar, or holds objects.
+        BatchError: If an array leaf holds Python objects, or a tensor cannot
+            be viewed as NumPy (a CUDA tensor, say).
     """
-    treedef, leaves = flatten(batch)
-    return treedef, [(path, _as_array(path, leaf)) for path, leaf in leaves]
+    leaves = Leaves()
+    return _describe(batch, "", leaves, True), leaves
 
 
 def _rebuild(treedef: TreeDef, leaves: Any) -> Any:
     if treedef.kind == "leaf":
         return next(leaves)
+    if treedef.kind == "host":
+        return treedef.value
     children = [_rebuild(child, leaves) for child in treedef.children]
     if treedef.kind == "dict":
         return dict(zip(treedef.keys, children, strict=True))
@@ -154,8 +289,57 @@ def _rebuild(treedef: TreeDef, leaves: Any) -> Any:
 
 
 def rebuild(treedef: TreeDef, leaves: Sequence[Any]) -> Any:
-    """Puts leaves back into the structure ``describe`` took them from."""
+    """Puts array leaves back into the structure ``describe`` took them from (host leaves too)."""
     return _rebuild(treedef, iter(leaves))
+
+
+def map_arrays(
+    treedef: TreeDef, metas: Sequence[LeafMeta], batch: Any, convert: Callable[[LeafMeta, Any], Any]
+) -> Any:
+    """Rebuilds ``batch`` (shaped as ``treedef``) with each array leaf ``convert(meta, leaf)``.
+
+    Host leaves are left as they are.
+    """
+    arrays = iter(metas)
+
+    def walk(node: TreeDef, value: Any) -> Any:
+        if node.kind == "leaf":
+            return convert(next(arrays), value)
+        if node.kind == "host":
+            return value
+        if node.kind == "dict":
+            return {k: walk(c, value[k]) for k, c in zip(node.keys, node.children, strict=True)}
+        items = [walk(c, v) for c, v in zip(node.children, value, strict=True)]
+        if node.kind == "list":
+            return items
+        return node.node_type(*items) if node.node_type is not None else tuple(items)
+
+    return walk(treedef, batch)
+
+
+def as_source(meta: LeafMeta, array: np.ndarray) -> Any:
+    """What the source gave for a host array leaf: the same type back (``device=None``).
+
+    NumPy arrays stay arrays; NumPy scalars and Python numbers come back as
+    scalars of their type (``arr[()]``, ``arr.item()``); coerced lists and
+    tuples come back as lists (``tolist()``; a tuple's outer level as a
+    tuple); tensors come back as tensors over the same memory.
+    """
+    kind = meta.kind
+    if kind == "scalar":
+        return array[()]
+    if kind == "number":
+        return array.item()
+    if kind == "list":
+        return array.tolist()
+    if kind == "tuple":
+        return tuple(array.tolist())
+    if kind.startswith("torch"):
+        import torch
+
+        tensor = torch.from_numpy(array)
+        return tensor.view(torch.bfloat16) if kind == "torch:bfloat16" else tensor
+    return array
 
 
 class BatchSpec:
@@ -187,8 +371,9 @@ class BatchSpec:
                 a device); with False only the structure is checked.
         """
         if not self.treedef.same_structure(treedef):
+            difference = self.treedef.first_difference(treedef) or "the structure differs"
             raise BatchError(
-                f"{where}: structure differs from the first batch "
+                f"{where}: structure differs from the first batch: {difference} "
                 f"(fields {[m.path for m in metas]}, expected {[p for p, _, _ in self.leaves]})"
             )
         if not dtypes:
@@ -219,8 +404,9 @@ def layout(leaves: Sequence[tuple[str, np.ndarray]]) -> tuple[list[LeafMeta], in
     """
     metas = []
     offset = 0
-    for path, array in leaves:
-        metas.append(LeafMeta(path, array.dtype, array.shape, offset))
+    kinds = getattr(leaves, "kinds", None) or ["array"] * len(leaves)
+    for (path, array), kind in zip(leaves, kinds, strict=True):
+        metas.append(LeafMeta(path, array.dtype, array.shape, offset, kind))
         offset = _align(offset + array.nbytes)
     return metas, offset
 

@@ -31,6 +31,7 @@ from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator
 from .errors import CancelledError, OutOfRangeError, PipelineError, WorkerDiedError
+from .pickling import pickle_source
 from .shm import Slot, SlotPool, send_segment
 from .staging import Staged
 from .worker_process import worker_main
@@ -42,9 +43,13 @@ _STOP = pickle.dumps(None)
 
 
 def check_picklable(source: Any, what: str) -> bytes:
-    """``source`` pickled, for a worker process; ``PipelineError`` if it cannot be."""
+    """``source`` pickled for a worker process (by name, else by value), or why it cannot be.
+
+    Raises:
+        PipelineError: If ``source`` cannot be pickled, even by value.
+    """
     try:
-        return pickle.dumps(source, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle_source(source)
     except Exception as error:
         hint = (
             "pass the generator function itself (make_batches, not make_batches()), "
@@ -184,8 +189,7 @@ class ProcessPool:
             with self._lock:
                 version = self._sequence_version
             if worker.sequence_version != version:
-                payload = pickle.dumps(self._sequence, protocol=pickle.HIGHEST_PROTOCOL)
-                self._send(worker, ("sequence", payload))
+                self._send(worker, ("sequence", pickle_source(self._sequence)))
                 worker.sequence_version = version
             # The process maps a slot's segment once, when it first sees it (or it grew).
             sent = slot.capacity > 0 and worker.mapped.get(slot.number) != slot.generation

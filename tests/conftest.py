@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Iterator
@@ -102,3 +103,12 @@ def shared_memory() -> set[str]:
     if os.path.isdir("/dev/shm"):
         found |= {f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith("gpuqueue-")}
     return found
+
+
+def received(batches: Any) -> list[Any]:
+    """Every batch, each deep-copied as it arrives.
+
+    Batches are their takers' (a plain ``list`` keeps them too); the copies
+    let a test compare them without depending on that.
+    """
+    return [copy.deepcopy(batch) for batch in batches]

@@ -106,3 +106,54 @@ class EightMiB(gpuqueue.Sequence):
 
     def __getitem__(self, index: int) -> Any:
         return np.full(1 << 20, index, np.float64)
+
+
+class KerasLoose(gpuqueue.Sequence):
+    """As Keras users write batches: ``(x, [labels], None)``, and a short last batch."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> Any:
+        rows = 2 if index == 2 else 4
+        return np.full((rows, 2), index, np.float32), list(range(rows)), None
+
+
+class MixedLeaves:
+    """Not a gpuqueue.Sequence: every kind of leaf, numbers and host leaves."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> Any:
+        return {
+            "int": 3,
+            "float": 1.5,
+            "bool": True,
+            "np_scalar": np.float32(2),
+            "tuple_of_numbers": (1, 2),
+            "none": None,
+            "text": "cat",
+            "raw": b"\x00\x01",
+            "nested": {"tag": ("a", None), "n": [1.0, 2.0]},
+        }
+
+
+class StructureChangesAt3(Numbered):
+    def __getitem__(self, index: int) -> Any:
+        x, extra = super().__getitem__(index)
+        return (x, {"label": extra["index"]}) if index == 3 else (x, {"y": extra["index"]})
+
+
+class TorchBatches:
+    """torch CPU tensors: one that requires grad and is transposed, a bfloat16 one, int64."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> Any:
+        import torch
+
+        x = torch.arange(8, dtype=torch.float32).reshape(2, 4).t() + index
+        half = torch.full((4,), index + 0.5, dtype=torch.bfloat16)
+        return x.requires_grad_(), half, torch.full((4,), index, dtype=torch.int64)

@@ -261,7 +261,7 @@ def test_stop_from_another_thread_with_every_stage_blocked(
 
     class WatchedQueue(gpuqueue.FIFOQueue[Any]):
         def __init__(self, capacity: int, name: str | None = None) -> None:
-            super().__init__(capacity, name)
+            super().__init__(capacity, name=name)
             if name is not None and name.endswith("-host"):
                 self._not_full = wait_entered(self._not_full, host_full)
 
@@ -396,7 +396,7 @@ def test_device_arguments() -> None:
     with pytest.raises(ValueError, match=r"^prefetch_depth must be an int >= 0, got -1$"):
         OrderedEnqueuer(Numbered(), device="cpu", prefetch_depth=-1)
     with pytest.raises(ValueError, match=r"^output must be one of"):
-        OrderedEnqueuer(Numbered(), device="cpu", output="jax")
+        OrderedEnqueuer(Numbered(), device="cpu", output="tensorflow")
     with pytest.raises(ValueError, match=r"^output='torch' and stream need a device"):
         OrderedEnqueuer(Numbered(), output="torch")
     with pytest.raises(ValueError, match=r"^device must be None, 'auto', 'cpu', an int"):

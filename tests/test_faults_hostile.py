@@ -102,7 +102,7 @@ def test_stop_keeps_the_traceback_the_consumer_saw(ending: str) -> None:
     names = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
     # the consumer's frames, then the worker's, down to the user's __getitem__
     assert names[0] == "test_stop_keeps_the_traceback_the_consumer_saw", names
-    assert names[1] == "_consume" and "batches" in names, names
+    assert names[1] == "_consume" and "_batches" in names, names
     assert names[-1] == "__getitem__", names
     assert "join" not in names, names
 
@@ -543,30 +543,6 @@ def test_two_consuming_threads_each_keep_the_batches_they_took(device: str) -> N
     if device == "simulated":
         del batches, held
         backend.close()
-
-
-def test_one_iterator_shared_by_two_threads_hands_each_call_its_own_batch() -> None:
-    enqueuer = OrderedEnqueuer(Numbered(length=8), device="cpu", epochs=25, shard=None)
-    enqueuer.start(workers=2)
-    try:
-        batches = enqueuer.get()
-        took: dict[str, list[Any]] = {"a": [], "b": []}
-
-        def take(name: str) -> None:
-            for batch in batches:
-                took[name].append(batch)
-
-        threads = [Worker(take, name, name=f"taker-{name}") for name in took]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.finish(30)
-            assert thread.error is None, thread.error
-        every = took["a"] + took["b"]
-        assert sorted(int(b[1]["index"]) for b in every) == sorted(list(range(8)) * 25)
-        assert all(np.all(b[0] == int(b[1]["index"])) for b in every)
-    finally:
-        enqueuer.stop(timeout=10)
 
 
 def test_get_again_in_one_thread_and_after_another_thread_finished_works() -> None:

@@ -32,17 +32,9 @@ def test_describe_and_rebuild_keep_the_structure() -> None:
     assert rebuilt["a"].y[1] == 3 and rebuilt["b"][0] == np.float32(1.5)
 
 
-@pytest.mark.parametrize(
-    ("batch", "message"),
-    [
-        ((np.zeros(2), "text"), r"^field \[1\] is a str; expected a NumPy array, a scalar"),
-        ({"x": None}, r"^field \['x'\] is a NoneType; expected a NumPy array"),
-        ((np.array([1, "a"], dtype=object),), r"^field \[0\] has dtype object, which holds"),
-    ],
-)
-def test_describe_rejects_non_array_leaves(batch: object, message: str) -> None:
-    with pytest.raises(BatchError, match=message):
-        describe(batch)
+def test_describe_rejects_object_arrays() -> None:
+    with pytest.raises(BatchError, match=r"^field \[0\] has dtype object, which holds"):
+        describe((np.array([1, "a"], dtype=object),))
 
 
 def test_spec_names_the_index_and_field_that_differs() -> None:

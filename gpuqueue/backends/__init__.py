@@ -4,10 +4,11 @@
 
 - ``"cpu"``: the NumPy backend (the same pipeline, host memory);
 - ``"auto"``: CuPy on this process's GPU if CuPy imports and a GPU is usable,
-  else NumPy, saying which at debug level. This process's GPU is its local
-  rank's (``LOCAL_RANK``, ``OMPI_COMM_WORLD_LOCAL_RANK``, ``MPI_LOCALRANKID``,
-  ``SLURM_LOCALID``) under a launcher, so two ranks never share one, else
-  the calling thread's current CUDA device;
+  else NumPy, with a ``UserWarning`` that says why (no CuPy, no driver, no
+  GPU; Python shows it once per reason and process). This process's GPU is
+  its local rank's (``LOCAL_RANK``, ``OMPI_COMM_WORLD_LOCAL_RANK``,
+  ``MPI_LOCALRANKID``, ``SLURM_LOCALID``) under a launcher, so two ranks never
+  share one, else the calling thread's current CUDA device;
 - ``"cuda"``: the same GPU, or a clear error naming what was asked;
 - an int or ``"cuda:N"``: CuPy on that GPU, or a clear error naming the extra
   to install;
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from typing import Any
 
 from ..distributed import local_rank
@@ -156,9 +158,15 @@ def resolve(device: Any) -> Backend:
         except PipelineError as error:
             count, why = 0, str(error)
         else:
-            why = "device='auto' found no GPU: 0 GPU(s) visible"
+            why = "0 GPU(s) visible"
         if count < 1:
-            logger.debug("device='auto': using NumPy, because %s", why)
+            # stacklevel=1 on purpose: the warning registry is then this line's,
+            # so Python's default filter shows each reason once per process.
+            warnings.warn(
+                f"gpuqueue: device='auto' found no usable GPU and uses NumPy on the CPU ({why})",
+                UserWarning,
+                stacklevel=1,
+            )
             from .numpy import NumpyBackend
 
             return NumpyBackend()

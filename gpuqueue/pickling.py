@@ -1,0 +1,64 @@
+"""Pickling a source for worker processes: by name where it can, else by value.
+
+The standard pickler saves classes and functions by name, and a worker
+process finds them by importing their module. That fails for code typed
+into a notebook, stdin or ``python -c`` (its ``__main__`` cannot be
+imported again) and for classes defined inside functions. Those are pickled
+by value with cloudpickle, as Keras and loky do; the worker reads either
+form with plain ``pickle.loads``.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import types
+from typing import Any
+
+__all__ = ["pickle_source"]
+
+
+class _FindsMain(pickle.Pickler):
+    """The standard pickler, noting whether it pickled a class or function of ``__main__``.
+
+    Those are pickled by name, and a worker process cannot find them by name
+    when the main module is stdin, ``python -c`` or a notebook.
+    """
+
+    uses_main = False
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and obj.__module__ == "__main__":
+            self.uses_main = True
+        return NotImplemented
+
+
+def pickle_source(source: Any) -> bytes:
+    """Pickles ``source`` for a worker process: by name where it can, else by value.
+
+    Classes and functions defined in ``__main__`` (a script typed into a
+    notebook or stdin), or where the standard pickler cannot find them by
+    name (a class defined in a function, a lambda), are pickled by value
+    with cloudpickle, as Keras and loky do.
+
+    Raises:
+        Whatever the standard pickler raised, if cloudpickle fails too.
+    """
+    buffer = io.BytesIO()
+    pickler = _FindsMain(buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+        pickler.dump(source)
+        if not pickler.uses_main:
+            return buffer.getvalue()
+    except Exception as error:
+        by_name_error: Exception | None = error
+    else:
+        by_name_error = None
+    import cloudpickle
+
+    try:
+        return bytes(cloudpickle.dumps(source, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        if by_name_error is not None:
+            raise by_name_error from None
+        raise
