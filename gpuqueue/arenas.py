@@ -19,7 +19,8 @@ from typing import Any
 
 from .backends.base import Backend
 from .errors import CancelledError
-from .staging import LeafMeta, Staged, TreeDef, arena_view, rebuild
+from .packing import Staged, arena_view
+from .staging import LeafMeta, TreeDef, rebuild
 
 __all__ = ["Copied", "DeviceArena", "DeviceArenas"]
 

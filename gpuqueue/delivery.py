@@ -23,9 +23,10 @@ from .backends.base import Backend
 from .channel import FIFOQueue
 from .errors import BatchError, BatchTimeoutError, CancelledError, OutOfRangeError, note_thread
 from .host import Item
+from .packing import unpack
 from .pipeline import DEFAULT_STOP_TIMEOUT, Run
 from .sources import Task
-from .staging import LeafMeta, TreeDef, as_source, flatten, map_arrays, rebuild, unpack
+from .staging import LeafMeta, TreeDef, as_source, flatten, map_arrays, rebuild
 
 __all__ = ["WARN_AFTER_S", "batches", "keep"]
 

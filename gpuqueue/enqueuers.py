@@ -1,7 +1,7 @@
 """The Keras surface: ``SequenceEnqueuer``, ``OrderedEnqueuer`` and ``GeneratorEnqueuer``.
 
 Each class spells out every keyword, turns its arguments into one
-``PipelineConfig`` (``pipeline.py``), and delegates: ``start()`` starts a
+``PipelineConfig`` (``config.py``), and delegates: ``start()`` starts a
 ``Run``, ``get()`` returns the consumer's side of it (``delivery.py``),
 ``stop()`` stops it. What is Keras's own here is the call forms and the
 state a Keras user reads back (``sequence``, ``workers``, ``state_dict``).
@@ -18,10 +18,11 @@ from typing import Any
 
 from . import pipeline
 from .adapters import check_generator, check_sequence
+from .config import PipelineConfig
 from .delivery import batches
 from .distributed import describe_shard
 from .errors import PipelineError
-from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, INTERRUPT_GRACE, PipelineConfig, Run
+from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, INTERRUPT_GRACE, Run
 from .sources import GeneratorTasks, ReadingOrder, SequenceTasks, Task
 
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]
@@ -46,14 +47,13 @@ class SequenceEnqueuer:
             pipeline. An int or ``"cuda:N"``: that GPU, or a clear error.
         prefetch_depth: Batches copied ahead of the consumer (0 = copy in
             ``get()``, no prefetch).
-        output: ``None`` for the backend's arrays (CuPy or NumPy; ``"cupy"``
-            and ``"numpy"`` mean the same), or ``"torch"`` for PyTorch tensors
-            on the same memory.
-        stream: The stream the consumer's work runs on; by default CuPy's
-            current stream (PyTorch's with ``output="torch"``) at each ``get``.
-        timeout: Seconds ``get()`` waits for a batch, as DataLoader's, then
-            raises ``BatchTimeoutError`` naming the workers and the indices in
-            flight, and stops. None waits, with a warning after a minute.
+        output: ``None`` (or ``"cupy"``, ``"numpy"``) for the backend's arrays,
+            ``"torch"`` or ``"jax"`` for that library's, on the same memory.
+        stream: The stream the consumer's work runs on; by default the
+            current one (PyTorch's with ``output="torch"``) at each ``get``.
+        timeout: Seconds ``get()`` waits for a batch (as DataLoader's), then
+            raises ``BatchTimeoutError`` naming what is in flight. None waits,
+            with a warning after a minute.
 
     A batch is its taker's for as long as it is held; its device memory is
     reused once it is dropped, after the work queued on it is done.
@@ -132,15 +132,12 @@ class SequenceEnqueuer:
     def stop(self, timeout: float | None = None) -> None:
         """Stops every thread and process and frees pinned and device memory.
 
-        Returns within ``timeout`` seconds (default 60) even while workers are
-        blocked on a full queue; a worker still inside user code then is named
-        in a ``RuntimeWarning``. Safe to call twice, from any thread, or before ``start()``.
+        Returns within ``timeout`` seconds (default 60; 0.5 after Ctrl-C) even
+        while workers are blocked; a worker still inside user code then is
+        named in a ``RuntimeWarning``. Safe to call twice, from any thread.
         """
         run = self._run
         if run is not None:
-            # After Ctrl-C, stop() in a `finally` or `with` must not wait on threads
-            # stuck in user code: those were left as daemons; an explicit timeout
-            # is honoured (the user may have unblocked them).
             default = INTERRUPT_GRACE if run.interrupted else DEFAULT_STOP_TIMEOUT
             run.stop(default if timeout is None else timeout)
 
@@ -157,14 +154,12 @@ class SequenceEnqueuer:
     def get(self) -> Iterator[Any]:
         """Returns a generator of batches, in order (each thread may have one).
 
-        For a Sequence the stream is endless (epoch after epoch) unless
-        ``epochs`` was given; for a generator it ends once everything the
-        generator produced has been yielded. Items that are ``None`` are
-        skipped. If a worker (or the copy) failed, the batches before the
-        failure are yielded, then the original exception is raised (its own
-        type and traceback, with a note naming the thread and the batch
-        index), the enqueuer stops, and every later ``get()`` raises it
-        again. If another thread calls ``stop()``, the iteration ends.
+        Endless for a Sequence unless ``epochs`` was given; for a generator,
+        until it is exhausted. ``None`` items are skipped. A worker's (or the
+        copy's) error is raised after every batch before it, as itself with
+        a note naming the thread and the batch index; the enqueuer stops and
+        every later ``get()`` raises it again. ``stop()`` from another thread
+        ends the iteration.
 
         Raises:
             PipelineError: If ``start()`` was not called.
@@ -175,12 +170,7 @@ class SequenceEnqueuer:
         return batches(self._run, self._received)
 
     def release(self) -> None:
-        """Kept for code written against the older ring: batches are the consumer's now.
-
-        A batch's device memory goes back for reuse when the last view of it
-        is gone (after the work queued on the consumer's stream), so there is
-        nothing to give back early; drop the batch instead.
-        """
+        """Kept for older code: a batch's memory goes back when it is dropped, not before."""
 
     def _received(self, task: Task) -> None:
         """Records that the consumer received ``task`` (for ``state_dict``)."""
@@ -189,16 +179,13 @@ class SequenceEnqueuer:
         """Counters of the current (or last) run.
 
         Returns:
-            ``batches_produced``, ``batches_consumed``, ``consumer_wait_s``
-            (time ``get()`` waited for a batch), ``producer_blocked_s`` (time
-            workers waited for room: for an item to be committed, or in the queue),
-            ``queue_size`` (now), ``queue_capacity``, ``mean_queue_occupancy``
-            (batches queued at each ``get``), and with a device: ``backend``,
-            ``prefetch_depth``, ``bytes_copied``, ``h2d_gbps`` (host-to-device
-            GB/s of one copy in 16, timed by device events),
-            ``copy_wait_for_host_s`` (time the copy stage waited for the host
-            stage), ``pinned_bytes`` and ``device_bytes``; with processes,
-            ``shared_memory_bytes``. Freed memory (after ``stop()``) counts 0.
+            ``batches_produced``, ``batches_consumed``, ``consumer_wait_s`` (time
+            ``get()`` waited), ``producer_blocked_s`` (time workers waited for
+            room), ``queue_size``, ``queue_capacity``, ``mean_queue_occupancy``
+            (batches queued at each ``get``); with a device ``backend``,
+            ``prefetch_depth``, ``bytes_copied``, ``h2d_gbps`` (one copy in 16,
+            timed by device events), ``copy_wait_for_host_s``, ``pinned_bytes``
+            and ``device_bytes``; with processes ``shared_memory_bytes``.
         """
         return dict(EMPTY_STATS) if self._run is None else self._run.stats()
 
@@ -213,18 +200,14 @@ class OrderedEnqueuer(SequenceEnqueuer):
         sequence: A ``Sequence``.
         use_multiprocessing: Read in worker processes instead of threads.
         shuffle: Read each epoch in a permutation drawn from ``(seed, epoch)``.
-        seed: The shuffling seed; two runs with the same seed read the same
-            order. Without one, a random seed is drawn (and kept in
-            ``state_dict()``).
-        shard: ``(rank, world_size)`` to read only this rank's part of
-            every epoch, the same number of batches on every rank (as
-            ``DistributedSampler``); ``"auto"`` (the default) takes them from
-            an initialised ``torch.distributed``, else the launcher's
-            variables (torchrun, Open MPI, MPICH/Intel MPI, SLURM), else
-            reads everything; ``None`` reads everything.
-        drop_last: With several ranks, drop the epoch's last
-            ``len % world_size`` batches instead of padding the tail by
-            wrapping around the epoch's order.
+        seed: The shuffling seed (without one, a random one is drawn and kept
+            in ``state_dict()``).
+        shard: ``(rank, world_size)``: read this rank's part of every epoch, as
+            many batches on every rank (as ``DistributedSampler``). ``"auto"``:
+            from ``torch.distributed``, else the launcher's variables (torchrun,
+            MPI, SLURM), else everything. ``None``: everything.
+        drop_last: With several ranks, drop each epoch's tail instead of
+            padding it by wrapping around the epoch's order.
         epochs: Stop after this many epochs (counted from epoch 0); None
             (the default, as Keras) is endless.
         device, prefetch_depth, output, stream, timeout: As in ``SequenceEnqueuer``.
@@ -257,12 +240,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
         check_sequence(sequence)
         self.shuffle = bool(shuffle)
         self._order = ReadingOrder.of(
-            sequence,
-            shuffle=self.shuffle,
-            seed=seed,
-            shard=shard,
-            drop_last=drop_last,
-            epochs=epochs,
+            sequence, shuffle=shuffle, seed=seed, shard=shard, drop_last=drop_last, epochs=epochs
         )
         super().__init__(
             sequence,
@@ -314,20 +292,17 @@ class GeneratorEnqueuer(SequenceEnqueuer):
     """Reads a generator with several workers, safely, and yields its items in order.
 
     As ``keras.utils.GeneratorEnqueuer``, but the generator need not be
-    thread-safe: ``next()`` runs under a lock, one reader at a time, while
-    the per-batch work (checks, staging into pinned memory) runs in
-    parallel. Items come out in the order the generator produced them. An
-    exception from the generator reaches the consumer after every item
-    produced before it, and the generator is never called again.
+    thread-safe: ``next()`` runs under a lock while the per-batch work runs
+    in parallel, and items keep the generator's order. Its exception reaches
+    the consumer after every item before it; it is never called again.
 
     Args:
         generator: Any iterable.
-        use_multiprocessing: Run the generator in a worker process, which
-            writes each item into shared memory. There is one such process
-            whatever ``workers`` is (a generator has one reader; Keras runs a
-            copy in every process and repeats the data), so ``generator`` must
-            be picklable: the generator function (``make_batches``, not
-            ``make_batches()``) or a picklable iterable.
+        use_multiprocessing: Run the generator in one worker process, whatever
+            ``workers`` is (Keras runs a copy in every process and repeats the
+            data), writing items into shared memory; pass the generator
+            function (``make_batches``, not ``make_batches()``) or a picklable
+            iterable.
         random_seed: Seeds NumPy's global random state in that process, as
             Keras does; unused with threads.
         device, prefetch_depth, output, stream, timeout: As in ``SequenceEnqueuer``.

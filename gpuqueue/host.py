@@ -29,8 +29,9 @@ from .arenas import Copied
 from .channel import FIFOQueue
 from .errors import CancelledError, note_thread
 from .looper import PinnedPool
+from .packing import Staged, device_ready, layout
 from .sources import GeneratorTasks, SequenceTasks, Task
-from .staging import BatchSpec, LeafMeta, Staged, TreeDef, describe, device_ready, layout
+from .staging import BatchSpec, LeafMeta, TreeDef, describe
 
 __all__ = ["Counters", "Described", "HostStage", "Item", "Sequencer"]
 

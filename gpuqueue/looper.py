@@ -29,7 +29,8 @@ from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator, LooperThread
 from .errors import CancelledError, OutOfRangeError, note_thread
-from .staging import LeafMeta, Staged, TreeDef, pack
+from .packing import Staged, pack
+from .staging import LeafMeta, TreeDef
 
 __all__ = ["CopyLooper", "PinnedPool", "PinnedSlot"]
 

@@ -1,7 +1,7 @@
 """One run of the pipeline: source → host workers → copy looper → consumer.
 
-``PipelineConfig`` is every setting of a run, typed, frozen and validated
-where the user's arguments arrive. ``Run.start`` builds the run's queues,
+``PipelineConfig`` (``config.py``) is every setting of a run, typed, frozen
+and validated where the user's arguments arrive. ``Run.start`` builds the run's queues,
 pools and backend from it and starts its threads (and processes); ``stop``
 joins them and frees the memory; ``abandon`` is the finaliser of a run
 nobody stopped. Nothing here knows Keras: the enqueuers translate their
@@ -10,9 +10,9 @@ arguments into a config and delegate.
 The host stage (``host.py``) is a ``QueueRunner`` whose enqueue ops are the
 workers, under one ``Coordinator``; they put batches on the bounded host
 queue in exactly the read order. With a device, a ``CopyLooper``
-(``looper.py``) copies each staged batch to a device slot and puts it on the
-device queue (``prefetch_depth``); the consumer's side (``delivery.py``)
-hands out device arrays ordered after their copy.
+(``looper.py``) copies each staged batch into a device arena (``arenas.py``)
+and puts it on the device queue (``prefetch_depth``); the consumer's side
+(``delivery.py``) hands out device arrays ordered after their copy.
 
 An error while reading (or copying) travels down the queues in its place, so
 the consumer gets every batch before it, then the original exception.
@@ -23,7 +23,6 @@ runs as soon as the epoch's last read has finished.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import threading
 import warnings
 from collections.abc import Callable
@@ -33,9 +32,10 @@ from typing import Any
 
 from .adapters import check_main_guard, main_without_file
 from .arenas import DeviceArenas
-from .backends import check_device, resolve
+from .backends import resolve
 from .backends.base import Backend
 from .channel import FIFOQueue
+from .config import PipelineConfig
 from .coordinator import Coordinator
 from .errors import PipelineError
 from .host import Counters, HostStage, Item
@@ -43,105 +43,10 @@ from .looper import CopyLooper, PinnedPool
 from .runner import QueueRunner
 from .sources import GeneratorTasks, SequenceTasks, overrides_on_epoch_end
 
-__all__ = ["DEFAULT_STOP_TIMEOUT", "EMPTY_STATS", "OUTPUTS", "PipelineConfig", "Run"]
+__all__ = ["DEFAULT_STOP_TIMEOUT", "EMPTY_STATS", "INTERRUPT_GRACE", "Run"]
 
 # How long stop() waits for threads by default before naming the stragglers.
 DEFAULT_STOP_TIMEOUT = 60.0
-
-OUTPUTS = (None, "cupy", "numpy", "torch", "jax")
-
-# The module each output needs, what it is called, and how to install it.
-_OUTPUT_NEEDS = {
-    "torch": ("torch", "PyTorch", "install gpuqueue[torch] (or torch itself)"),
-    "jax": ("jax", "JAX", "install gpuqueue[jax] (or jax[cpu], jax[cuda12])"),
-    "cupy": ("cupy", "CuPy", "install gpuqueue[cuda12] or gpuqueue[cuda13]"),
-}
-
-
-def _check_output_installed(output: str | None) -> None:
-    """Raises ``PipelineError`` naming the extra if ``output``'s library is missing.
-
-    Looks the module up without importing it, so that building an enqueuer
-    stays cheap and ``import gpuqueue`` imports none of them.
-    """
-    if output not in _OUTPUT_NEEDS:
-        return
-    module, library, hint = _OUTPUT_NEEDS[output]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise PipelineError(f"output={output!r} needs {library}, which is not installed: {hint}")
-
-
-def _check_count(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        wanted = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {wanted}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Every setting of one run, checked once when it is made.
-
-    Args:
-        name: Names the run's threads, queues and messages.
-        use_multiprocessing: Read in worker processes instead of threads.
-        workers: Number of worker threads (or processes).
-        max_queue_size: The most finished batches waiting in host memory.
-        device: ``None`` (host batches as the source made them), ``"auto"``,
-            ``"cpu"``, an int or ``"cuda:N"``, or a backend object.
-        prefetch_depth: Batches copied ahead of the consumer (0 = copy in
-            ``get()``).
-        output: ``None``, ``"cupy"``, ``"numpy"``, ``"torch"`` or ``"jax"``.
-        stream: The consumer's stream; None for the current one at each get.
-        process_seed: Seeds NumPy in a generator's worker process.
-        timeout: Seconds ``get()`` waits for one batch before it raises
-            ``BatchTimeoutError``; None waits as long as it takes (with a
-            warning once a minute has passed).
-
-    Raises:
-        ValueError: If a setting is out of range or settings contradict
-            each other.
-        PipelineError: If ``output`` names a library that is not installed.
-    """
-
-    name: str
-    use_multiprocessing: bool = False
-    workers: int = 1
-    max_queue_size: int = 10
-    device: Any = None
-    prefetch_depth: int = 2
-    output: str | None = None
-    stream: Any = None
-    process_seed: int | None = None
-    timeout: float | None = None
-
-    def __post_init__(self) -> None:
-        timeout = self.timeout
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
-        ):
-            raise ValueError(
-                f"timeout must be None or a positive number of seconds, not {timeout!r}"
-            )
-        _check_count("workers", self.workers, 1)
-        _check_count("max_queue_size", self.max_queue_size, 1)
-        _check_count("prefetch_depth", self.prefetch_depth, 0)
-        if self.output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
-        if self.device is None:
-            if self.output in ("torch", "jax") or self.stream is not None:
-                raise ValueError(
-                    f"output={self.output!r} and stream need a device (device='auto', 0, ...)"
-                    if self.output in ("torch", "jax")
-                    else "stream needs a device (device='auto', 0, ...)"
-                )
-        else:
-            check_device(self.device)
-        _check_output_installed(self.output)
-
 
 TaskSource = SequenceTasks | GeneratorTasks
 

@@ -148,7 +148,7 @@ class ReadingOrder:
             raise PipelineError(f"the Sequence is empty (len() returned {length})")
         batches_per_rank(length, resolved.world_size, bool(drop_last))
         seed = seed if seed is not None else secrets.randbits(63)
-        return cls(shuffle, seed, resolved, bool(drop_last), epochs)
+        return cls(bool(shuffle), seed, resolved, bool(drop_last), epochs)
 
     def tasks(self, sequence: Any) -> SequenceTasks:
         """The tasks of a run that starts at the next batch to deliver."""

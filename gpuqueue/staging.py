@@ -1,4 +1,4 @@
-"""Batch structure, validation, and packing a batch's arrays into one arena.
+"""Batch structure and validation: what a batch may hold, and what it held the first time.
 
 A batch is any nesting of tuples (named ones too), lists and dicts. Its
 leaves are, as Keras takes them:
@@ -18,9 +18,8 @@ leaves are, as Keras takes them:
 
 ``describe`` splits a batch into a structure (``TreeDef``) and its array
 leaves; ``BatchSpec`` remembers the first batch's structure, dtypes and ranks
-and names the field of any later batch that differs; ``pack`` / ``unpack``
-lay a batch's arrays out in one buffer at aligned offsets, so one batch is
-one copy (into shared memory, or from pinned memory to the device).
+and names the field of any later batch that differs (``packing.py`` lays a
+batch's arrays out in one buffer, so one batch is one copy).
 ``LeafMeta.kind`` remembers what each array leaf was, so ``as_source`` can
 give the host path (``device=None``) the same leaf types in processes as in
 threads.
@@ -28,8 +27,6 @@ threads.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,34 +36,17 @@ import numpy as np
 from .errors import BatchError
 
 __all__ = [
-    "ALIGNMENT",
     "BatchSpec",
     "LeafMeta",
-    "Staged",
     "TreeDef",
     "as_source",
     "describe",
     "map_arrays",
-    "pack",
-    "unpack",
 ]
 
-# Offsets in an arena are multiples of this, which suits every dtype and
-# the alignment CUDA copies and kernels prefer.
-ALIGNMENT = 256
 
 _NUMBER_TYPES = (bool, int, float, complex)
 _SCALAR_TYPES = (*_NUMBER_TYPES, np.generic)
-
-# Dtype kinds a device computes with: booleans, integers, floats, complex numbers.
-_DEVICE_KINDS = frozenset("biufc")
-_KIND_NAMES = {
-    "U": "text",
-    "S": "bytes",
-    "V": "raw or structured",
-    "M": "datetime",
-    "m": "timedelta",
-}
 
 
 @dataclass(frozen=True)
@@ -390,97 +370,3 @@ class BatchSpec:
                     f"{where}: field {meta.path} has rank {len(meta.shape)} "
                     f"(shape {meta.shape}), expected rank {ndim} as in the first batch"
                 )
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGNMENT) * ALIGNMENT
-
-
-def layout(leaves: Sequence[tuple[str, np.ndarray]]) -> tuple[list[LeafMeta], int]:
-    """Assigns each leaf an aligned offset in one arena.
-
-    Returns:
-        The leaves' metadata and the arena size in bytes they need.
-    """
-    metas = []
-    offset = 0
-    kinds = getattr(leaves, "kinds", None) or ["array"] * len(leaves)
-    for (path, array), kind in zip(leaves, kinds, strict=True):
-        metas.append(LeafMeta(path, array.dtype, array.shape, offset, kind))
-        offset = _align(offset + array.nbytes)
-    return metas, offset
-
-
-def pack(leaves: Sequence[tuple[str, np.ndarray]], metas: Sequence[LeafMeta], arena: Any) -> None:
-    """Copies each leaf into ``arena`` (a writable byte buffer) at its offset.
-
-    Non-contiguous and Fortran-ordered arrays are copied element by element
-    into C order, so what comes out of ``unpack`` equals what went in.
-    """
-    for (_, array), meta in zip(leaves, metas, strict=True):
-        np.copyto(_view(arena, meta), array, casting="no")
-
-
-def _view(arena: Any, meta: LeafMeta) -> np.ndarray:
-    count = math.prod(meta.shape)
-    flat = np.frombuffer(arena, dtype=meta.dtype, count=count, offset=meta.offset)
-    return flat.reshape(meta.shape)
-
-
-def arena_view(arena: Any, meta: LeafMeta) -> Any:
-    """An array of ``meta``'s dtype and shape over a uint8 array ``arena`` (NumPy or CuPy)."""
-    end = meta.offset + math.prod(meta.shape) * meta.dtype.itemsize
-    return arena[meta.offset : end].view(meta.dtype).reshape(meta.shape)
-
-
-def device_ready(metas: Sequence[LeafMeta], arena: np.ndarray, where: str) -> list[LeafMeta]:
-    """Makes a packed batch what a device expects, in place; returns its leaves' new metadata.
-
-    Leaves in non-native byte order are swapped in ``arena`` (a device reads
-    its own order; a copy moves bytes as they are), and dtypes with no
-    meaning on a device never reach a copy.
-
-    Raises:
-        BatchError: Naming ``where`` and the field, for a text, bytes, raw,
-            structured, datetime or timedelta leaf.
-    """
-    ready = list(metas)
-    for position, meta in enumerate(metas):
-        if meta.dtype.kind not in _DEVICE_KINDS:
-            kind = _KIND_NAMES.get(meta.dtype.kind, "unknown")
-            raise BatchError(
-                f"{where}: field {meta.path} has dtype {meta.dtype} ({kind} data), which has "
-                "no meaning on a device; expected a numeric or boolean dtype"
-            )
-        if not meta.dtype.isnative:
-            _view(arena, meta).byteswap(inplace=True)
-            ready[position] = dataclasses.replace(meta, dtype=meta.dtype.newbyteorder("="))
-    return ready
-
-
-def unpack(treedef: TreeDef, metas: Sequence[LeafMeta], arena: Any, copy: bool = False) -> Any:
-    """Rebuilds a batch whose arrays are views of ``arena`` (or, with ``copy``, copies)."""
-    views = [_view(arena, meta) for meta in metas]
-    return rebuild(treedef, [view.copy() for view in views] if copy else views)
-
-
-@dataclass
-class Staged:
-    """A batch packed into one host arena, ready for one host-to-device copy."""
-
-    treedef: TreeDef
-    metas: list[LeafMeta]
-    nbytes: int
-    buffer: np.ndarray  # uint8, at least nbytes long
-    give_back: Callable[[Any], None]  # returns the slot to its pool, fenced by an event
-    released: bool = False
-
-    def release(self, copy_done: Any = None) -> None:
-        """Returns the slot to its pool, once: the next user waits for ``copy_done``.
-
-        Idempotent, because an item can be dropped (on stop) after its copy
-        already gave the slot back.
-        """
-        if not self.released:
-            self.released = True
-            self.give_back(copy_done)

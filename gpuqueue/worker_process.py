@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from .errors import PipelineError, add_note
+from .packing import layout, pack
 from .shm import receive_segment
-from .staging import describe, layout, pack
+from .staging import describe
 
 __all__ = ["portable_error", "worker_main"]
 

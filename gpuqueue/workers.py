@@ -31,9 +31,9 @@ from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator
 from .errors import CancelledError, OutOfRangeError, PipelineError, WorkerDiedError
+from .packing import Staged
 from .pickling import pickle_source
 from .shm import Slot, SlotPool, send_segment
-from .staging import Staged
 from .worker_process import worker_main
 
 __all__ = ["ProcessPool"]

@@ -19,7 +19,8 @@ from gpuqueue.backends import resolve
 from gpuqueue.backends.numpy import NumpyBackend
 from gpuqueue.backends.simulated import SimulatedBackend
 from gpuqueue.looper import PinnedPool
-from gpuqueue.staging import describe, layout
+from gpuqueue.packing import layout
+from gpuqueue.staging import describe
 from tests.conftest import start, wait_entered
 from tests.faults import failing
 from tests.seqs import FailsAt, Growing, Numbered

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from gpuqueue import BatchError
-from gpuqueue.staging import ALIGNMENT, BatchSpec, describe, layout, pack, rebuild, unpack
+from gpuqueue.packing import ALIGNMENT, layout, pack, unpack
+from gpuqueue.staging import BatchSpec, describe, rebuild
 
 Pair = namedtuple("Pair", ["x", "y"])
 
