@@ -89,6 +89,20 @@ def _leaves(batch: Any) -> list[Any]:
     return [batch]
 
 
+def one_copy_in_flight() -> tuple[Any, Any, Any, Any, Any]:
+    """A CuPy backend on the double with one 64-byte copy issued: (backend, copy stream,
+    consumer stream, its pinned source, its device arena)."""
+    from gpuqueue.backends.cupy import CupyBackend
+
+    backend = CupyBackend(0)
+    backend.enter_device()
+    copies, consumer = backend.create_stream(), backend.current_stream()
+    host = backend.alloc_pinned(64)
+    arena = backend.alloc_device(64, copies)
+    backend.copy_to_device(arena, host, 64, copies)
+    return backend, copies, consumer, host, arena
+
+
 # -- 1. batches the consumer owns ----------------------------------------------------
 
 
@@ -178,14 +192,7 @@ def test_a_torch_stream_passed_as_stream_orders_the_batches(strict_cuda: StrictC
 
 def test_the_double_catches_a_read_before_the_copy_is_ordered(strict_cuda: StrictCuda) -> None:
     """The check the runs above pass: a read on a stream that did not wait must fail."""
-    from gpuqueue.backends.cupy import CupyBackend
-
-    backend = CupyBackend(0)
-    backend.enter_device()
-    copies, consumer = backend.create_stream(), backend.current_stream()
-    host = backend.alloc_pinned(64)
-    arena = backend.alloc_device(64, copies)
-    backend.copy_to_device(arena, host, 64, copies)
+    backend, copies, consumer, host, arena = one_copy_in_flight()
     view = backend.device_view(arena, 64, object())
     strict_cuda.read(view, consumer.handle)  # no wait on the copy's event
     assert any("reads a batch before its copy" in v for v in strict_cuda.violations)
@@ -251,30 +258,16 @@ def test_the_double_catches_pinned_memory_freed_under_a_pending_copy(
     strict_cuda: StrictCuda,
 ) -> None:
     """The check the pipeline's runs pass: here broken on purpose, it must fire."""
-    from gpuqueue.backends.cupy import CupyBackend
-
-    backend = CupyBackend(0)
-    backend.enter_device()
-    stream = backend.create_stream()
-    host = backend.alloc_pinned(64)
-    arena = backend.alloc_device(64, stream)
-    backend.copy_to_device(arena, host, 64, stream)
+    backend, copies, _, host, arena = one_copy_in_flight()
     backend.free_pinned(host)  # no wait for the copy first
     assert any("freed with a copy reading it" in v for v in strict_cuda.violations)
     strict_cuda.violations.clear()
-    backend.free_device(arena, stream)
+    backend.free_device(arena, copies)
     backend.close()
 
 
 def test_the_double_catches_a_rewrite_before_the_readers_event(strict_cuda: StrictCuda) -> None:
-    from gpuqueue.backends.cupy import CupyBackend
-
-    backend = CupyBackend(0)
-    backend.enter_device()
-    copies, consumer = backend.create_stream(), backend.current_stream()
-    host = backend.alloc_pinned(64)
-    arena = backend.alloc_device(64, copies)
-    backend.copy_to_device(arena, host, 64, copies)
+    backend, copies, consumer, host, arena = one_copy_in_flight()
     ready = backend.create_event()
     backend.record(ready, copies)
     backend.wait_event(consumer, ready)
