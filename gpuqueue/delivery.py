@@ -110,6 +110,8 @@ def _next_item(run: Run, queue: FIFOQueue[Item]) -> Item:
         BatchTimeoutError: If ``timeout`` passed with no item; it names what is in flight.
     """
     timeout = run.config.timeout
+    # One timed wait at the user's edge (their timeout, or the warning's), not a
+    # polling loop: stop() and close wake it as they wake every wait.
     try:
         return queue.get(timeout=WARN_AFTER_S if timeout is None else timeout)
     except TimeoutError:

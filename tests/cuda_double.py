@@ -274,14 +274,7 @@ class _Runtime(types.ModuleType):
         return address
 
     def freeHost(self, address: int) -> None:
-        cuda = self._cuda
-        cuda.current("freeHost")
-        with cuda.lock:
-            pinned = cuda.pinned.pop(address, None)
-            if pinned is None:
-                cuda.violate(f"freeHost of {address:#x}, which hostAlloc did not return")
-                return
-            cuda._check_pinned(pinned, "freed", final=True)
+        self._let_go("freeHost", address, "freed", "which hostAlloc did not return")
 
     def hostRegister(self, address: int, nbytes: int, flags: int) -> None:
         cuda = self._cuda
@@ -292,14 +285,18 @@ class _Runtime(types.ModuleType):
             cuda.pinned[address] = _Pinned(address, nbytes, None)
 
     def hostUnregister(self, address: int) -> None:
+        self._let_go("hostUnregister", address, "unregistered", "which is not registered")
+
+    def _let_go(self, call: str, address: int, done: str, unknown: str) -> None:
+        """Pinned memory freed or unregistered: no copy reading it may still be pending."""
         cuda = self._cuda
-        cuda.current("hostUnregister")
+        cuda.current(call)
         with cuda.lock:
             pinned = cuda.pinned.pop(address, None)
             if pinned is None:
-                cuda.violate(f"hostUnregister of {address:#x}, which is not registered")
+                cuda.violate(f"{call} of {address:#x}, {unknown}")
                 return
-            cuda._check_pinned(pinned, "unregistered", final=True)
+            cuda._check_pinned(pinned, done, final=True)
 
     def mallocAsync(self, nbytes: int, stream_handle: int) -> int:
         cuda = self._cuda
