@@ -195,6 +195,8 @@ def _to_output(
             return tensor.view(torch.bfloat16) if meta.kind == "torch:bfloat16" else tensor
 
     elif output == "jax":
+        # JAX orders its read after CuPy's current stream of the thread's current
+        # device: on a GPU, have the enqueuer's device current in the consumer.
         import jax.dlpack
         import jax.numpy as jnp
 

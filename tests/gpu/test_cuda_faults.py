@@ -29,7 +29,9 @@ def test_allocation_failures_arrive_in_order(operation: str, at: int, before: in
     enqueuer.start(workers=1)
     try:
         batches = enqueuer.get()
-        assert [int(next(batches)[1]["index"]) for _ in range(before)] == list(range(before))
+        # Held, so the next batch cannot reuse their arenas: it needs a new one.
+        held = [next(batches) for _ in range(before)]
+        assert [int(batch[1]["index"]) for batch in held] == list(range(before))
         with pytest.raises(MemoryError, match=rf"^{operation} failed"):
             next(batches)
     finally:
