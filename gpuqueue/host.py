@@ -103,10 +103,9 @@ class HostStage:
         pinned: Packs thread workers' batches for the copy; None without a device.
         processes: The worker processes (``workers.ProcessPool``), if any.
         device: Batches go to a device: each staged batch is made ready for it
-            (byte order, dtypes) by the worker that read it.
-        check_dtypes: Check each batch's dtypes and ranks against the first
-            (where batches go to a device); with False only the structure is
-            checked, since batches are handed over as they are.
+            (byte order, dtypes) by the worker that read it, and checked against
+            the first batch's dtypes and ranks. Without one, batches are handed
+            over as they are and only their structure is checked.
     """
 
     def __init__(
@@ -119,17 +118,17 @@ class HostStage:
         pinned: PinnedPool | None,
         processes: Any,
         device: bool,
-        check_dtypes: bool = True,
     ) -> None:
         self._tasks, self._host_queue, self._counters = tasks, host_queue, counters
         self._pinned, self._processes, self._device = pinned, processes, device
-        self._check_dtypes = check_dtypes
         self._spec: BatchSpec | None = None  # the first batch's structure, dtypes and ranks
         self.sequencer: Sequencer[Item] = Sequencer(
             self._commit, Item.release_staging, limit=workers
         )
         self._read = self._read_in_process if processes is not None else self._read_in_thread
-        self._reading: dict[str, str] = {}  # what each worker thread is at, by thread name
+        # What each worker thread is at, by thread name: a task, or _CLAIMING. Kept
+        # as is and worded only for a message, off the per-batch path.
+        self._reading: dict[str, Task | str] = {}
 
     def enqueue_op(self, number: int) -> Callable[[], None]:
         """Worker ``number``'s enqueue op: claim, read, then hand the item in to be committed."""
@@ -147,7 +146,7 @@ class HostStage:
                 sequencer.unreserve()
                 raise
             item = Item(task, claim_wait_s=time.monotonic() - started)
-            reading[me] = task.where()
+            reading[me] = task
             try:
                 if task.failure is not None:
                     raise task.failure
@@ -170,7 +169,10 @@ class HostStage:
 
     def reading(self) -> list[str]:
         """What each worker thread is reading now, as ``"thread: batch index ..."``."""
-        return [f"{thread}: {what}" for thread, what in dict(self._reading).items()]
+        return [
+            f"{thread}: {what if isinstance(what, str) else what.where()}"
+            for thread, what in dict(self._reading).items()
+        ]
 
     def _read_in_process(self, task: Task) -> Described:
         # A generator's item was read by the process while claiming it.
@@ -212,7 +214,7 @@ class HostStage:
                         described.treedef,
                         described.metas,
                         item.task.where(),
-                        dtypes=self._check_dtypes,
+                        dtypes=self._device,
                     )
             except Exception as error:
                 self._tasks.close()

@@ -157,7 +157,6 @@ class Run:
             pinned=self.pinned,
             processes=self.processes,
             device=self.backend is not None,
-            check_dtypes=config.device is not None,
         )
         self.host = host
         ops = [host.enqueue_op(number) for number in range(config.workers)]
