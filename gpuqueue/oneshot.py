@@ -128,10 +128,7 @@ def prefetch(
             timeout=timeout,
         )
     enqueuer.start(workers=workers, max_queue_size=max_queue_size)
-    try:
+    # The enqueuer's own exit stops it, once, also on error; after Ctrl-C in the
+    # loop's body it waits for nothing user code could hold up.
+    with enqueuer:
         yield enqueuer.get()
-    except KeyboardInterrupt as interrupt:  # Ctrl-C in the loop's body: stop without waiting
-        enqueuer.__exit__(KeyboardInterrupt, interrupt, interrupt.__traceback__)
-        raise
-    finally:
-        enqueuer.stop()
