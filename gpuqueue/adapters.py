@@ -24,6 +24,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from .distributed import is_torch_class
 from .errors import PipelineError
 
 __all__ = [
@@ -46,10 +47,7 @@ def is_sequence(source: Any) -> bool:
 
 def is_torch_dataloader(source: Any) -> bool:
     """True for a ``torch.utils.data.DataLoader`` (or a subclass), without importing torch."""
-    return any(
-        cls.__name__ == "DataLoader" and cls.__module__.startswith("torch.utils.data")
-        for cls in type(source).__mro__
-    )
+    return is_torch_class(source, "DataLoader")
 
 
 def _one_shot(source: Any) -> bool:

@@ -35,6 +35,7 @@ __all__ = [
     "batches_per_rank",
     "check_iterable_shard",
     "describe_shard",
+    "is_torch_class",
     "local_rank",
     "reads_by_index",
     "resolve_shard",
@@ -219,7 +220,7 @@ def describe_shard(name: str, shard: Shard, length: int, drop_last: bool) -> str
     return line
 
 
-def _is_torch_class(obj: Any, name: str) -> bool:
+def is_torch_class(obj: Any, name: str) -> bool:
     """True if ``obj`` is an instance of torch.utils.data's ``name`` (torch not imported)."""
     return any(
         cls.__name__ == name and cls.__module__.startswith("torch.utils.data")
@@ -229,13 +230,13 @@ def _is_torch_class(obj: Any, name: str) -> bool:
 
 def split_per_rank(source: Any) -> bool:
     """True if ``source`` is a torch DataLoader whose sampler is a DistributedSampler."""
-    if not _is_torch_class(source, "DataLoader"):
+    if not is_torch_class(source, "DataLoader"):
         return False
     samplers = (
         getattr(source, "sampler", None),
         getattr(getattr(source, "batch_sampler", None), "sampler", None),
     )
-    return any(_is_torch_class(sampler, "DistributedSampler") for sampler in samplers)
+    return any(is_torch_class(sampler, "DistributedSampler") for sampler in samplers)
 
 
 def reads_by_index(source: Any) -> bool:
@@ -244,7 +245,7 @@ def reads_by_index(source: Any) -> bool:
     A torch ``IterableDataset`` inherits a ``__getitem__`` it cannot serve,
     so it counts as an iterable, as do DataLoaders and generators.
     """
-    if _is_torch_class(source, "IterableDataset"):
+    if is_torch_class(source, "IterableDataset"):
         return False
     return hasattr(source, "__getitem__") and hasattr(source, "__len__")
 
