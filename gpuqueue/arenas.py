@@ -123,6 +123,8 @@ class DeviceArenas:
         backend = self.backend
         self.largest = max(self.largest, staged.nbytes)
         arena = self._take(stream)
+        if staged.exchange is not None and backend.shares_host_memory:
+            return self._adopt(staged, arena)
         if arena is None:
             capacity = max(1, int(self.largest * _GROWTH))
             arena = DeviceArena(backend.alloc_device(capacity, stream), capacity, None)
@@ -149,6 +151,27 @@ class DeviceArenas:
         self._copies += 1
         self.bytes_copied += staged.nbytes
         self._read_timings()
+        return Copied(arena, ready, staged.treedef, staged.metas, staged.nbytes)
+
+    def _adopt(self, staged: Staged, arena: DeviceArena | None) -> Copied:
+        """The host is the device: the staged buffer becomes the batch's arena, uncopied.
+
+        The slot takes the free arena's memory in exchange (or new memory on
+        its next use), so the bytes are written once, by the worker, and a
+        CPU run costs what a run with no device does, plus that one pack.
+        """
+        assert staged.exchange is not None
+        memory = staged.exchange(None if arena is None else arena.memory)
+        if arena is None:
+            arena = DeviceArena(memory, 0, self.backend.create_event())
+        with self._cond:
+            self.device_bytes += memory.nbytes - arena.capacity
+        arena.memory, arena.capacity = memory, int(memory.nbytes)
+        ready = self.backend.create_event()
+        self.backend.record(ready, None)
+        staged.release(ready)
+        self._copies += 1
+        self.bytes_copied += staged.nbytes
         return Copied(arena, ready, staged.treedef, staged.metas, staged.nbytes)
 
     def _take(self, stream: Any) -> DeviceArena | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
@@ -79,28 +80,32 @@ def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
             run.counters.consumer_wait_s += time.monotonic() - started
             run.counters.occupancy_sum += queue.qsize()
             run.counters.gets += 1
-        if item.error is not None:
-            item.release_staging()
-            _stop_with(run, item.error)
-            continue
-        received(item.task)
-        if item.described is None or item.described.skipped:
-            continue
-        try:
-            batch = _deliver(run, item)
-        except CancelledError:  # stopped from another thread while copying (depth 0)
-            return
-        except Exception as error:
-            note_thread(error, f"delivering {item.task.where()}")
-            _stop_with(run, error)
-            continue
-        with run.counters.lock:
-            run.counters.consumed += 1
-        # The batch is the consumer's: this frame must not keep it (and its arena)
-        # alive while it waits here for the next call.
-        handed = [batch]
-        del batch, item
-        yield handed.pop()
+        parts = deque(item.bundle or (item,))  # (a bundle's last may hold an error)
+        del item
+        while parts:
+            part = parts.popleft()
+            if part.error is not None:
+                part.release_staging()
+                _stop_with(run, part.error)
+                break
+            received(part.task)
+            if part.described is None or part.described.skipped:
+                continue
+            try:
+                batch = _deliver(run, part)
+            except CancelledError:  # stopped from another thread while copying (depth 0)
+                return
+            except Exception as error:
+                note_thread(error, f"delivering {part.task.where()}")
+                _stop_with(run, error)
+                break
+            with run.counters.lock:
+                run.counters.consumed += 1
+            # The batch is the consumer's: this frame must not keep it (and its arena)
+            # alive while it waits here for the next call.
+            handed = [batch]
+            del batch, part
+            yield handed.pop()
 
 
 def _next_item(run: Run, queue: FIFOQueue[Item]) -> Item:

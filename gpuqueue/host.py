@@ -30,6 +30,7 @@ from .channel import FIFOQueue
 from .errors import CancelledError, note_thread
 from .looper import PinnedPool
 from .packing import Staged, device_ready, layout
+from .plan import Plan
 from .sources import GeneratorTasks, SequenceTasks, Task
 from .staging import BatchSpec, LeafMeta, TreeDef, describe
 
@@ -49,6 +50,11 @@ class Described:
     skipped: bool = False  # the source returned None
 
 
+# A bundle of reads takes about this long at most (a read this long or longer goes alone),
+# and holds at most this many batches: the queue's bound counts bundles.
+_BUNDLE_BUDGET_S = 100e-6
+_BUNDLE_MOST = 8
+
 _SKIPPED = Described(TreeDef("leaf"), [], skipped=True)
 
 # What a worker is at while it claims a task (for a generator, that is its next()).
@@ -63,6 +69,8 @@ class Item:
     described: Described | None = None
     error: BaseException | None = None
     copied: Copied | None = None  # its device copy, once the copy stage made it
+    # Several batches claimed and read together (this item first), as one queue item.
+    bundle: list[Item] | None = None
     claim_wait_s: float = 0.0  # how long its worker waited for room before claiming it
 
     @property
@@ -122,17 +130,24 @@ class HostStage:
         self._tasks, self._host_queue, self._counters = tasks, host_queue, counters
         self._pinned, self._processes, self._device = pinned, processes, device
         self._spec: BatchSpec | None = None  # the first batch's structure, dtypes and ranks
+        self._plan: Plan | None = None  # splits batches shaped like one read earlier
+        self._checked: list[LeafMeta] | None = None  # a layout whose batches pass the check
         self.sequencer: Sequencer[Item] = Sequencer(
             self._commit, Item.release_staging, limit=workers
         )
         self._read = self._read_in_process if processes is not None else self._read_in_thread
+        # Fast reads handed to the consumer as they are are claimed and queued in
+        # bundles, so that the claim, the queue and the wake-up cost once a bundle.
+        self._bundles = pinned is None and processes is None and isinstance(tasks, SequenceTasks)
+        self.bundle = 1  # batches to claim at once, from how long a read took
         # What each worker thread is at, by thread name: a task, or _CLAIMING. Kept
         # as is and worded only for a message, off the per-batch path.
         self._reading: dict[str, Task | str] = {}
 
     def enqueue_op(self, number: int) -> Callable[[], None]:
         """Worker ``number``'s enqueue op: claim, read, then hand the item in to be committed."""
-        tasks, sequencer, read, reading = self._tasks, self.sequencer, self._read, self._reading
+        tasks, sequencer, reading = self._tasks, self.sequencer, self._reading
+        read_one = self._read_one
 
         def enqueue_one() -> None:
             started = time.monotonic()
@@ -140,32 +155,51 @@ class HostStage:
             me = threading.current_thread().name
             reading[me] = _CLAIMING
             try:
-                task = tasks.claim()  # OutOfRangeError here ends this worker cleanly
+                # OutOfRangeError here ends this worker cleanly.
+                claimed = tasks.claim_several(self.bundle) if self._bundles else [tasks.claim()]
             except BaseException:
                 del reading[me]
                 sequencer.unreserve()
                 raise
-            item = Item(task, claim_wait_s=time.monotonic() - started)
-            reading[me] = task
+            head = Item(claimed[0], claim_wait_s=time.monotonic() - started)
+            items = [head, *[Item(task) for task in claimed[1:]]]
+            began = time.perf_counter()
+            batches = 0
             try:
-                if task.failure is not None:
-                    raise task.failure
-                try:
-                    item.described = read(task)
-                finally:
-                    del reading[me]
-                    skipped = item.described is not None and item.described.skipped
-                    tasks.done_reading(task, skipped=skipped)
-            except (CancelledError, GeneratorExit):
-                raise
-            except BaseException as error:  # SystemExit too: it belongs in its place
-                tasks.close()
-                note_thread(error, f"reading {task.where()}")
-                item.error = error
-            sequencer.submit(task.seq_no, item)
+                for read_count, item in enumerate(items, 1):
+                    read_one(item, me)
+                    if item.error is not None:
+                        del items[read_count:]  # an error ends the bundle (and the run)
+                        break
+                    if not item.described.skipped:  # type: ignore[union-attr]
+                        batches += 1
+            finally:
+                del reading[me]
+                tasks.done_reading(len(claimed), batches + (items[-1].error is not None))
+            if self._bundles:
+                per_read = (time.perf_counter() - began) / len(items)
+                self.bundle = max(1, min(_BUNDLE_MOST, int(_BUNDLE_BUDGET_S / max(per_read, 1e-7))))
+            if len(items) > 1:
+                head.bundle = items
+            sequencer.submit(head.task.seq_no, head)
 
         enqueue_one.__name__ = f"worker{number}"
         return enqueue_one
+
+    def _read_one(self, item: Item, me: str) -> None:
+        """Reads ``item``'s task into it, or puts the read's error in it."""
+        task = item.task
+        self._reading[me] = task
+        try:
+            if task.failure is not None:
+                raise task.failure
+            item.described = self._read(task)
+        except (CancelledError, GeneratorExit):
+            raise
+        except BaseException as error:  # SystemExit too: it belongs in its place
+            self._tasks.close()
+            note_thread(error, f"reading {task.where()}")
+            item.error = error
 
     def reading(self) -> list[str]:
         """What each worker thread is reading now, as ``"thread: batch index ..."``."""
@@ -187,8 +221,19 @@ class HostStage:
         batch = self._tasks.read(task)
         if batch is None:
             return _SKIPPED
-        treedef, leaves = describe(batch)
-        metas, nbytes = layout(leaves)
+        plan = self._plan
+        if plan is not None and self._pinned is None and plan.matches(batch):
+            # Handed over as it is: its structure is all there is to check.
+            return Described(plan.treedef, plan.metas, batch=batch)
+        split = None if plan is None or self._pinned is None else plan.split(batch)
+        if split is not None:
+            assert plan is not None
+            treedef, (leaves, metas, nbytes) = plan.treedef, split
+        else:
+            treedef, leaves = describe(batch)
+            metas, nbytes = layout(leaves)
+            if plan is None:  # (two workers may both make one: either will do)
+                self._plan = Plan.of(batch, treedef, leaves)
         if self._pinned is None:
             return Described(treedef, metas, batch=batch)
         return self._staged(self._pinned.stage(treedef, metas, nbytes, leaves), task)
@@ -203,28 +248,39 @@ class HostStage:
         return Described(staged.treedef, staged.metas, staged=staged)
 
     def _commit(self, item: Item) -> None:
-        """Checks an item against the first batch and puts it on the host queue, in order."""
-        described = item.described
-        if described is not None and not described.skipped:
-            try:
-                if self._spec is None:
-                    self._spec = BatchSpec.of(described.treedef, described.metas)
-                else:
-                    self._spec.check(
-                        described.treedef,
-                        described.metas,
-                        item.task.where(),
-                        dtypes=self._device,
-                    )
-            except Exception as error:
-                self._tasks.close()
-                item.error = error
+        """Checks an item (each of a bundle's) against the first batch, then queues it, in order."""
+        parts = item.bundle or [item]
+        for count, part in enumerate(parts, 1):
+            if not self._check(part):
+                del parts[count:]  # the error ends the bundle
+                break
         started = time.monotonic()
         self._host_queue.put(item)
         blocked = item.claim_wait_s + time.monotonic() - started
         with self._counters.lock:
-            self._counters.produced += 1
+            self._counters.produced += len(parts)
             self._counters.producer_blocked_s += blocked
+
+    def _check(self, item: Item) -> bool:
+        """Checks one batch against the first; False if it differs (the error is in the item)."""
+        described = item.described
+        if described is None or described.skipped or described.metas is self._checked:
+            return item.error is None
+        try:
+            if self._spec is None:
+                self._spec = BatchSpec.of(described.treedef, described.metas)
+            else:
+                self._spec.check(
+                    described.treedef, described.metas, item.task.where(), dtypes=self._device
+                )
+                # A plan's layout is shared only by batches it split alike (same
+                # structure, dtypes and shapes): one that passed, they all pass.
+                self._checked = described.metas
+        except Exception as error:
+            self._tasks.close()
+            item.error = error
+            return False
+        return True
 
 
 class Sequencer(Generic[T]):

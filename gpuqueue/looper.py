@@ -146,7 +146,14 @@ class PinnedPool:
         except BaseException:
             self.release(slot)
             raise
-        return Staged(treedef, metas, nbytes, slot.buffer, lambda event: self.release(slot, event))
+
+        def exchange(memory: Any) -> Any:
+            taken, slot.buffer = slot.buffer, memory
+            return taken
+
+        return Staged(
+            treedef, metas, nbytes, slot.buffer, lambda event: self.release(slot, event), exchange
+        )
 
 
 class CopyLooper(LooperThread):

@@ -86,18 +86,22 @@ def arena_view(arena: Any, meta: LeafMeta) -> Any:
     return arena[meta.offset : end].view(meta.dtype).reshape(meta.shape)
 
 
-def device_ready(metas: Sequence[LeafMeta], arena: np.ndarray, where: str) -> list[LeafMeta]:
+def device_ready(metas: list[LeafMeta], arena: np.ndarray, where: str) -> list[LeafMeta]:
     """Makes a packed batch what a device expects, in place; returns its leaves' new metadata.
 
     Leaves in non-native byte order are swapped in ``arena`` (a device reads
     its own order; a copy moves bytes as they are), and dtypes with no
     meaning on a device never reach a copy.
 
+    Returns:
+        ``metas`` itself if no leaf changed, so a layout ``plan.Plan`` shares
+        stays shared (and the check of it done once).
+
     Raises:
         BatchError: Naming ``where`` and the field, for a text, bytes, raw,
             structured, datetime or timedelta leaf.
     """
-    ready = list(metas)
+    ready = metas  # the same list when nothing changes: a plan's layout stays shared
     for position, meta in enumerate(metas):
         if meta.dtype.kind not in _DEVICE_KINDS:
             kind = _KIND_NAMES.get(meta.dtype.kind, "unknown")
@@ -107,6 +111,8 @@ def device_ready(metas: Sequence[LeafMeta], arena: np.ndarray, where: str) -> li
             )
         if not meta.dtype.isnative:
             _view(arena, meta).byteswap(inplace=True)
+            if ready is metas:
+                ready = list(metas)
             ready[position] = dataclasses.replace(meta, dtype=meta.dtype.newbyteorder("="))
     return ready
 
@@ -126,6 +132,9 @@ class Staged:
     nbytes: int
     buffer: np.ndarray  # uint8, at least nbytes long
     give_back: Callable[[Any], None]  # returns the slot to its pool, fenced by an event
+    # Puts other memory (or None: new memory later) in the slot and returns its buffer,
+    # which leaves with the batch; None where the slot's memory cannot leave (shared memory).
+    exchange: Callable[[Any], Any] | None = None
     released: bool = False
 
     def release(self, copy_done: Any = None) -> None:

@@ -247,10 +247,15 @@ class _TaskSource:
     def read(self, task: Task) -> Any:
         raise NotImplementedError
 
-    def done_reading(self, task: Task, *, skipped: bool = False) -> None:
-        """Called once the read of ``task`` has finished, whatever its outcome.
+    def claim_several(self, most: int) -> list[Task]:
+        """Up to ``most`` tasks in a row, under one ``seq_no``: they travel as one queue item."""
+        return [self.claim()]
 
-        ``skipped`` says the source returned None for it.
+    def done_reading(self, reads: int, batches: int) -> None:
+        """Called once ``reads`` claimed tasks have finished reading, whatever their outcome.
+
+        ``batches`` of them gave a batch or an error (the others gave None, or
+        were never read because an error came before them).
         """
 
     def _next_seq_no(self) -> int:
@@ -378,14 +383,30 @@ class SequenceTasks(_TaskSource):
             self._order = order
         return self.claim()
 
+    def claim_several(self, most: int) -> list[Task]:
+        """Up to ``most`` tasks of this epoch (the end of an epoch is claimed alone)."""
+        if most > 1:
+            with self._cond:
+                start, left = self._position, len(self._order) - self._position
+                if not self._ended and left > 1:
+                    count = min(most, left)
+                    seq_no, epoch = self._next_seq_no(), self._epoch
+                    indices = self._order[start : start + count].tolist()
+                    self._position += count
+                    self._reads_in_flight += count
+                    return [
+                        Task(seq_no, epoch, start + offset, index=index)
+                        for offset, index in enumerate(indices)
+                    ]
+        return [self.claim()]
+
     def read(self, task: Task) -> Any:
         return self._sequence[task.index]
 
-    def done_reading(self, task: Task, *, skipped: bool = False) -> None:
+    def done_reading(self, reads: int, batches: int) -> None:
         with self._cond:
-            self._reads_in_flight -= 1
-            if not skipped:
-                self._batches_in_epoch += 1
+            self._reads_in_flight -= reads
+            self._batches_in_epoch += batches
             if self._reads_in_flight == 0 and self._boundary_waiters:
                 self._cond.notify_all()
 

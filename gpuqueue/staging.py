@@ -188,7 +188,7 @@ def _is_torch_tensor(leaf: Any) -> bool:
     return type(leaf).__module__.split(".")[0] == "torch" and hasattr(leaf, "numpy")
 
 
-def _torch_array(path: str, tensor: Any) -> tuple[np.ndarray, str]:
+def tensor_array(path: str, tensor: Any) -> tuple[np.ndarray, str]:
     """A NumPy view of a CPU tensor (no copy), and its kind."""
     import torch
 
@@ -232,7 +232,7 @@ def _describe(node: Any, path: str, leaves: Leaves, top: bool) -> TreeDef:
     elif isinstance(node, np.generic) and not isinstance(node, (np.str_, np.bytes_)):
         leaves.add(where, np.asarray(node), "scalar")
     elif _is_torch_tensor(node):
-        leaves.add(where, *_torch_array(where, node))
+        leaves.add(where, *tensor_array(where, node))
     elif hasattr(node, "__array__") and hasattr(node, "shape") and hasattr(node, "dtype"):
         leaves.add(where, np.asarray(node), "array")
     else:

@@ -16,6 +16,9 @@ def failing(base: type, operation: str, at: int) -> type:
 
     class Failing(base):  # type: ignore[valid-type, misc]
         calls = 0
+        # Every batch goes through alloc_device and copy_to_device, as on a GPU
+        # (NumPy would hand a staged buffer over instead).
+        shares_host_memory = False
 
         def _maybe_fail(self, name: str) -> None:
             if name == operation:

@@ -25,6 +25,9 @@ class Backend(Protocol):
 
     name: str  # "numpy", "cupy", "simulated"
     device: int | None  # the GPU index, or None on the host
+    # True where "device" memory is host memory (NumPy): a staged buffer can then
+    # become the batch's arena as it is, instead of being copied into one.
+    shares_host_memory: bool
 
     def enter_device(self) -> None:
         """Makes the device current in a thread gpuqueue owns (once, at its top)."""

@@ -168,6 +168,7 @@ class CupyBackend:
     """
 
     name = "cupy"
+    shares_host_memory = False
 
     def __init__(self, device: int) -> None:
         self.device: int | None = device

@@ -39,12 +39,15 @@ def owned_view(arena: np.ndarray, nbytes: int, owner: object) -> np.ndarray:
 class NumpyBackend:
     """Ordinary memory for "pinned" and "device" buffers; copies are ``memcpy``.
 
-    NumPy releases the GIL during large copies, so workers and the copy
-    stage still overlap.
+    The host is the device, so the copy stage hands a thread worker's staged
+    buffer over as the batch's arena and gives the slot other memory, with
+    no copy at all (``shares_host_memory``); from shared memory (worker
+    processes) it copies. NumPy releases the GIL during large copies.
     """
 
     name = "numpy"
     device: int | None = None
+    shares_host_memory = True
 
     def enter_device(self) -> None:
         pass

@@ -87,6 +87,7 @@ class SimulatedBackend(NumpyBackend):
     """
 
     name = "simulated"
+    shares_host_memory = False  # it stands in for a GPU: every batch is copied, late
 
     def __init__(
         self,

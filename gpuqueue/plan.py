@@ -1,0 +1,190 @@
+"""A batch shaped exactly like an earlier one, split in one pass.
+
+Most sources give every batch the same nesting and the same leaf types: a
+tuple of two arrays, a dict of tensors. ``Plan`` compiles one described
+batch into a check per node. A later batch whose every node has the same
+Python type (and whose dicts have the same keys, in the same order) is split
+into its array leaves without ``staging.describe``'s general walk, and its
+leaves' layout is reused while their dtypes and shapes stay the same: the
+per-batch cost of a worker is then a few type checks, not a walk of rules.
+
+Anything else takes the general path, which gives the same result or the
+error naming the field: a host leaf (``None``, a string), a list of numbers,
+another leaf type, a different nesting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .packing import layout
+from .staging import LeafMeta, Leaves, TreeDef, tensor_array
+
+__all__ = ["Plan"]
+
+# Checks one node of a batch; appends its array leaves (and their kinds); False if it differs.
+_Check = Callable[[Any, list[np.ndarray], list[str]], bool]
+
+_SIMPLE_KINDS = ("array", "number", "scalar")
+
+
+class Plan:
+    """A described batch's structure, compiled: splits later batches shaped exactly like it.
+
+    Args:
+        treedef: The described batch's structure (no host leaves).
+        check: The compiled check of its root.
+    """
+
+    def __init__(self, treedef: TreeDef, check: _Check, leaves: Leaves) -> None:
+        self.treedef = treedef
+        self._check = check
+        self._paths = [path for path, _ in leaves]
+        self._key = _key(leaves, leaves.kinds)  # the leaves' dtypes, shapes and kinds
+        self.metas, self._nbytes = layout(leaves)
+
+    @classmethod
+    def of(cls, batch: Any, treedef: TreeDef, leaves: Leaves) -> Plan | None:
+        """The plan of ``batch``, as ``describe`` split it; None if it has no fast path.
+
+        Batches with host leaves, lists of numbers or array-likes other than
+        NumPy arrays and torch tensors keep the general path.
+        """
+        try:
+            check = _compile(batch, treedef, "", iter(leaves.kinds))
+        except _NoPlan:
+            return None
+        return cls(treedef, check, leaves)
+
+    def matches(self, batch: Any) -> bool:
+        """True if ``batch`` is shaped as the plan: its structure passes the first batch's check.
+
+        Raises:
+            BatchError: As ``describe`` would, for a tensor NumPy cannot view.
+        """
+        return self._check(batch, [], [])
+
+    def split(self, batch: Any) -> tuple[Leaves, list[LeafMeta], int] | None:
+        """``batch``'s array leaves, their layout and size, if it is shaped as the plan.
+
+        The layout (``metas``) is the same list for as long as the leaves'
+        dtypes, shapes and kinds stay the same.
+
+        Returns:
+            None if any node differs in type (the general path then decides).
+
+        Raises:
+            BatchError: As ``describe`` would, for a tensor NumPy cannot view.
+        """
+        arrays: list[np.ndarray] = []
+        kinds: list[str] = []
+        if not self._check(batch, arrays, kinds):
+            return None
+        leaves = Leaves()
+        leaves.extend(zip(self._paths, arrays, strict=True))
+        leaves.kinds = kinds
+        key = _key(arrays, kinds)
+        if key != self._key:
+            self.metas, self._nbytes = layout(leaves)
+            self._key = key
+        return leaves, self.metas, self._nbytes
+
+
+def _key(leaves: Any, kinds: list[str]) -> tuple[Any, ...]:
+    """What a layout depends on: each leaf's dtype and shape, and what it was."""
+    arrays = [leaf[1] if isinstance(leaf, tuple) else leaf for leaf in leaves]
+    return (*[(a.dtype, a.shape) for a in arrays], *kinds)
+
+
+class _NoPlan(Exception):
+    """This batch takes the general path."""
+
+
+def _paths(treedef: TreeDef, path: str = "") -> list[str]:
+    if treedef.kind == "leaf":
+        return [path or "<batch>"]
+    if treedef.kind == "dict":
+        pairs = zip(treedef.keys, treedef.children, strict=True)
+        return [p for k, c in pairs for p in _paths(c, f"{path}[{k!r}]")]
+    return [p for i, c in enumerate(treedef.children) for p in _paths(c, f"{path}[{i}]")]
+
+
+def _compile(value: Any, treedef: TreeDef, path: str, kinds: Any) -> _Check:
+    if treedef.kind == "leaf":
+        return _compile_leaf(value, path or "<batch>", next(kinds))
+    if treedef.kind == "host":
+        raise _NoPlan
+    node_type = type(value)
+    if treedef.kind == "dict":
+        keys = list(treedef.keys)
+        if node_type is not dict:
+            raise _NoPlan
+        children = [
+            _compile(value[k], c, f"{path}[{k!r}]", kinds)
+            for k, c in zip(keys, treedef.children, strict=True)
+        ]
+
+        def check_dict(node: Any, arrays: list[np.ndarray], found: list[str]) -> bool:
+            if type(node) is not dict or list(node) != keys:
+                return False
+            for key, child in zip(keys, children, strict=True):
+                if not child(node[key], arrays, found):
+                    return False
+            return True
+
+        return check_dict
+    count = len(treedef.children)
+    children = [
+        _compile(v, c, f"{path}[{i}]", kinds)
+        for i, (v, c) in enumerate(zip(value, treedef.children, strict=True))
+    ]
+
+    def check_sequence(node: Any, arrays: list[np.ndarray], found: list[str]) -> bool:
+        if type(node) is not node_type or len(node) != count:
+            return False
+        # A loop, not all() over a generator: half the cost, on every batch.
+        for child, value in zip(children, node, strict=True):  # noqa: SIM110
+            if not child(value, arrays, found):
+                return False
+        return True
+
+    return check_sequence
+
+
+def _compile_leaf(value: Any, path: str, kind: str) -> _Check:
+    leaf_type = type(value)
+    if kind == "array" and leaf_type is np.ndarray:
+
+        def check_array(node: Any, arrays: list[np.ndarray], found: list[str]) -> bool:
+            if type(node) is not np.ndarray or node.dtype.hasobject:
+                return False
+            arrays.append(node)
+            found.append("array")
+            return True
+
+        return check_array
+    if kind in _SIMPLE_KINDS[1:]:
+
+        def check_scalar(node: Any, arrays: list[np.ndarray], found: list[str]) -> bool:
+            if type(node) is not leaf_type:
+                return False
+            arrays.append(np.asarray(node))
+            found.append(kind)
+            return True
+
+        return check_scalar
+    if kind.startswith("torch"):
+
+        def check_tensor(node: Any, arrays: list[np.ndarray], found: list[str]) -> bool:
+            if type(node) is not leaf_type:
+                return False
+            array, got = tensor_array(path, node)
+            arrays.append(array)
+            found.append(got)
+            return True
+
+        return check_tensor
+    raise _NoPlan
