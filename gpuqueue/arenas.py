@@ -22,9 +22,9 @@ from .errors import CancelledError
 from .packing import Staged, arena_view
 from .staging import LeafMeta, TreeDef, rebuild
 
-__all__ = ["Copied", "DeviceArena", "DeviceArenas"]
+__all__ = ["GROWTH", "Copied", "DeviceArena", "DeviceArenas"]
 
-_GROWTH = 1.25  # an arena takes a margin over the largest batch, so growing batches settle
+GROWTH = 1.25  # an arena takes a margin over the largest batch, so growing batches settle
 
 
 @dataclass(eq=False)
@@ -101,6 +101,12 @@ class DeviceArenas:
                 raise CancelledError("the pipeline is stopping")
             self._in_flight += 1
 
+    def set_depth(self, depth: int) -> None:
+        """From now on, at most ``depth`` batches are copied ahead (``prefetch_depth="auto"``)."""
+        with self._cond:
+            self._depth = max(1, depth)
+            self._cond.notify_all()
+
     def unreserve(self) -> None:
         """One batch reserved or copied ahead will not be delivered."""
         with self._cond:
@@ -126,7 +132,7 @@ class DeviceArenas:
         if staged.exchange is not None and backend.shares_host_memory:
             return self._adopt(staged, arena)
         if arena is None:
-            capacity = max(1, int(self.largest * _GROWTH))
+            capacity = max(1, int(self.largest * GROWTH))
             arena = DeviceArena(backend.alloc_device(capacity, stream), capacity, None)
             arena.released = backend.create_event()
             with self._cond:

@@ -61,7 +61,10 @@ class PipelineConfig:
         device: ``None`` (host batches as the source made them), ``"auto"``,
             ``"cpu"``, an int or ``"cuda:N"``, or a backend object.
         prefetch_depth: Batches copied ahead of the consumer (0 = copy in
-            ``get()``).
+            ``get()``), or ``"auto"``: from 2, one deeper while the consumer
+            waits for data, within ``max_device_bytes`` (``autodepth.py``).
+        max_device_bytes: The device memory ``prefetch_depth="auto"`` may
+            use for batches; None: a tenth of what is free at start.
         output: ``None``, ``"cupy"``, ``"numpy"``, ``"torch"`` or ``"jax"``.
         stream: The consumer's stream; None for the current one at each get.
         process_seed: Seeds NumPy in a generator's worker process.
@@ -80,7 +83,8 @@ class PipelineConfig:
     workers: int = 1
     max_queue_size: int = 10
     device: Any = None
-    prefetch_depth: int = 2
+    prefetch_depth: int | str = 2
+    max_device_bytes: int | None = None
     output: str | None = None
     stream: Any = None
     process_seed: int | None = None
@@ -96,10 +100,24 @@ class PipelineConfig:
             )
         _check_count("workers", self.workers, 1)
         _check_count("max_queue_size", self.max_queue_size, 1)
-        _check_count("prefetch_depth", self.prefetch_depth, 0)
+        if self.prefetch_depth != "auto":
+            if isinstance(self.prefetch_depth, str):
+                raise ValueError(
+                    f"prefetch_depth must be an int >= 0 or 'auto', got {self.prefetch_depth!r}"
+                )
+            _check_count("prefetch_depth", self.prefetch_depth, 0)
+        if self.max_device_bytes is not None:
+            _check_count("max_device_bytes", self.max_device_bytes, 1)
+            if self.prefetch_depth != "auto":
+                raise ValueError(
+                    "max_device_bytes bounds prefetch_depth='auto'; with a fixed "
+                    f"prefetch_depth={self.prefetch_depth!r} the memory follows from the depth"
+                )
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
         if self.device is None:
+            if self.prefetch_depth == "auto" and self.max_device_bytes is not None:
+                raise ValueError("max_device_bytes needs a device (device='auto', 0, ...)")
             if self.output in ("torch", "jax") or self.stream is not None:
                 raise ValueError(
                     f"output={self.output!r} and stream need a device (device='auto', 0, ...)"

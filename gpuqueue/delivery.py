@@ -62,6 +62,9 @@ def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
         if run.error is not None:
             raise run.error.with_traceback(run.error_traceback)
         started = time.monotonic()
+        tuner = run.tuner
+        if tuner is not None:  # prefetch_depth="auto" learns whether this get waits
+            tuner.observe(starved=queue.qsize() == 0, staged=run.host_queue.qsize() > 0)
         try:
             item = _next_item(run, queue)
         except BatchTimeoutError as error:

@@ -46,7 +46,14 @@ class SequenceEnqueuer:
             usable, else NumPy. ``"cpu"``: the NumPy fallback of the device
             pipeline. An int or ``"cuda:N"``: that GPU, or a clear error.
         prefetch_depth: Batches copied ahead of the consumer (0 = copy in
-            ``get()``, no prefetch).
+            ``get()``, no prefetch), or ``"auto"``: from 2, one deeper each
+            time the consumer waited for data on more than 5 % of 32 batches,
+            up to 8 and within ``max_device_bytes``; never shallower.
+            ``stats()`` says which depth and why.
+        max_device_bytes: For ``prefetch_depth="auto"``: the device memory
+            its batches may take (``(depth + 3) x largest batch x 1.25``);
+            None: a tenth of the device's free memory at start (on NumPy,
+            of the host's).
         output: ``None`` (or ``"cupy"``, ``"numpy"``) for the backend's arrays,
             ``"torch"`` or ``"jax"`` for that library's, on the same memory.
         stream: The stream the consumer's work runs on; by default the
@@ -70,7 +77,8 @@ class SequenceEnqueuer:
         use_multiprocessing: bool = False,
         *,
         device: Any = None,
-        prefetch_depth: int = 2,
+        prefetch_depth: int | str = 2,
+        max_device_bytes: int | None = None,
         output: str | None = None,
         stream: Any = None,
         timeout: float | None = None,
@@ -80,6 +88,7 @@ class SequenceEnqueuer:
             use_multiprocessing=bool(use_multiprocessing),
             device=device,
             prefetch_depth=prefetch_depth,
+            max_device_bytes=max_device_bytes,
             output=output,
             stream=stream,
             timeout=timeout,
@@ -185,7 +194,10 @@ class SequenceEnqueuer:
             (batches queued at each ``get``); with a device ``backend``,
             ``prefetch_depth``, ``bytes_copied``, ``h2d_gbps`` (one copy in 16,
             timed by device events), ``copy_wait_for_host_s``, ``pinned_bytes``
-            and ``device_bytes``; with processes ``shared_memory_bytes``.
+            and ``device_bytes``; with processes ``shared_memory_bytes``. With
+            ``prefetch_depth="auto"``, ``prefetch_depth`` is the depth now,
+            ``prefetch_depth_reason`` says why, and ``max_device_bytes`` is
+            the budget.
         """
         return dict(EMPTY_STATS) if self._run is None else self._run.stats()
 
@@ -210,7 +222,8 @@ class OrderedEnqueuer(SequenceEnqueuer):
             padding it by wrapping around the epoch's order.
         epochs: Stop after this many epochs (counted from epoch 0); None
             (the default, as Keras) is endless.
-        device, prefetch_depth, output, stream, timeout: As in ``SequenceEnqueuer``.
+        device, prefetch_depth, max_device_bytes, output, stream, timeout: As in
+            ``SequenceEnqueuer``.
 
     Raises:
         ValueError: If ``shard`` (or a launcher's variable) is malformed, or
@@ -232,7 +245,8 @@ class OrderedEnqueuer(SequenceEnqueuer):
         drop_last: bool = False,
         epochs: int | None = None,
         device: Any = None,
-        prefetch_depth: int = 2,
+        prefetch_depth: int | str = 2,
+        max_device_bytes: int | None = None,
         output: str | None = None,
         stream: Any = None,
         timeout: float | None = None,
@@ -247,6 +261,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
             use_multiprocessing,
             device=device,
             prefetch_depth=prefetch_depth,
+            max_device_bytes=max_device_bytes,
             output=output,
             stream=stream,
             timeout=timeout,
@@ -305,7 +320,8 @@ class GeneratorEnqueuer(SequenceEnqueuer):
             iterable.
         random_seed: Seeds NumPy's global random state in that process, as
             Keras does; unused with threads.
-        device, prefetch_depth, output, stream, timeout: As in ``SequenceEnqueuer``.
+        device, prefetch_depth, max_device_bytes, output, stream, timeout: As in
+            ``SequenceEnqueuer``.
 
     Raises:
         TypeError: If ``generator`` is not iterable (or, with processes, a
@@ -323,7 +339,8 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         random_seed: int | None = None,
         *,
         device: Any = None,
-        prefetch_depth: int = 2,
+        prefetch_depth: int | str = 2,
+        max_device_bytes: int | None = None,
         output: str | None = None,
         stream: Any = None,
         timeout: float | None = None,
@@ -334,6 +351,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
             use_multiprocessing,
             device=device,
             prefetch_depth=prefetch_depth,
+            max_device_bytes=max_device_bytes,
             output=output,
             stream=stream,
             timeout=timeout,

@@ -19,7 +19,8 @@ def prefetch(
     device: Any = "auto",
     *,
     workers: int = 1,
-    prefetch_depth: int = 2,
+    prefetch_depth: int | str = 2,
+    max_device_bytes: int | None = None,
     max_queue_size: int = 10,
     use_multiprocessing: bool = False,
     shuffle: bool = False,
@@ -63,7 +64,8 @@ def prefetch(
             fallback of the device path), an int or ``"cuda:N"``.
         workers: Worker threads (or processes) reading in parallel.
         prefetch_depth: Batches copied to the device ahead of the loop
-            (0 = copy in ``get()``).
+            (0 = copy in ``get()``), or ``"auto"`` (see ``OrderedEnqueuer``).
+        max_device_bytes: The device memory ``prefetch_depth="auto"`` may use.
         max_queue_size: The most finished batches waiting in host memory.
         use_multiprocessing: Read a Sequence in worker processes (a generator
             in one process); not for a ``DataLoader``, which has its own.
@@ -112,6 +114,7 @@ def prefetch(
             epochs=epochs,
             device=device,
             prefetch_depth=prefetch_depth,
+            max_device_bytes=max_device_bytes,
             output=output,
             stream=stream,
             timeout=timeout,
@@ -123,6 +126,7 @@ def prefetch(
             use_multiprocessing,
             device=device,
             prefetch_depth=prefetch_depth,
+            max_device_bytes=max_device_bytes,
             output=output,
             stream=stream,
             timeout=timeout,

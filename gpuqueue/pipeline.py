@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from . import autodepth
 from .adapters import check_main_guard, main_without_file
 from .arenas import DeviceArenas
+from .autodepth import DepthTuner
 from .backends import resolve
 from .backends.base import Backend
 from .channel import FIFOQueue
@@ -75,6 +77,7 @@ class Run:
     processes: Any = None  # workers.ProcessPool
     arenas: DeviceArenas | None = None
     looper: CopyLooper | None = None
+    tuner: DepthTuner | None = None  # prefetch_depth="auto"
     closed: bool = False
     interrupted: bool = False  # Ctrl-C: stop waits for nothing user code could hold up
     close_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -112,9 +115,15 @@ class Run:
             # kept: a loop that holds one batch at a time then cycles depth + 2
             # arenas (depth ahead, the one it holds, the one it just dropped)
             # without allocating; arenas beyond that are freed as they come back.
-            run.arenas = DeviceArenas(backend, depth=config.prefetch_depth, keep=1)
-            if config.prefetch_depth > 0:
-                run.output_queue = FIFOQueue(config.prefetch_depth, name=f"{config.name}-device")
+            depth, capacity = config.prefetch_depth, config.prefetch_depth
+            if depth == "auto":  # the arenas bound the depth; the queue has room for the cap
+                depth, capacity = autodepth.START, autodepth.CAP
+            assert isinstance(depth, int) and isinstance(capacity, int)
+            run.arenas = DeviceArenas(backend, depth=depth, keep=1)
+            if config.prefetch_depth == "auto":
+                run.tuner = _tuner(run.arenas, config.max_device_bytes)
+            if capacity > 0:
+                run.output_queue = FIFOQueue(capacity, name=f"{config.name}-device")
             if not config.use_multiprocessing:
                 slots = config.workers + config.max_queue_size + 1
                 run.pinned = PinnedPool(backend, slots, name=f"{config.name}-pinned")
@@ -174,7 +183,7 @@ class Run:
             coord.add_stop_callback(self.arenas.cancel)
         runner = QueueRunner(self.host_queue, ops)
         self.threads = runner.create_threads(coord=coord, daemon=True, start=True)
-        if self.arenas is not None and config.prefetch_depth > 0:
+        if self.arenas is not None and self.output_queue is not self.host_queue:
             self.looper = CopyLooper(
                 coord, self.arenas, self.host_queue, self.output_queue, name=f"{config.name}-copy"
             )
@@ -313,14 +322,28 @@ class Run:
             host_bytes = self.pinned if self.pinned is not None else self.processes
             stats.update(
                 backend=backend.name,
-                prefetch_depth=self.config.prefetch_depth,
+                prefetch_depth=self.tuner.depth if self.tuner else self.config.prefetch_depth,
                 bytes_copied=arenas.bytes_copied,
                 h2d_gbps=arenas.h2d_gbps,
                 copy_wait_for_host_s=self.looper.host_wait_s if self.looper else 0.0,
                 pinned_bytes=host_bytes.pinned_bytes if host_bytes is not None else 0,
                 device_bytes=arenas.device_bytes,
             )
+            if self.tuner is not None:
+                stats.update(
+                    prefetch_depth_reason=self.tuner.reason,
+                    max_device_bytes=self.tuner.budget,
+                )
         return stats
+
+
+def _tuner(arenas: DeviceArenas, max_device_bytes: int | None) -> DepthTuner:
+    if max_device_bytes is not None:
+        return DepthTuner(arenas, max_device_bytes, "max_device_bytes")
+    free = arenas.backend.free_memory()
+    share = autodepth.DEFAULT_BUDGET_SHARE
+    where = "host" if arenas.backend.shares_host_memory else "device"
+    return DepthTuner(arenas, int(free * share), f"{share:.0%} of the {where} memory free at start")
 
 
 EMPTY_STATS: dict[str, Any] = {

@@ -437,6 +437,17 @@ class _Runtime(types.ModuleType):
             cuda.calls.append((threading.current_thread().name, "device synchronize"))
             self._synchronize_device(device)
 
+    def memGetInfo(self) -> tuple[int, int]:
+        """Free and total bytes of the current device: 16 GiB, less what is allocated."""
+        cuda = self._cuda
+        device = cuda.current("memGetInfo")
+        total = 16 << 30
+        with cuda.lock:
+            used = sum(
+                a.nbytes for a in cuda.allocations.values() if a.device == device and not a.freed
+            )
+        return total - used, total
+
     def deviceGetAttribute(self, attribute: int, device: int) -> int:
         if attribute != 115:  # cudaDevAttrMemoryPoolsSupported
             raise AssertionError(f"the double knows no device attribute {attribute}")

@@ -42,6 +42,9 @@ class Backend(Protocol):
 
     def unregister_host(self, buffer: np.ndarray) -> None: ...
 
+    def free_memory(self) -> int:
+        """Bytes of device memory free now (on NumPy: the host's available memory)."""
+
     def alloc_device(self, nbytes: int, stream: Any) -> Any:
         """A device arena of ``nbytes`` bytes, usable in ``stream``'s order from now."""
 

@@ -213,6 +213,11 @@ class CupyBackend:
         with _on_device(self._index):
             _runtime.hostUnregister(_address(buffer))
 
+    def free_memory(self) -> int:
+        with _on_device(self._index):
+            free, _total = _runtime.memGetInfo()
+        return int(free)
+
     def alloc_device(self, nbytes: int, stream: Stream) -> Arena:
         nbytes = max(1, nbytes)
         with _on_device(self._index):

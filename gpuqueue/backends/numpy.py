@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from typing import Any
 
 import numpy as np
 
-__all__ = ["NumpyBackend", "owned_view"]
+__all__ = ["NumpyBackend", "available_host_memory", "owned_view"]
 
 
 class _Event:
@@ -21,6 +22,18 @@ class _Event:
 
     def __init__(self) -> None:
         self.at: float | None = None
+
+
+def available_host_memory() -> int:
+    """The host's available memory in bytes (Linux's MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
 
 
 def owned_view(arena: np.ndarray, nbytes: int, owner: object) -> np.ndarray:
@@ -63,6 +76,9 @@ class NumpyBackend:
 
     def unregister_host(self, buffer: np.ndarray) -> None:
         pass
+
+    def free_memory(self) -> int:
+        return available_host_memory()
 
     def alloc_device(self, nbytes: int, stream: Any) -> np.ndarray:
         return np.empty(max(1, nbytes), dtype=np.uint8)

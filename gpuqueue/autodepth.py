@@ -1,0 +1,96 @@
+"""``prefetch_depth="auto"``: a prefetch depth that finds itself, within a memory budget.
+
+The run starts at depth ``START``. Every ``WINDOW`` batches the consumer
+takes, the tuner looks at how many of them it had to wait for (the device
+queue was empty when it asked). If that was more than ``STARVED`` of them,
+and one more batch ahead still fits the budget, it goes one deeper, up to
+``CAP``. It never goes shallower: a depth that was once needed is kept for
+the rest of the run, so a run never oscillates, and memory only grows while
+it buys something. ``stats()`` reports the depth and the reason for it.
+
+Device memory for depth ``d`` is bounded by ``(d + 3) x largest batch x
+1.25``: ``d`` batches ahead, the one the loop holds and the one it just
+dropped, one free arena, each with the arenas' growth margin
+(``arenas.py``). The budget is ``max_device_bytes``, by default a tenth of
+the device's free memory when the run starts (on NumPy, of the host's
+available memory).
+
+A deeper prefetch absorbs jitter: slow copies, a burst of fast steps. When
+the workers themselves are behind (nothing was staged when the consumer
+waited), a deeper device queue cannot help, and the reason says so: more
+workers would.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .arenas import GROWTH, DeviceArenas
+
+__all__ = ["CAP", "START", "STARVED", "WINDOW", "DepthTuner", "device_bytes_for"]
+
+START = 2
+CAP = 8
+WINDOW = 32  # batches per decision
+STARVED = 0.05  # a larger share of a window's batches waited for: go deeper
+DEFAULT_BUDGET_SHARE = 0.1  # of the free device (or host) memory at start
+
+
+def device_bytes_for(depth: int, largest: int) -> int:
+    """The device memory a run at ``depth`` may hold, batches of ``largest`` bytes."""
+    return int((depth + 3) * largest * GROWTH)
+
+
+class DepthTuner:
+    """Deepens a run's prefetch while the consumer waits for data and the budget allows.
+
+    Args:
+        arenas: The run's arenas; their depth is what changes.
+        budget: Device bytes the run may hold (``device_bytes_for``).
+        budget_source: Says where ``budget`` came from, for the reason.
+    """
+
+    def __init__(self, arenas: DeviceArenas, budget: int, budget_source: str) -> None:
+        self._arenas = arenas
+        self.budget, self._budget_source = budget, budget_source
+        self.depth = START
+        self.reason = f"starts at {START}; decides every {WINDOW} batches"
+        self._lock = threading.Lock()  # several threads may consume one run
+        self._seen = self._starved = self._unstaged = 0
+
+    def observe(self, starved: bool, staged: bool) -> None:
+        """One batch taken: ``starved`` if the consumer had to wait for it, ``staged``
+        if batches were waiting for their copy at that moment."""
+        with self._lock:
+            self._seen += 1
+            if starved:
+                self._starved += 1
+                self._unstaged += not staged
+            if self._seen >= WINDOW:
+                self._decide()
+                self._seen = self._starved = self._unstaged = 0
+
+    def _decide(self) -> None:
+        depth, share = self.depth, self._starved / self._seen
+        waited = f"the consumer waited for {self._starved} of the last {self._seen} batches"
+        if share <= STARVED:
+            self.reason = f"holds at {depth}: {waited}"
+            return
+        if self._unstaged * 2 > self._starved:
+            waited += (
+                f", with nothing staged for {self._unstaged} of those: the workers are "
+                "behind (more workers would help more than a deeper prefetch)"
+            )
+        if depth >= CAP:
+            self.reason = f"holds at the cap, {CAP}: {waited}"
+            return
+        need = device_bytes_for(depth + 1, self._arenas.largest)
+        if need > self.budget:
+            self.reason = (
+                f"holds at {depth}: {waited}, but depth {depth + 1} may need {need} bytes, "
+                f"over the budget of {self.budget} ({self._budget_source})"
+            )
+            return
+        self.depth = depth + 1
+        self._arenas.set_depth(self.depth)
+        self.reason = f"went to {self.depth}: {waited}"

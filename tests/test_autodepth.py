@@ -1,0 +1,174 @@
+"""prefetch_depth="auto": deeper while the consumer waits, never past the cap or the budget."""
+
+from __future__ import annotations
+
+import threading
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import pytest
+
+import gpuqueue
+from gpuqueue import OrderedEnqueuer
+from gpuqueue.autodepth import CAP, START, WINDOW, DepthTuner, device_bytes_for
+from gpuqueue.backends.numpy import available_host_memory
+from gpuqueue.packing import layout
+from gpuqueue.staging import describe
+from tests.conftest import start
+
+
+class FakeArenas:
+    def __init__(self, largest: int) -> None:
+        self.largest = largest
+        self.depths: list[int] = []
+
+    def set_depth(self, depth: int) -> None:
+        self.depths.append(depth)
+
+
+def window(tuner: DepthTuner, starved: int, staged: bool = True) -> None:
+    for i in range(WINDOW):
+        tuner.observe(starved=i < starved, staged=staged)
+
+
+def test_the_tuner_holds_while_the_consumer_rarely_waits() -> None:
+    arenas = FakeArenas(largest=1000)
+    tuner = DepthTuner(arenas, budget=10**9, budget_source="test")  # type: ignore[arg-type]
+    window(tuner, starved=1)  # 1 of 32 is 3 %: under the 5 % line
+    assert tuner.depth == START and arenas.depths == []
+    assert tuner.reason == f"holds at {START}: the consumer waited for 1 of the last 32 batches"
+
+
+def test_the_tuner_goes_one_deeper_per_starved_window_up_to_the_cap() -> None:
+    arenas = FakeArenas(largest=1000)
+    tuner = DepthTuner(arenas, budget=10**9, budget_source="test")  # type: ignore[arg-type]
+    for _ in range(CAP + 3):
+        window(tuner, starved=8)
+    assert arenas.depths == list(range(START + 1, CAP + 1))
+    assert tuner.depth == CAP and tuner.reason.startswith(f"holds at the cap, {CAP}")
+    window(tuner, starved=0)  # never shallower
+    assert tuner.depth == CAP
+
+
+def test_the_tuner_never_passes_the_budget_and_says_so() -> None:
+    largest = 1 << 20
+    budget = device_bytes_for(4, largest)  # room for depth 4, not 5
+    arenas = FakeArenas(largest)
+    tuner = DepthTuner(arenas, budget=budget, budget_source="max_device_bytes")  # type: ignore[arg-type]
+    for _ in range(6):
+        window(tuner, starved=32)
+    assert tuner.depth == 4 and arenas.depths == [3, 4]
+    assert "depth 5 may need" in tuner.reason and "(max_device_bytes)" in tuner.reason
+
+
+def test_the_tuner_says_when_the_workers_are_behind() -> None:
+    tuner = DepthTuner(FakeArenas(10), budget=10**9, budget_source="test")  # type: ignore[arg-type]
+    window(tuner, starved=32, staged=False)
+    assert "the workers are behind" in tuner.reason
+
+
+class Gated(gpuqueue.Sequence):
+    """Each read waits for the consumer's go: the consumer always waits for data.
+
+    ``open()`` lets every read through, so a test can stop the run.
+    """
+
+    def __init__(self, length: int = 64) -> None:
+        self.length = length
+        self._cond = threading.Condition()
+        self._permits = 0
+        self._open = False
+
+    def __len__(self) -> int:
+        return self.length
+
+    def go(self) -> None:
+        with self._cond:
+            self._permits += 1
+            self._cond.notify()
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def __getitem__(self, index: int) -> Any:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._open or self._permits > 0, timeout=20):
+                raise TimeoutError(f"read {index} was never let go")
+            self._permits -= not self._open
+        return np.full(1000, index, np.float32), index
+
+
+class OpenOnStop:
+    """Put first in ``running``: its stop opens the gate, so the workers can end."""
+
+    def __init__(self, seq: Gated) -> None:
+        self.seq = seq
+
+    def stop(self, timeout: float) -> None:
+        self.seq.open()
+
+
+def batch_bytes() -> int:
+    return layout(describe((np.zeros(1000, np.float32), 0))[1])[1]
+
+
+@pytest.mark.parametrize("device", ["cpu", "simulated"])
+def test_a_slow_producer_makes_the_run_deeper_within_the_budget(
+    running: list[Any], device: str
+) -> None:
+    budget = device_bytes_for(5, batch_bytes())
+    seq = Gated()
+    enqueuer = OrderedEnqueuer(
+        seq, device=device, prefetch_depth="auto", max_device_bytes=budget, shard=None
+    )
+    start(running, enqueuer, workers=1, max_queue_size=2)
+    running.insert(0, OpenOnStop(seq))
+    assert enqueuer.stats()["prefetch_depth"] == START
+    seq.go()
+    depths = []
+    for position, batch in enumerate(islice(enqueuer.get(), WINDOW * 6)):
+        if device == "simulated":
+            enqueuer._run.backend.synchronize_stream(enqueuer._run.backend.current_stream())
+        assert int(batch[1]) == position % 64 and np.all(batch[0] == position % 64)
+        stats = enqueuer.stats()
+        assert stats["device_bytes"] <= budget
+        depths.append(stats["prefetch_depth"])
+        seq.go()
+    assert depths[0] == START and depths[-1] == 5, depths
+    assert depths == sorted(depths)  # never shallower
+    stats = enqueuer.stats()
+    assert stats["max_device_bytes"] == budget
+    assert "depth 6 may need" in stats["prefetch_depth_reason"]
+
+
+def test_the_default_budget_is_a_share_of_free_memory(running: list[Any]) -> None:
+    seq = Gated()
+    enqueuer = start(running, OrderedEnqueuer(seq, device="cpu", prefetch_depth="auto", shard=None))
+    running.insert(0, OpenOnStop(seq))
+    budget = enqueuer.stats()["max_device_bytes"]
+    available = available_host_memory()
+    # A tenth of what was available at start (the host's memory moves a little since).
+    assert 0.05 * available < budget < 0.2 * available
+    assert enqueuer._run.tuner._budget_source == "10% of the host memory free at start"
+
+
+@pytest.mark.parametrize(
+    ("keywords", "message"),
+    [
+        ({"prefetch_depth": "deep"}, "prefetch_depth must be an int >= 0 or 'auto', got 'deep'"),
+        ({"prefetch_depth": -1}, "prefetch_depth must be an int >= 0"),
+        ({"max_device_bytes": 1 << 20}, "max_device_bytes bounds prefetch_depth='auto'"),
+        ({"prefetch_depth": "auto", "max_device_bytes": 0}, "max_device_bytes must be"),
+        (
+            {"prefetch_depth": "auto", "max_device_bytes": 1 << 20, "device": None},
+            "max_device_bytes needs a device",
+        ),
+    ],
+)
+def test_bad_depth_settings_are_named(keywords: dict[str, Any], message: str) -> None:
+    keywords = {"device": "cpu", **keywords}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        OrderedEnqueuer(Gated(), **keywords)
