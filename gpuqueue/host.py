@@ -158,7 +158,7 @@ class HostStage:
                 # OutOfRangeError here ends this worker cleanly.
                 claimed = tasks.claim_several(self.bundle) if self._bundles else [tasks.claim()]
             except BaseException:
-                del reading[me]
+                reading.pop(me, None)
                 sequencer.unreserve()
                 raise
             head = Item(claimed[0], claim_wait_s=time.monotonic() - started)
@@ -174,7 +174,7 @@ class HostStage:
                     if not item.described.skipped:  # type: ignore[union-attr]
                         batches += 1
             finally:
-                del reading[me]
+                reading.pop(me, None)
                 tasks.done_reading(len(claimed), batches + (items[-1].error is not None))
             if self._bundles:
                 per_read = (time.perf_counter() - began) / len(items)

@@ -16,9 +16,9 @@ module is the one code path for all of them.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,9 +61,10 @@ class PinnedPool:
     def __init__(self, backend: Backend, count: int, name: str) -> None:
         self._backend = backend
         self._slots = [PinnedSlot() for _ in range(count)]
-        self._free: FIFOQueue[PinnedSlot] = FIFOQueue(count, name=name)
-        for slot in self._slots:
-            self._free.put(slot)
+        # On a GPU the slot freed longest ago (its copy surely done); on NumPy, where
+        # nothing is in flight, the one freed last: its memory is warm, and slots a
+        # run never needs at once are never allocated (memory follows what is in use).
+        self._free = _FreeSlots(self._slots, newest_first=backend.shares_host_memory)
         self._largest = 0  # the largest batch seen: every slot grows straight to it
         self._lock = threading.Lock()
         self._out: set[int] = set()  # ids of the slots taken and not yet given back
@@ -75,7 +76,7 @@ class PinnedPool:
         Raises:
             CancelledError: If the pool was closed (the pipeline is stopping).
         """
-        slot = self._free.get()
+        slot = self._free.take()
         with self._lock:
             self._out.add(id(slot))
             self._largest = largest = max(self._largest, nbytes)
@@ -106,7 +107,7 @@ class PinnedPool:
         if closed:
             self._free_slot(slot)
         else:
-            _put_back(self._free, slot)
+            self._free.give(slot)
 
     def cancel(self) -> None:
         """Wakes every thread waiting for a slot; they see ``CancelledError``."""
@@ -154,6 +155,40 @@ class PinnedPool:
         return Staged(
             treedef, metas, nbytes, slot.buffer, lambda event: self.release(slot, event), exchange
         )
+
+
+class _FreeSlots:
+    """The free slots of a pool: taken oldest first, or newest first; cancellable."""
+
+    def __init__(self, slots: list[PinnedSlot], *, newest_first: bool) -> None:
+        self._slots = deque(slots)
+        self._newest_first = newest_first
+        self._cond = threading.Condition()
+        self._cancelled = False
+
+    def take(self) -> PinnedSlot:
+        """Waits for a free slot.
+
+        Raises:
+            CancelledError: If the pool was cancelled (the pipeline is stopping).
+        """
+        with self._cond:
+            while not self._slots and not self._cancelled:
+                self._cond.wait()
+            if self._cancelled:
+                raise CancelledError("the pipeline is stopping")
+            return self._slots.pop() if self._newest_first else self._slots.popleft()
+
+    def give(self, slot: PinnedSlot) -> None:
+        with self._cond:
+            if not self._cancelled:  # else the pipeline is stopping: close() frees it
+                self._slots.append(slot)
+                self._cond.notify()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
 
 
 class CopyLooper(LooperThread):
@@ -223,10 +258,3 @@ class CopyLooper(LooperThread):
     def stop_loop(self) -> None:
         self._arenas = None
         self._stream = None
-
-
-def _put_back(queue: FIFOQueue[Any], item: Any) -> None:
-    """Returns an item to a pool queue unless the pipeline is stopping."""
-    if not queue.closed:
-        with contextlib.suppress(CancelledError):  # cancelled since the check: stopping
-            queue.put(item)
