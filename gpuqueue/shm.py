@@ -270,7 +270,11 @@ class SlotPool:
                 if self._cancelled:
                     raise CancelledError("the pipeline is stopping")
                 self._gather_returned(retiring)
-                if self._free:
+                # With a backend nothing is lent: all ``count`` slots are made in
+                # the first reads (the memory settles at once, and a fresh slot
+                # has no copy to wait for); without one, only as many as are used.
+                fill = self._backend is not None and len(self._all) < self._count
+                if self._free and not fill:
                     slot = self._free.pop() if self._backend is None else self._free.popleft()
                     break
                 if self._busy + len(self._free) < self._count:
