@@ -21,6 +21,7 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from .backends.base import Backend
+from .backends.numpy import owned_view
 from .channel import FIFOQueue
 from .errors import BatchError, BatchTimeoutError, CancelledError, OutOfRangeError, note_thread
 from .host import Item
@@ -151,10 +152,14 @@ def _deliver(run: Run, item: Item) -> Any:
     if run.arenas is None:
         if staged is None:
             return described.batch
-        # From a worker process: copy out of the shared-memory slot (one
-        # memcpy per array, no pickling) and give the slot back at once.
-        batch = unpack(staged.treedef, staged.metas, staged.buffer, copy=True)
-        staged.release(None)
+        # From a worker process: the batch is the shared-memory slot itself,
+        # lent to the consumer (no copy: the worker's write into the slot was
+        # the one). Every view keeps the lease; the slot goes back to the pool
+        # when the last one dies, so the batch stays true as long as it is held.
+        lease = staged.hand_over()
+        arena = owned_view(staged.buffer, staged.nbytes, lease)
+        batch = unpack(staged.treedef, staged.metas, arena)
+        del lease, arena
         # The leaf types the source gave, as with threads (a tensor stays a tensor).
         return map_arrays(staged.treedef, staged.metas, batch, as_source)
     assert run.backend is not None

@@ -136,6 +136,8 @@ class Staged:
     # which leaves with the batch; None where the slot's memory cannot leave (shared memory).
     exchange: Callable[[Any], Any] | None = None
     released: bool = False
+    # Hands the slot to the consumer; the slot returns once the object it gives dies.
+    lend: Callable[[], object] | None = None
 
     def release(self, copy_done: Any = None) -> None:
         """Returns the slot to its pool, once: the next user waits for ``copy_done``.
@@ -146,3 +148,14 @@ class Staged:
         if not self.released:
             self.released = True
             self.give_back(copy_done)
+
+    def hand_over(self) -> object:
+        """Lends the slot to the consumer instead of returning it; see ``SlotPool.lend``.
+
+        Returns:
+            The lease: keep it alive with every view of the slot; the slot
+            returns to its pool when it dies.
+        """
+        assert self.lend is not None and not self.released
+        self.released = True
+        return self.lend()

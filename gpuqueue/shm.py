@@ -1,10 +1,12 @@
 """Shared-memory slots: where worker processes write batches for the main process to read.
 
-A ``SlotPool`` is a fixed number of slots, made once per run and reused.
-Each slot is one segment that grows (to the largest batch seen, with a
-margin) only when a batch does not fit, never per batch. With a backend, a
-slot is page-locked (``cudaHostRegister``) so the copy to the device reads it
-directly, and a slot is rewritten only after the copy that read it is done.
+A ``SlotPool`` is a bounded number of slots, made when first needed and
+reused. Each slot is one segment that grows (to the largest batch seen, with
+a margin once batch sizes grew) only when a batch does not fit, never per
+batch. With a backend, a slot is page-locked (``cudaHostRegister``) so the
+copy to the device reads it directly, and a slot is rewritten only after the
+copy that read it is done. Without one, the slot itself is the consumer's
+batch (``lend``), so the batch is copied once, by the worker into the slot.
 
 Segments have no name that could be left behind (PyTorch's
 ``file_descriptor`` strategy): each is a ``memfd`` (Linux), or where there is
@@ -21,6 +23,7 @@ worker halfway through a write.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import io
 import mmap
@@ -28,6 +31,7 @@ import os
 import tempfile
 import threading
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
@@ -36,12 +40,17 @@ from typing import Any
 import numpy as np
 
 from .backends.base import Backend
-from .channel import FIFOQueue
 from .errors import CancelledError, PipelineError
 
 __all__ = ["Slot", "SlotPool", "create_segment", "receive_segment", "send_segment"]
 
-_GROWTH = 1.25  # a slot that must grow takes a margin, so a slowly growing batch size settles
+# Once a batch outgrows the slots, they take a margin, so a slowly growing batch size settles.
+_GROWTH = 1.25
+
+# Slots a pipeline keeps beyond its count for lent ones coming back: a consumer
+# holds a batch while it takes the next, and a slot retired as it came back
+# would have to be made again for the next read.
+_SPARE = 2
 
 # Where segments live when there is no memfd_create (tests point this elsewhere).
 SHM_DIR = "/dev/shm"
@@ -86,13 +95,53 @@ def _no_room(nbytes: int, where: str, error: OSError) -> PipelineError:
     return PipelineError(
         f"cannot reserve {nbytes:,} bytes of shared memory for a worker process's batch "
         f"slot in {source}: {os.strerror(error.errno or 0)}. Each process enqueuer needs "
-        f"(workers + max_queue_size + 1) slots of the largest batch (x {_GROWTH}); "
+        f"(workers + max_queue_size + 1) slots of the largest batch (x {_GROWTH} once batch "
+        f"sizes grew), plus one per batch the consumer holds; "
         f"{remedy}, or use smaller batches, fewer workers, a smaller max_queue_size, or "
         "threads (use_multiprocessing=False). docker run's default --shm-size is 64 MiB."
     )
 
 
-def create_segment(nbytes: int) -> tuple[io.FileIO, mmap.mmap]:
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int64,
+    ]
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+_LIBC = _libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_segment(fd: int, nbytes: int) -> np.ndarray:
+    """Maps ``nbytes`` of the shared file ``fd`` as a uint8 array; ``fd`` may be closed after.
+
+    Not ``mmap.mmap``: it keeps a duplicate of the descriptor for as long as
+    the mapping lives, which for a slot lent to the consumer is as long as
+    the user holds its batch (one descriptor per held batch, up to the
+    process's limit). This mapping holds no descriptor, and is unmapped when
+    the array and every view of it are gone (its ctypes base's finaliser).
+    """
+    address = _LIBC.mmap(None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if address is None or address == _MAP_FAILED:
+        error = ctypes.get_errno()
+        raise OSError(error, f"mmap of {nbytes} bytes failed: {os.strerror(error)}")
+    raw = (ctypes.c_uint8 * nbytes).from_address(address)
+    weakref.finalize(raw, _LIBC.munmap, address, nbytes).atexit = False
+    array: np.ndarray = np.frombuffer(raw, dtype=np.uint8)  # type: ignore[call-overload]
+    return array
+
+
+def create_segment(nbytes: int) -> tuple[io.FileIO, np.ndarray]:
     """A new anonymous shared segment of ``nbytes`` (> 0), its space reserved, mapped here.
 
     Returns its file (whose descriptor ``send_segment`` passes on; closed with
@@ -116,7 +165,7 @@ def create_segment(nbytes: int) -> tuple[io.FileIO, mmap.mmap]:
             if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             os.ftruncate(fd, nbytes)  # a file system that cannot reserve: size it only
-        segment = mmap.mmap(fd, nbytes)
+        segment = map_segment(fd, nbytes)
         return io.FileIO(fd, "r+", closefd=True), segment
     except BaseException:
         os.close(fd)
@@ -128,11 +177,11 @@ def send_segment(conn: Connection, fd: int, pid: int | None) -> None:
     send_handle(conn, fd, pid)
 
 
-def receive_segment(conn: Connection, nbytes: int) -> mmap.mmap:
+def receive_segment(conn: Connection, nbytes: int) -> np.ndarray:
     """Maps the segment whose descriptor ``send_segment`` sent (closing the received one)."""
     fd = recv_handle(conn)
     try:
-        return mmap.mmap(fd, nbytes)
+        return map_segment(fd, nbytes)
     finally:
         os.close(fd)
 
@@ -147,22 +196,38 @@ class Slot:
 
     number: int
     file: io.FileIO | None = None  # the segment's descriptor, to send to worker processes
-    segment: mmap.mmap | None = None
-    array: np.ndarray = field(default_factory=lambda: _EMPTY)  # the segment as uint8
+    array: np.ndarray = field(default_factory=lambda: _EMPTY)  # the mapped segment, as uint8
     generation: int = 0
     copy_done: Any = None
 
     @property
     def capacity(self) -> int:
-        return 0 if self.segment is None else len(self.segment)
+        return int(self.array.size)
+
+
+class _Lease:
+    """Holds a lent slot for the consumer: the slot goes back when this object dies."""
+
+    __slots__ = ("__weakref__",)
 
 
 class SlotPool:
-    """A fixed number of shared-memory slots, grown only when a batch does not fit.
+    """Shared-memory slots, made when first needed, grown only when a batch does not fit.
+
+    The pipeline holds at most ``count`` slots (being written, or queued):
+    ``take`` makes a new one while fewer exist, and waits otherwise. On the
+    host path a delivered batch is the slot itself, ``lend``-ed to the
+    consumer: it leaves the pipeline's count (so a consumer that holds many
+    batches never starves the workers) and comes back when the last view of
+    the batch dies. A slot that comes back to a pipeline already holding
+    ``count`` + 2 is retired (its memory freed), so what stays is at most
+    ``count`` + 2 slots plus what the consumer holds. Free slots are reused last-in first
+    out on the host path (fewest distinct slots touched) and first-in first
+    out with a backend (the oldest copy is the likeliest to be done).
 
     Args:
-        count: Number of slots (workers + queue size + 1).
-        name: For the pool's queue.
+        count: The most slots the pipeline holds (workers + queue size + 1).
+        name: For messages.
         backend: Page-locks each slot and fences its reuse; None on the
             host-only path.
     """
@@ -176,13 +241,21 @@ class SlotPool:
         self._registered: dict[int, Slot] = {}
         if backend is not None:
             weakref.finalize(self, _unregister_all, backend, self._registered).atexit = False
-        self._lock = threading.Lock()  # segments are made and abandoned under it
-        self._abandoned = False
-        self._largest = 0  # the largest batch seen: every slot grows straight to it
-        self._all = [Slot(number) for number in range(count)]
-        self._free: FIFOQueue[Slot] = FIFOQueue(count, name=f"{name}-slots")
-        for slot in self._all:
-            self._free.put(slot)
+        self._name = name
+        self._count = count
+        self._lock = threading.Lock()  # guards the fields below; segments are made under it
+        self._wake = threading.Condition(self._lock)
+        self._abandoned = self._cancelled = self._closed = False
+        self._size = 0  # what every slot grows to: the largest batch (with a margin once it grew)
+        self._all: dict[int, Slot] = {}  # every slot not retired, lent ones included
+        self._free: deque[Slot] = deque()
+        self._busy = 0  # taken and not given back or lent
+        self._numbers = 0  # slot numbers are never reused, so a process never mistakes one
+        # Lent slots whose last view died. A finaliser can run in any thread, in
+        # the middle of anything (a garbage collection): it only appends here
+        # (atomic) and never takes the lock; take() gathers them.
+        self._returned: deque[Slot] = deque()
+        self._retired: list[int] = []  # numbers of slots freed, for the processes to unmap
 
     def take(self) -> Slot:
         """A free slot, once its last copy has completed, grown to the largest batch seen.
@@ -191,68 +264,134 @@ class SlotPool:
             CancelledError: If the pool was cancelled (the pipeline is stopping).
             PipelineError: If there is no room to grow it.
         """
-        slot = self._free.get()
+        retiring: list[Slot] = []
+        with self._lock:
+            while True:
+                if self._cancelled:
+                    raise CancelledError("the pipeline is stopping")
+                self._gather_returned(retiring)
+                # With a backend nothing is lent: all ``count`` slots are made in
+                # the first reads (the memory settles at once, and a fresh slot
+                # has no copy to wait for); without one, only as many as are used.
+                fill = self._backend is not None and len(self._all) < self._count
+                if self._free and not fill:
+                    slot = self._free.pop() if self._backend is None else self._free.popleft()
+                    break
+                if self._busy + len(self._free) < self._count:
+                    slot = Slot(self._numbers)
+                    self._numbers += 1
+                    self._all[slot.number] = slot
+                    break
+                self._wake.wait()
+            self._busy += 1
+        for old in retiring:
+            self._free_slot(old)
         try:
             if slot.copy_done is not None and self._backend is not None:
                 self._backend.synchronize(slot.copy_done)
             slot.copy_done = None
-            if slot.capacity < self._largest:
-                self.grow(slot, self._largest)
+            if slot.capacity < self._size:
+                self.grow(slot, self._size)
         except BaseException:
             self.give_back(slot)
             raise
         return slot
 
+    def _gather_returned(self, retiring: list[Slot]) -> None:
+        """Puts the lent slots that came back among the free ones, or retires them (locked)."""
+        while self._returned:
+            slot = self._returned.popleft()
+            if self._busy + len(self._free) < self._count + _SPARE:
+                self._free.append(slot)
+            else:
+                del self._all[slot.number]
+                self._retired.append(slot.number)
+                retiring.append(slot)
+
     def give_back(self, slot: Slot, copy_done: Any = None) -> None:
         """Returns a slot; the next user waits for ``copy_done`` before writing it."""
         slot.copy_done = copy_done
-        if not self._free.closed:
-            self._free.put(slot)
+        with self._lock:
+            self._busy -= 1
+            if not self._closed:
+                self._free.append(slot)
+                self._wake.notify()
+
+    def lend(self, slot: Slot) -> object:
+        """Hands a taken slot to the consumer until the returned object dies.
+
+        The slot no longer counts against the pipeline's ``count``; keep the
+        object alive with every view of the slot (``owned_view``).
+        """
+        lease = _Lease()
+        returned = self._returned
+        # Not at exit: the process's end frees everything.
+        weakref.finalize(lease, returned.append, slot).atexit = False
+        with self._lock:
+            self._busy -= 1
+            self._wake.notify()
+        return lease
+
+    def retired(self) -> list[int]:
+        """The numbers of the slots retired since the last call (to unmap in the processes)."""
+        with self._lock:
+            numbers, self._retired = self._retired, []
+        return numbers
 
     def grow(self, slot: Slot, nbytes: int) -> None:
         """Replaces ``slot``'s segment by one that holds ``nbytes`` (and the largest batch).
+
+        The first size is the batch's own; once a batch outgrows it, every
+        slot takes a margin, so a slowly growing batch size settles.
 
         Raises:
             PipelineError: If there is no room for it.
             CancelledError: If the pool was abandoned.
         """
         self._free_slot(slot)
-        self._largest = max(self._largest, nbytes)
         # Made and assigned under the lock abandon() closes under, so no
         # segment is made after, or missed by, its pass over the slots.
         with self._lock:
             if self._abandoned:
                 raise CancelledError("the pipeline was abandoned")
-            file, segment = create_segment(max(1, int(self._largest * _GROWTH)))
-            array = np.frombuffer(segment, dtype=np.uint8)
+            if nbytes > self._size:
+                self._size = nbytes if self._size == 0 else int(nbytes * _GROWTH)
+            file, array = create_segment(max(1, self._size))
             if self._backend is not None:
                 # Page-locked before any worker or copy can see it.
                 try:
                     self._backend.register_host(array)
                 except Exception as error:
-                    del array
+                    size = array.size
+                    del array  # unmapped now, or with the error's frames that still view it
                     file.close()
-                    # The error's frames may still view it: the mapping then goes with them.
-                    with contextlib.suppress(BufferError):
-                        segment.close()
                     raise PipelineError(
-                        f"page-locking a {len(segment)}-byte shared-memory slot for the GPU "
+                        f"page-locking a {size}-byte shared-memory slot for the GPU "
                         f"(cudaHostRegister) failed: {error}; the locked-memory limit "
                         "(ulimit -l, or the container's) may be too low for "
                         "(workers + max_queue_size + 1) slots of the largest batch"
                     ) from error
                 self._registered[int(array.ctypes.data)] = slot
-            slot.file, slot.segment, slot.array = file, segment, array
+            slot.file, slot.array = file, array
             slot.generation += 1
 
     def cancel(self) -> None:
         """Wakes every thread waiting for a slot; they see ``CancelledError``."""
-        self._free.cancel()
+        with self._lock:
+            self._cancelled = True
+            self._wake.notify_all()
 
     @property
     def nbytes(self) -> int:
-        """Bytes held in slots now."""
-        return sum(slot.capacity for slot in self._all)
+        """Bytes held in slots now (lent ones included)."""
+        with self._lock:
+            return sum(slot.capacity for slot in self._all.values())
+
+    @property
+    def slots(self) -> int:
+        """Slots that exist now (lent ones included)."""
+        with self._lock:
+            return len(self._all)
 
     def abandon(self) -> None:
         """Lets go of every segment without waiting (the finaliser of an abandoned run).
@@ -265,19 +404,27 @@ class SlotPool:
         """
         with self._lock:
             self._abandoned = True
-            for slot in self._all:
+            for slot in self._all.values():
                 if slot.file is not None:
                     slot.file.close()
                 if self._backend is None:
                     _drop_mapping(slot)
 
     def close(self) -> None:
-        """Frees every slot, once the copies reading them have completed."""
-        for slot in self._all:
+        """Frees every slot, once the copies reading them have completed.
+
+        A lent slot's mapping goes with the last view of its batch.
+        """
+        with self._lock:
+            self._closed = self._cancelled = True
+            everything = list(self._all.values())
+            self._free.clear()
+            self._wake.notify_all()
+        for slot in everything:
             self._free_slot(slot)
 
     def _free_slot(self, slot: Slot) -> None:
-        if slot.segment is None:
+        if slot.array is _EMPTY:
             return
         if self._backend is not None:
             if slot.copy_done is not None:
@@ -299,11 +446,8 @@ def _unregister_all(backend: Backend, registered: dict[int, Slot]) -> None:
 
 
 def _drop_mapping(slot: Slot) -> None:
-    """Closes a slot's descriptor and mapping (or leaves the mapping to the last view of it)."""
+    """Closes a slot's descriptor and lets go of its mapping (which goes with its last view)."""
     if slot.file is not None:
         slot.file.close()
         slot.file = None
-    segment, slot.segment, slot.array = slot.segment, None, _EMPTY
-    if segment is not None:
-        with contextlib.suppress(BufferError):  # a batch still views it: it goes with that
-            segment.close()
+    slot.array = _EMPTY

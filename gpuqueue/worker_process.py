@@ -11,8 +11,6 @@ parent's side is ``workers.ProcessPool``.
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import multiprocessing
 import multiprocessing.connection
 import pickle
@@ -92,10 +90,10 @@ def _process_name() -> str:
 
 
 class _Mappings:
-    """The slots a worker process has mapped, each kept until its segment is replaced."""
+    """The slots a worker process has mapped: each kept until it grows, is retired, or the end."""
 
     def __init__(self) -> None:
-        self._mapped: dict[int, tuple[int, mmap.mmap]] = {}
+        self._mapped: dict[int, tuple[int, np.ndarray]] = {}
 
     def receive(
         self, conn: multiprocessing.connection.Connection, slot: int, generation: int, size: int
@@ -112,9 +110,7 @@ class _Mappings:
         return self._mapped[slot][1] if slot in self._mapped else bytearray(0)
 
     def drop(self, slot: int) -> None:
-        if slot in self._mapped:
-            with contextlib.suppress(BufferError):
-                self._mapped.pop(slot)[1].close()
+        self._mapped.pop(slot, None)  # unmapped with its last view (none outlives a read)
 
     def close(self) -> None:
         for slot in list(self._mapped):
@@ -135,7 +131,8 @@ def worker_main(
 
     Messages in: ``("sequence", payload)`` replaces the Sequence (after
     ``on_epoch_end`` ran in the parent); ``("read", index, slot, generation,
-    size, sent)`` reads ``sequence[index]`` (or with ``index`` None the
+    size, sent, forget)`` first unmaps the retired slots numbered in
+    ``forget``, then reads ``sequence[index]`` (or with ``index`` None the
     generator's next item) into slot number ``slot``, whose segment's
     descriptor follows the message when ``sent`` is true (the slot is new to
     this process, or grew); ``None``, or anything on the ``stop`` pipe (which
@@ -161,7 +158,9 @@ def worker_main(
             if message[0] == "sequence":
                 sequence, broken = _unpickle(message[1], "the Sequence after on_epoch_end()")
                 continue
-            _, index, slot, generation, size, sent = message
+            _, index, slot, generation, size, sent, forget = message
+            for retired in forget:
+                mappings.drop(retired)
             if sent:
                 mappings.receive(conn, slot, generation, size)
             reply = _read_one(conn, stop, sequence, broken, index, slot, mappings, iterator)

@@ -77,6 +77,8 @@ class _Worker:
     closed: bool = False  # Process.close() was called: it ended and was reaped
     # The generation of each slot's segment the process has mapped, by slot number.
     mapped: dict[int, int] = field(default_factory=dict)
+    # Retired slots the process still maps: it unmaps them with its next read.
+    forget: list[int] = field(default_factory=list)
 
 
 class ProcessPool:
@@ -178,7 +180,12 @@ class ProcessPool:
             raise OutOfRangeError("the generator is exhausted")
         _, treedef, metas, nbytes = reply
         return Staged(
-            treedef, metas, nbytes, slot.array, lambda event: self._slots.give_back(slot, event)
+            treedef,
+            metas,
+            nbytes,
+            slot.array,
+            lambda event: self._slots.give_back(slot, event),
+            lend=None if self._backend is not None else lambda: self._slots.lend(slot),
         )
 
     def _read_with(self, worker: _Worker, index: int | None, where: str) -> tuple[Any, Slot]:
@@ -191,9 +198,12 @@ class ProcessPool:
             if worker.sequence_version != version:
                 self._send(worker, ("sequence", pickle_source(self._sequence)))
                 worker.sequence_version = version
-            # The process maps a slot's segment once, when it first sees it (or it grew).
+            forget = self._to_forget(worker)
+            # The process maps a slot's segment once, when it first sees it (or it grew),
+            # and keeps it mapped until the slot is retired or the run ends.
             sent = slot.capacity > 0 and worker.mapped.get(slot.number) != slot.generation
-            self._send(worker, ("read", index, slot.number, slot.generation, slot.capacity, sent))
+            message = ("read", index, slot.number, slot.generation, slot.capacity, sent, forget)
+            self._send(worker, message)
             if sent:
                 self._send_segment(worker, slot)
             reply = self._receive(worker)
@@ -206,6 +216,17 @@ class ProcessPool:
             self._slots.give_back(slot)
             raise
         return reply, slot
+
+    def _to_forget(self, worker: _Worker) -> list[int]:
+        """The retired slots ``worker``'s process should unmap now (their memory then goes)."""
+        retired = self._slots.retired()
+        with self._lock:
+            for number in retired:
+                for each in self._workers:
+                    if each.mapped.pop(number, None) is not None:
+                        each.forget.append(number)
+            forget, worker.forget = worker.forget, []
+        return forget
 
     def _receive(self, worker: _Worker) -> Any:
         ready = multiprocessing.connection.wait(

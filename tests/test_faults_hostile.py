@@ -378,7 +378,7 @@ def test_no_room_for_a_memfd_slot_is_a_clear_error_not_a_sigbus() -> None:
     done = run_script(NO_ROOM_SCRIPT.replace("{setup}", setup))
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.match(
-        r"^PipelineError: cannot reserve 10,485,760 bytes of shared memory for a worker "
+        r"^PipelineError: cannot reserve 8,388,608 bytes of shared memory for a worker "
         r"process's batch slot in anonymous shared memory \(memfd_create\)",
         done.stdout,
     ), done.stdout
@@ -412,7 +412,7 @@ def test_a_dev_shm_too_small_is_a_clear_error_naming_it_and_the_shm_size() -> No
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.match(
-        r"^PipelineError: cannot reserve 10,485,760 bytes of shared memory for a worker "
+        r"^PipelineError: cannot reserve 8,388,608 bytes of shared memory for a worker "
         r"process's batch slot in /dev/shm \(4,194,304 bytes free of 4,194,304\): No space "
         r"left on device\. .*docker run --shm-size",
         done.stdout,
