@@ -201,12 +201,20 @@ class CopyLooper(LooperThread):
                 staged.release(None)
                 return
             try:
-                item.copied = arenas.copy(staged, self._stream)
+                copied = arenas.copy(staged, self._stream)
             except Exception as error:
                 staged.release(None)
                 arenas.unreserve()
                 note_thread(error, f"copying {item.task.where()}")
                 item.error = error
+            else:
+                if copied.error is None:
+                    item.copied = copied
+                else:  # the transform raised: the error goes on in the batch's place
+                    arenas.unreserve()
+                    note_thread(copied.error, f"transforming {item.task.where()}")
+                    item.error = copied.error
+                del copied
         try:
             self._device_queue.put(item)
         except CancelledError:

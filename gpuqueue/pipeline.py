@@ -112,7 +112,9 @@ class Run:
             # kept: a loop that holds one batch at a time then cycles depth + 2
             # arenas (depth ahead, the one it holds, the one it just dropped)
             # without allocating; arenas beyond that are freed as they come back.
-            run.arenas = DeviceArenas(backend, depth=config.prefetch_depth, keep=1)
+            run.arenas = DeviceArenas(
+                backend, depth=config.prefetch_depth, keep=1, transform=config.transform
+            )
             if config.prefetch_depth > 0:
                 run.output_queue = FIFOQueue(config.prefetch_depth, name=f"{config.name}-device")
             if not config.use_multiprocessing:
@@ -319,6 +321,7 @@ class Run:
                 copy_wait_for_host_s=self.looper.host_wait_s if self.looper else 0.0,
                 pinned_bytes=host_bytes.pinned_bytes if host_bytes is not None else 0,
                 device_bytes=arenas.device_bytes,
+                transform_s=arenas.transform_s,
             )
         return stats
 
