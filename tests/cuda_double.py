@@ -272,12 +272,12 @@ class StrictCuda:
                 allocation = self.allocation(array.data.ptr)
                 self._check_device_access(allocation, stream, what)
                 for other, tick, earlier in allocation.accesses:
-                    if earlier in _WRITES and other != stream.handle:
-                        if not self.done(stream, (other, tick)):
-                            self.violate(
-                                f"{what} on stream {stream.handle:#x} reads memory before the "
-                                f"{earlier} on stream {other:#x} that wrote it"
-                            )
+                    ordered = other == stream.handle or self.done(stream, (other, tick))
+                    if earlier in _WRITES and not ordered:
+                        self.violate(
+                            f"{what} on stream {stream.handle:#x} reads memory before the "
+                            f"{earlier} on stream {other:#x} that wrote it"
+                        )
             for array in writes:
                 allocation = self.allocation(array.data.ptr)
                 self._check_device_access(allocation, stream, what)
