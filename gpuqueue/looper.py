@@ -9,7 +9,9 @@
 A pinned slot goes back to its pool with the event of the copy that read it
 (that copy's own, never re-recorded); whoever takes the slot next waits for
 that event first (by then the copy has long finished, so the wait is free).
-The device side, arenas the consumer owns and their fences, is ``arenas.py``.
+The device side, arenas the consumer owns and their fences, and the batch
+transform that runs on the copy stream before "ready", is ``arenas.py``; a
+transform's error goes on in the batch's place like a copy's.
 Backends only say how to allocate, copy and fence (``backends.base``); this
 module is the one code path for all of them.
 """
