@@ -141,6 +141,10 @@ def _stop_with(run: Run, error: BaseException) -> None:
     run.stop(DEFAULT_STOP_TIMEOUT)
 
 
+# Leaf kinds carried as 16-bit patterns: a torch.bfloat16 tensor, a transform's BFloat16.
+_BFLOAT16 = ("torch:bfloat16", "bfloat16")
+
+
 class _TransformFailed(Exception):
     """Carries a transform's error (already noted) out of ``_deliver``."""
 
@@ -220,7 +224,7 @@ def _transformed_output(
     converted = []
     for (path, leaf), kind in zip(leaves, kinds, strict=True):
         if isinstance(leaf, BFloat16):
-            converted.append(convert("torch:bfloat16", path, leaf.bits))
+            converted.append(convert("bfloat16", path, leaf.bits))
         elif isinstance(leaf, array_type):
             converted.append(convert(kind or "array", path, leaf))
         else:
@@ -249,7 +253,7 @@ def _converter(run: Run, backend: Backend) -> Callable[[str, str, Any], Any]:
 
         def convert(kind: str, path: str, leaf: Any) -> Any:
             tensor = to_torch(leaf)
-            return tensor.view(torch.bfloat16) if kind == "torch:bfloat16" else tensor
+            return tensor.view(torch.bfloat16) if kind in _BFLOAT16 else tensor
 
     elif output == "jax":
         # JAX orders its read after CuPy's current stream of the thread's current
@@ -262,14 +266,15 @@ def _converter(run: Run, backend: Backend) -> Callable[[str, str, Any], Any]:
                 array = jax.dlpack.from_dlpack(leaf)
             except BufferError:  # a read-only NumPy array: DLPack cannot say so
                 array = jnp.asarray(leaf)
-            return array.view(jnp.bfloat16) if kind == "torch:bfloat16" else array
+            return array.view(jnp.bfloat16) if kind in _BFLOAT16 else array
 
     else:
 
         def convert(kind: str, path: str, leaf: Any) -> Any:
-            if kind == "torch:bfloat16":
+            if kind in _BFLOAT16:
+                what = "a torch.bfloat16 tensor" if kind == "torch:bfloat16" else "bfloat16"
                 raise BatchError(
-                    f"field {path} is bfloat16, which NumPy and CuPy have no dtype for; "
+                    f"field {path} is {what}, which NumPy and CuPy have no dtype for; "
                     "use output='torch' or output='jax'"
                 )
             return leaf

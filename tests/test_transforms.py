@@ -503,3 +503,17 @@ def strict_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[StrictCuda]:
         delattr(gpuqueue.backends, "cupy")
     assert cuda.violations == []
     assert [hex(a.ptr) for a in cuda.allocations.values() if not a.freed] == []
+
+
+def test_bfloat16_from_a_transform_reaching_a_numpy_output_is_a_clear_error() -> None:
+    """The check at build time sees only Normalize itself; a wrapping callable is caught here."""
+    to_bfloat16 = Normalize(MEAN, STD, dtype="bfloat16")
+
+    def wrapped(batch: Any) -> Any:
+        return to_bfloat16(batch[0]), batch[1]
+
+    with (
+        gpuqueue.prefetch(Images(), device="cpu", epochs=1, transform=wrapped) as batches,
+        pytest.raises(BatchError, match=r"^field \[0\] is bfloat16, which NumPy and CuPy have no"),
+    ):
+        next(batches)
