@@ -23,6 +23,7 @@ from .errors import (
 from .oneshot import prefetch
 from .runner import QueueRunner
 from .sources import Sequence
+from .transforms import Normalize
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "GeneratorEnqueuer",
     "GpuqueueError",
     "LooperThread",
+    "Normalize",
     "OrderedEnqueuer",
     "OutOfRangeError",
     "PipelineError",

@@ -8,19 +8,32 @@ consumer's stream and the arena goes back for reuse, and the copy stream
 waits on "released" before writing it again: the semantics of PyTorch's
 caching allocator with ``record_stream``, so a batch stays valid for as long
 as it is held. No host synchronize on this path, growth included.
+
+With a transform (``transforms.py``), the copy stage runs it right after
+the copy, on the copy stream, before "ready": the batch's views (and their
+lease) exist before delivery, so the lease's stream is learned late
+(``_Owner``): the copy stream until the batch is delivered, the consumer's
+from then on. Device memory the transform allocates comes from here too
+(``alloc_owned``), each allocation owned the same way: a temporary dies on
+the copy stream and is freed in its order; an output the consumer holds is
+freed in the consumer's order once it is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
+import traceback
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .backends.base import Backend
 from .errors import CancelledError
 from .packing import Staged, arena_view
-from .staging import LeafMeta, TreeDef, rebuild
+from .staging import LeafMeta, TreeDef, flatten, rebuild
 
 __all__ = ["GROWTH", "Copied", "DeviceArena", "DeviceArenas"]
 
@@ -46,10 +59,28 @@ class Copied:
     treedef: TreeDef
     metas: list[LeafMeta]
     nbytes: int
+    transformed: bool = False
+    batch: Any = None  # what the transform returned, until it is delivered
+    kinds: list[str | None] | None = None  # per leaf of batch: the input leaf's kind if kept
+    owner: _Owner | None = None
+    error: Exception | None = None  # the transform raised it; nothing is left to deliver
+
+
+class _Owner:
+    """The stream of a batch's last user: memory the batch holds is reused in its order.
+
+    The copy stream while the batch is the copy stage's (a transform's
+    temporaries, a batch dropped undelivered), the consumer's once delivered.
+    """
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
 
 
 class _Lease:
-    """Owns a delivered batch's arena: its finaliser runs when the batch's last view dies."""
+    """Owns device memory: its finaliser runs when the last view of that memory dies."""
 
     __slots__ = ("__weakref__",)
 
@@ -72,8 +103,16 @@ class DeviceArenas:
         keep: The most free arenas kept for reuse.
     """
 
-    def __init__(self, backend: Backend, depth: int, keep: int) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        depth: int,
+        keep: int,
+        transform: Callable[[Any], Any] | None = None,
+    ) -> None:
         self.backend = backend
+        self._transform = transform
+        self.transform_s = 0.0  # host time the copy stage spent calling the transform
         self._depth, self._keep = max(1, depth), keep
         self._cond = threading.Condition()
         self._free: list[DeviceArena] = []
@@ -129,9 +168,10 @@ class DeviceArenas:
         backend = self.backend
         self.largest = max(self.largest, staged.nbytes)
         arena = self._take(stream)
-        if staged.exchange is not None and backend.shares_host_memory:
-            return self._adopt(staged, arena)
-        if arena is None:
+        adopt = staged.exchange is not None and backend.shares_host_memory
+        if adopt:
+            arena = self._adopt(staged, arena)
+        elif arena is None:
             capacity = max(1, int(self.largest * GROWTH))
             arena = DeviceArena(backend.alloc_device(capacity, stream), capacity, None)
             arena.released = backend.create_event()
@@ -141,25 +181,94 @@ class DeviceArenas:
             backend.wait_event(stream, arena.released)
         try:
             ready = backend.create_event()
-            timed = self._copies % _TIMING_EVERY == 0
+            timed = not adopt and self._copies % _TIMING_EVERY == 0
             if timed:
                 start, end = backend.create_event(timing=True), backend.create_event(timing=True)
                 backend.record(start, stream)
-            backend.copy_to_device(arena.memory, staged.buffer, staged.nbytes, stream)
+            if not adopt:
+                backend.copy_to_device(arena.memory, staged.buffer, staged.nbytes, stream)
             if timed:
                 backend.record(end, stream)
                 self._timings.append((start, end, staged.nbytes))
-            backend.record(ready, stream)
+            if self._transform is None:
+                backend.record(ready, stream)
         except BaseException:
             self._retire(arena, stream)  # in stream order after whatever was issued
             raise
-        staged.release(ready)  # this copy's own event: exact, never re-recorded
+        copied = Copied(arena, ready, staged.treedef, staged.metas, staged.nbytes)
+        if self._transform is not None:
+            self._transformed(copied, stream)
+            try:
+                # After the transform's work: the consumer's one wait covers both.
+                backend.record(ready, stream)
+            except BaseException:
+                copied.batch = None  # its memory goes back in the copy stream's order
+                raise
+        staged.release(ready)  # recorded after this copy: the slot is free once it completes
         self._copies += 1
         self.bytes_copied += staged.nbytes
         self._read_timings()
-        return Copied(arena, ready, staged.treedef, staged.metas, staged.nbytes)
+        return copied
 
-    def _adopt(self, staged: Staged, arena: DeviceArena | None) -> Copied:
+    def _transformed(self, copied: Copied, stream: Any) -> None:
+        """Runs the transform on the copied batch, on ``stream``; an error goes in ``copied``.
+
+        The error's frames are cleared: they would keep the batch's views,
+        and with them its arena, alive for as long as the error is kept.
+        """
+        copied.transformed = True
+        copied.owner = owner = _Owner(stream)
+        started = time.perf_counter()
+        try:
+            copied.batch, copied.kinds = self._apply(copied, owner, stream)
+        except Exception as error:
+            traceback.clear_frames(error.__traceback__)
+            copied.error = error
+        finally:
+            self.transform_s += time.perf_counter() - started
+
+    def _apply(self, copied: Copied, owner: _Owner, stream: Any) -> tuple[Any, list[str | None]]:
+        assert self._transform is not None
+        backend = self.backend
+        whole = backend.device_view(copied.arena.memory, copied.nbytes, self._lease(copied, owner))
+        views = [arena_view(whole, meta) for meta in copied.metas]
+        del whole
+        with backend.transform_scope(stream, lambda nbytes: self.alloc_owned(nbytes, owner)):
+            batch = self._transform(rebuild(copied.treedef, views))
+        # A leaf handed back as it came keeps its kind (a bfloat16 tensor's bits, say).
+        kinds = {id(view): meta.kind for view, meta in zip(views, copied.metas, strict=True)}
+        return batch, [kinds.get(id(leaf)) for _, leaf in flatten(batch)[1]]
+
+    def alloc_owned(self, nbytes: int, owner: _Owner) -> tuple[Any, _Lease]:
+        """Device memory for a transform, and the lease whose death frees it.
+
+        It is allocated in ``owner.stream``'s order, and freed in the order of
+        whichever stream ``owner`` names when the lease dies (the copy stream
+        for a temporary, the consumer's for an output it was given).
+        """
+        nbytes = max(1, nbytes)
+        memory = self.backend.alloc_device(nbytes, owner.stream)
+        lease = _Lease()
+        finalizer = weakref.finalize(lease, self._free_owned, memory, nbytes, owner)
+        finalizer.atexit = False
+        with self._cond:
+            self.device_bytes += nbytes
+        return memory, lease
+
+    def _free_owned(self, memory: Any, nbytes: int, owner: _Owner) -> None:
+        # As in _give_back: a finaliser has nobody to raise to; the safety net frees it.
+        with contextlib.suppress(Exception):
+            self.backend.free_device(memory, owner.stream)
+        with self._cond:
+            self.device_bytes -= nbytes
+
+    def _lease(self, copied: Copied, owner: _Owner) -> _Lease:
+        lease = _Lease()
+        # Not at exit: the interpreter's end frees everything, and the device may be gone.
+        weakref.finalize(lease, self._give_back, copied.arena, owner).atexit = False
+        return lease
+
+    def _adopt(self, staged: Staged, arena: DeviceArena | None) -> DeviceArena:
         """The host is the device: the staged buffer becomes the batch's arena, uncopied.
 
         The slot takes the free arena's memory in exchange (or new memory on
@@ -173,12 +282,7 @@ class DeviceArenas:
         with self._cond:
             self.device_bytes += memory.nbytes - arena.capacity
         arena.memory, arena.capacity = memory, int(memory.nbytes)
-        ready = self.backend.create_event()
-        self.backend.record(ready, None)
-        staged.release(ready)
-        self._copies += 1
-        self.bytes_copied += staged.nbytes
-        return Copied(arena, ready, staged.treedef, staged.metas, staged.nbytes)
+        return arena
 
     def _take(self, stream: Any) -> DeviceArena | None:
         """A free arena that holds the largest batch seen; smaller ones are freed.
@@ -231,24 +335,29 @@ class DeviceArenas:
         except BaseException:
             self.discard(copied)
             raise
-        lease = _Lease()
-        # Not at exit: the interpreter's end frees everything, and the device may be gone.
-        weakref.finalize(lease, self._give_back, copied.arena, consumer_stream).atexit = False
+        if copied.transformed:
+            assert copied.owner is not None
+            batch, copied.batch = copied.batch, None
+            # Held here, so nothing of it can die before its owner learns the stream.
+            copied.owner.stream = consumer_stream
+            return batch
+        lease = self._lease(copied, _Owner(consumer_stream))
         whole = self.backend.device_view(copied.arena.memory, copied.nbytes, lease)
         return rebuild(copied.treedef, [arena_view(whole, meta) for meta in copied.metas])
 
-    def _give_back(self, arena: DeviceArena, consumer_stream: Any) -> None:
-        """The last view of a batch died: its arena is reusable after the consumer's work."""
+    def _give_back(self, arena: DeviceArena, owner: _Owner) -> None:
+        """The last view of a batch died: its arena is reusable after its last user's work."""
+        stream = owner.stream
         with self._cond:
             closed = self._closed
         try:
             if not closed:
-                self.backend.record(arena.released, consumer_stream)
+                self.backend.record(arena.released, stream)
                 arena.released_once = True
                 if self._put_free(arena):
                     return
-            # Freed in the consumer's stream order, so after the work it queued.
-            self.backend.free_device(arena.memory, consumer_stream)
+            # Freed in the last user's stream order, so after the work it queued.
+            self.backend.free_device(arena.memory, stream)
         except Exception:
             # A finaliser has nobody to raise to. The arena is dropped; the backend's
             # safety net frees its memory once the device is done with it, and a
@@ -259,6 +368,9 @@ class DeviceArenas:
 
     def discard(self, copied: Copied) -> None:
         """An undelivered batch (dropped on stop): its arena is freed once its copy is done."""
+        if copied.transformed:
+            copied.batch = None  # its leases give everything back in the copy stream's order
+            return
         self.backend.synchronize(copied.ready)
         self.backend.free_device(copied.arena.memory, None)
         with self._cond:

@@ -13,6 +13,7 @@ from typing import Any
 
 from .backends import check_device
 from .errors import PipelineError
+from .transforms import BatchTransform, as_transform
 
 __all__ = ["OUTPUTS", "PipelineConfig"]
 
@@ -71,6 +72,9 @@ class PipelineConfig:
         timeout: Seconds ``get()`` waits for one batch before it raises
             ``BatchTimeoutError``; None waits as long as it takes (with a
             warning once a minute has passed).
+        transform: Applied to each batch on the device after its copy
+            (``transforms.py``); a callable or a mapping from field to
+            callable, kept as a ``BatchTransform``.
 
     Raises:
         ValueError: If a setting is out of range or settings contradict
@@ -89,6 +93,7 @@ class PipelineConfig:
     stream: Any = None
     process_seed: int | None = None
     timeout: float | None = None
+    transform: BatchTransform | None = None
 
     def __post_init__(self) -> None:
         timeout = self.timeout
@@ -127,3 +132,12 @@ class PipelineConfig:
         else:
             check_device(self.device)
         _check_output_installed(self.output)
+        transform = as_transform(self.transform)  # TypeError for what is not one
+        object.__setattr__(self, "transform", transform)
+        if transform is not None:
+            if self.device is None:
+                raise ValueError(
+                    "transform= runs on the device after the copy and needs one "
+                    "(device='auto', 'cpu', 0, ...); with device=None, transform in the Sequence"
+                )
+            transform.check_output(self.output)

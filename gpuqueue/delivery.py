@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
+import numpy as np
+
 from .backends.base import Backend
 from .backends.numpy import owned_view
 from .channel import FIFOQueue
@@ -29,6 +31,7 @@ from .packing import unpack
 from .pipeline import DEFAULT_STOP_TIMEOUT, Run
 from .sources import Task
 from .staging import LeafMeta, TreeDef, as_source, flatten, map_arrays, rebuild
+from .transforms import BFloat16
 
 __all__ = ["WARN_AFTER_S", "batches", "keep"]
 
@@ -99,6 +102,9 @@ def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
                 batch = _deliver(run, part)
             except CancelledError:  # stopped from another thread while copying (depth 0)
                 return
+            except _TransformFailed as failed:  # depth 0: the transform ran in this get()
+                _stop_with(run, failed.error)
+                break
             except Exception as error:
                 note_thread(error, f"delivering {part.task.where()}")
                 _stop_with(run, error)
@@ -144,6 +150,18 @@ def _stop_with(run: Run, error: BaseException) -> None:
     run.stop(DEFAULT_STOP_TIMEOUT)
 
 
+# Leaf kinds carried as 16-bit patterns: a torch.bfloat16 tensor, a transform's BFloat16.
+_BFLOAT16 = ("torch:bfloat16", "bfloat16")
+
+
+class _TransformFailed(Exception):
+    """Carries a transform's error (already noted) out of ``_deliver``."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _deliver(run: Run, item: Item) -> Any:
     """Turns a queued item into what the consumer receives."""
     described = item.described
@@ -169,7 +187,14 @@ def _deliver(run: Run, item: Item) -> Any:
         assert staged is not None
         run.arenas.reserve()
         copied = run.arenas.copy(staged, stream)
+        if copied.error is not None:
+            run.arenas.unreserve()
+            note_thread(copied.error, f"transforming {item.task.where()}")
+            raise _TransformFailed(copied.error)
     batch = run.arenas.deliver(copied, stream)
+    if copied.transformed:
+        assert copied.kinds is not None
+        return _transformed_output(run, run.backend, batch, copied.kinds, stream)
     return _to_output(run, run.backend, batch, copied.treedef, copied.metas)
 
 
@@ -190,6 +215,42 @@ def _to_output(
     travels as its bits, becomes ``bfloat16`` again in torch and JAX; NumPy
     and CuPy have no such dtype, so without one of those it is an error.
     """
+    convert = _converter(run, backend)
+    return map_arrays(treedef, metas, batch, lambda meta, leaf: convert(meta.kind, meta.path, leaf))
+
+
+def _transformed_output(
+    run: Run, backend: Backend, batch: Any, kinds: list[str | None], stream: Any
+) -> Any:
+    """A transform's batch in the ``output`` library: any structure, any leaves.
+
+    The backend's arrays are converted (``BFloat16`` to bfloat16, and leaves
+    the transform handed back as they came keep their kind); other leaves
+    pass through. A PyTorch CUDA tensor the transform made on the copy
+    stream is recorded on the consumer's stream (``record_stream``), so
+    PyTorch's allocator reuses its memory only after the consumer's work.
+    """
+    convert = _converter(run, backend)
+    array_type = getattr(backend, "array_type", np.ndarray)
+    torch_stream = None
+    treedef, leaves = flatten(batch)
+    converted = []
+    for (path, leaf), kind in zip(leaves, kinds, strict=True):
+        if isinstance(leaf, BFloat16):
+            converted.append(convert("bfloat16", path, leaf.bits))
+        elif isinstance(leaf, array_type):
+            converted.append(convert(kind or "array", path, leaf))
+        else:
+            if getattr(leaf, "is_cuda", False) and hasattr(leaf, "record_stream"):
+                if torch_stream is None:
+                    torch_stream = backend.torch_stream_of(stream)  # type: ignore[attr-defined]
+                leaf.record_stream(torch_stream)
+            converted.append(leaf)
+    return rebuild(treedef, converted)
+
+
+def _converter(run: Run, backend: Backend) -> Callable[[str, str, Any], Any]:
+    """``convert(kind, path, leaf)``: a backend array in the library ``output`` names."""
     output = run.config.output
     if output == "torch":
         import torch
@@ -203,9 +264,9 @@ def _to_output(
             # its own (DLPack's stream -1): no event per tensor.
             return torch.utils.dlpack.from_dlpack(leaf.__dlpack__(stream=-1))
 
-        def convert(meta: LeafMeta, leaf: Any) -> Any:
+        def convert(kind: str, path: str, leaf: Any) -> Any:
             tensor = to_torch(leaf)
-            return tensor.view(torch.bfloat16) if meta.kind == "torch:bfloat16" else tensor
+            return tensor.view(torch.bfloat16) if kind in _BFLOAT16 else tensor
 
     elif output == "jax":
         # JAX orders its read after CuPy's current stream of the thread's current
@@ -213,24 +274,25 @@ def _to_output(
         import jax.dlpack
         import jax.numpy as jnp
 
-        def convert(meta: LeafMeta, leaf: Any) -> Any:
+        def convert(kind: str, path: str, leaf: Any) -> Any:
             try:
                 array = jax.dlpack.from_dlpack(leaf)
             except BufferError:  # a read-only NumPy array: DLPack cannot say so
                 array = jnp.asarray(leaf)
-            return array.view(jnp.bfloat16) if meta.kind == "torch:bfloat16" else array
+            return array.view(jnp.bfloat16) if kind in _BFLOAT16 else array
 
     else:
 
-        def convert(meta: LeafMeta, leaf: Any) -> Any:
-            if meta.kind == "torch:bfloat16":
+        def convert(kind: str, path: str, leaf: Any) -> Any:
+            if kind in _BFLOAT16:
+                what = "a torch.bfloat16 tensor" if kind == "torch:bfloat16" else "bfloat16"
                 raise BatchError(
-                    f"field {meta.path} is a torch.bfloat16 tensor, which NumPy and CuPy have "
-                    "no dtype for; use output='torch' or output='jax'"
+                    f"field {path} is {what}, which NumPy and CuPy have no dtype for; "
+                    "use output='torch' or output='jax'"
                 )
             return leaf
 
-    return map_arrays(treedef, metas, batch, convert)
+    return convert
 
 
 def keep(batch: Any) -> Any:

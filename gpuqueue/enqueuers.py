@@ -61,12 +61,20 @@ class SequenceEnqueuer:
         timeout: Seconds ``get()`` waits for a batch (as DataLoader's), then
             raises ``BatchTimeoutError`` naming what is in flight. None waits,
             with a warning after a minute.
+        transform: Applied to each batch on the device, after its copy, on
+            the copy stream (current for CuPy, and PyTorch if imported)
+            before the consumer can see it: a callable taking and returning
+            the batch as the backend's arrays (CuPy, or NumPy on the CPU),
+            or a mapping from field (index or key) to a callable, which
+            leaves the other fields alone; ``Normalize`` is the ready-made
+            one. Its error reaches ``get()`` in the batch's place.
 
     A batch is its taker's for as long as it is held; its device memory is
     reused once it is dropped, after the work queued on it is done.
 
     Raises:
         ValueError: If a keyword is out of range or contradicts another.
+        TypeError: If ``transform`` is neither a callable nor a mapping to callables.
     """
 
     _name = "SequenceEnqueuer"
@@ -82,6 +90,7 @@ class SequenceEnqueuer:
         output: str | None = None,
         stream: Any = None,
         timeout: float | None = None,
+        transform: Any = None,
     ) -> None:
         self._config = PipelineConfig(
             self._name,
@@ -92,6 +101,7 @@ class SequenceEnqueuer:
             output=output,
             stream=stream,
             timeout=timeout,
+            transform=transform,
         )
         self.sequence = sequence
         self.use_multiprocessing = self._config.use_multiprocessing
@@ -222,7 +232,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
             padding it by wrapping around the epoch's order.
         epochs: Stop after this many epochs (counted from epoch 0); None
             (the default, as Keras) is endless.
-        device, prefetch_depth, max_device_bytes, output, stream, timeout: As in
+        device, prefetch_depth, max_device_bytes, output, stream, timeout, transform: As in
             ``SequenceEnqueuer``.
 
     Raises:
@@ -250,6 +260,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
         output: str | None = None,
         stream: Any = None,
         timeout: float | None = None,
+        transform: Any = None,
     ) -> None:
         check_sequence(sequence)
         self.shuffle = bool(shuffle)
@@ -265,6 +276,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
             output=output,
             stream=stream,
             timeout=timeout,
+            transform=transform,
         )
 
     def _make_tasks(self) -> SequenceTasks:
@@ -320,7 +332,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
             iterable.
         random_seed: Seeds NumPy's global random state in that process, as
             Keras does; unused with threads.
-        device, prefetch_depth, max_device_bytes, output, stream, timeout: As in
+        device, prefetch_depth, max_device_bytes, output, stream, timeout, transform: As in
             ``SequenceEnqueuer``.
 
     Raises:
@@ -344,6 +356,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         output: str | None = None,
         stream: Any = None,
         timeout: float | None = None,
+        transform: Any = None,
     ) -> None:
         check_generator(generator, use_multiprocessing)
         super().__init__(
@@ -355,6 +368,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
             output=output,
             stream=stream,
             timeout=timeout,
+            transform=transform,
         )
         self._config = dataclasses.replace(self._config, process_seed=random_seed)
         self.random_seed = random_seed

@@ -9,7 +9,9 @@
 A pinned slot goes back to its pool with the event of the copy that read it
 (that copy's own, never re-recorded); whoever takes the slot next waits for
 that event first (by then the copy has long finished, so the wait is free).
-The device side, arenas the consumer owns and their fences, is ``arenas.py``.
+The device side, arenas the consumer owns and their fences, and the batch
+transform that runs on the copy stream before "ready", is ``arenas.py``; a
+transform's error goes on in the batch's place like a copy's.
 Backends only say how to allocate, copy and fence (``backends.base``); this
 module is the one code path for all of them.
 """
@@ -243,12 +245,20 @@ class CopyLooper(LooperThread):
                 staged.release(None)
                 return
             try:
-                item.copied = arenas.copy(staged, self._stream)
+                copied = arenas.copy(staged, self._stream)
             except Exception as error:
                 staged.release(None)
                 arenas.unreserve()
                 note_thread(error, f"copying {item.task.where()}")
                 item.error = error
+            else:
+                if copied.error is None:
+                    item.copied = copied
+                else:  # the transform raised: the error goes on in the batch's place
+                    arenas.unreserve()
+                    note_thread(copied.error, f"transforming {item.task.where()}")
+                    item.error = copied.error
+                del copied
         try:
             self._device_queue.put(item)
         except CancelledError:

@@ -31,6 +31,7 @@ def prefetch(
     output: str | None = None,
     stream: Any = None,
     timeout: float | None = None,
+    transform: Any = None,
 ) -> Iterator[Iterator[Any]]:
     """Yields an iterator of device batches from a Sequence or any iterable.
 
@@ -87,6 +88,10 @@ def prefetch(
         drop_last: With several ranks, drop each epoch's tail instead of
             padding it, as ``OrderedEnqueuer``.
         timeout: Seconds to wait for each batch before ``BatchTimeoutError``.
+        transform: Applied to each batch on the device right after its copy,
+            on the copy stream: a callable, or a mapping from field to
+            callable (``{0: gpuqueue.Normalize(mean, std)}``); see
+            ``OrderedEnqueuer``.
 
     Yields:
         An iterator of batches, each with the source's structure.
@@ -118,6 +123,7 @@ def prefetch(
             output=output,
             stream=stream,
             timeout=timeout,
+            transform=transform,
         )
     else:
         check_iterable_shard(source, shard)
@@ -130,6 +136,7 @@ def prefetch(
             output=output,
             stream=stream,
             timeout=timeout,
+            transform=transform,
         )
     enqueuer.start(workers=workers, max_queue_size=max_queue_size)
     # The enqueuer's own exit stops it, once, also on error; after Ctrl-C in the

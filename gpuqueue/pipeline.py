@@ -119,7 +119,7 @@ class Run:
             if depth == "auto":  # the arenas bound the depth; the queue has room for the cap
                 depth, capacity = autodepth.START, autodepth.CAP
             assert isinstance(depth, int) and isinstance(capacity, int)
-            run.arenas = DeviceArenas(backend, depth=depth, keep=1)
+            run.arenas = DeviceArenas(backend, depth=depth, keep=1, transform=config.transform)
             if config.prefetch_depth == "auto":
                 run.tuner = _tuner(run.arenas, config.max_device_bytes)
             if capacity > 0:
@@ -328,6 +328,7 @@ class Run:
                 copy_wait_for_host_s=self.looper.host_wait_s if self.looper else 0.0,
                 pinned_bytes=host_bytes.pinned_bytes if host_bytes is not None else 0,
                 device_bytes=arenas.device_bytes,
+                transform_s=arenas.transform_s,
             )
             if self.tuner is not None:
                 stats.update(

@@ -13,7 +13,18 @@ mistakes a GPU punishes, instead of forgiving them as NumPy does:
 - a batch read on the consumer's stream before its copy is ordered before it;
 - pinned memory changed, freed or unregistered while a copy reading it has
   not been waited for by the host;
-- non-native byte order reaching a device array.
+- non-native byte order reaching a device array;
+- a kernel (``RawKernel``) launched on a stream that is not ordered after
+  the copy or kernel that wrote its inputs, or writing memory before the
+  wait on its last reader; a read of a batch before the kernel that wrote it
+  (a transform's, run after "ready" or on the wrong stream).
+
+Kernels run on CuPy's current stream of the calling thread
+(``ExternalStream`` as a context manager sets it); a kernel's ``const``
+pointer parameters are its reads, the other pointers its writes; its values
+come from a NumPy model of the kernel, by name (``KERNEL_MODELS``). Arrays
+are allocated (``cupy.empty``) only through an allocator installed with
+``using_allocator``: the double has no memory pool of its own.
 
 Work runs at once, in the order it is issued (so values are right); the
 ordering a GPU would need is checked with a vector clock per stream: an
@@ -29,8 +40,10 @@ has any, and one that leaves device memory allocated.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
+import re
 import sys
 import threading
 import types
@@ -230,13 +243,58 @@ class StrictCuda:
             allocation = self.allocation(array.data.ptr)
             self._check_device_access(allocation, stream, what)
             for other, tick, earlier in allocation.accesses:
-                if earlier == "copy" and not self.done(stream, (other, tick)):
+                if earlier in _WRITES and not self.done(stream, (other, tick)):
                     self.violate(
-                        f"{what} on stream {stream_handle:#x} reads a batch before its copy"
+                        f"{what} on stream {stream_handle:#x} reads a batch before "
+                        + ("its copy" if earlier == "copy" else "the kernel that wrote it")
                     )
             stream_tick = self.tick(stream)
             allocation.accesses.append((*stream_tick, "read"))
             return array._host_copy()
+
+    def current_stream(self) -> int:
+        """The handle of CuPy's current stream in the calling thread (0: the default)."""
+        stack = getattr(self.local, "streams", None)
+        return stack[-1] if stack else 0
+
+    def launch(self, name: str, reads: list[Any], writes: list[Any], model: Any) -> None:
+        """Kernel ``name`` on the current stream reads ``reads`` and writes ``writes``.
+
+        Checked as a GPU orders it; then ``model`` (NumPy arrays of the reads
+        in, arrays for the writes out) gives the values written.
+        """
+        with self.lock:
+            handle = self.current_stream()
+            stream = self.stream(handle)
+            what = f"kernel {name}"
+            self.in_context(what, stream.device)
+            for array in reads:
+                allocation = self.allocation(array.data.ptr)
+                self._check_device_access(allocation, stream, what)
+                for other, tick, earlier in allocation.accesses:
+                    ordered = other == stream.handle or self.done(stream, (other, tick))
+                    if earlier in _WRITES and not ordered:
+                        self.violate(
+                            f"{what} on stream {stream.handle:#x} reads memory before the "
+                            f"{earlier} on stream {other:#x} that wrote it"
+                        )
+            for array in writes:
+                allocation = self.allocation(array.data.ptr)
+                self._check_device_access(allocation, stream, what)
+                self._check_ordered_after_all(allocation, stream, what)
+            inputs = [array._host_copy() for array in reads]
+            stream_tick = self.tick(stream)
+            for array in reads:
+                self.allocation(array.data.ptr).accesses.append((*stream_tick, "kernel read"))
+            for array, values in zip(writes, model(inputs), strict=True):
+                allocation = self.allocation(array.data.ptr)
+                allocation.accesses.append((*stream_tick, "kernel write"))
+                data = np.ascontiguousarray(values, dtype=array.dtype).reshape(array.shape)
+                start = ctypes.addressof(allocation.storage) + array.data.ptr - allocation.ptr
+                ctypes.memmove(start, data.tobytes(), data.nbytes)
+
+
+_WRITES = ("copy", "kernel write")
 
 
 class _Runtime(types.ModuleType):
@@ -519,6 +577,14 @@ class ndarray:  # CuPy's name
         return int(np.prod(self.shape))
 
     @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def flags(self) -> Any:
+        return types.SimpleNamespace(c_contiguous=True)  # the double makes no strided views
+
+    @property
     def nbytes(self) -> int:
         return self.size * self.dtype.itemsize
 
@@ -560,6 +626,111 @@ class _StreamObject:
         self.ptr = ptr
 
 
+class ExternalStream(_StreamObject):
+    """CuPy's wrapper of a raw stream; ``with`` makes it current in the calling thread."""
+
+    def __init__(self, ptr: int, device_id: int = -1) -> None:
+        super().__init__(ptr)
+        self.device_id = device_id
+
+    def __enter__(self) -> ExternalStream:
+        cuda = _installed()
+        if not hasattr(cuda.local, "streams"):
+            cuda.local.streams = []
+        cuda.local.streams.append(self.ptr)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _installed().local.streams.pop()
+
+
+@contextlib.contextmanager
+def using_allocator(allocator: Any) -> Any:
+    """CuPy's thread-local allocator switch."""
+    local = _installed().local
+    previous = getattr(local, "allocator", None)
+    local.allocator = allocator
+    try:
+        yield
+    finally:
+        local.allocator = previous
+
+
+def empty(shape: Any, dtype: Any) -> ndarray:
+    """A new array from the installed allocator (the double has no pool of its own)."""
+    allocator = getattr(_installed().local, "allocator", None)
+    if allocator is None:
+        raise AssertionError("cupy.empty outside using_allocator: the double has no memory pool")
+    shape = tuple(shape) if isinstance(shape, tuple | list) else (int(shape),)
+    dtype = np.dtype(dtype)
+    pointer = allocator(int(np.prod(shape)) * dtype.itemsize)
+    return ndarray(shape, dtype, pointer)
+
+
+def _normalize_model(name: str, scalars: list[Any], out: ndarray) -> Any:
+    """The fused normalize kernel, as the GPU computes it (written apart from gpuqueue's)."""
+    hw, rest = int(scalars[1]), [float(v) for v in scalars[2:]]
+    channels = len(rest) // 2
+    mean = np.array(rest[:channels], np.float32)
+    std = np.array(rest[channels:], np.float32)
+
+    def model(inputs: list[np.ndarray]) -> list[np.ndarray]:
+        flat = inputs[0].reshape(-1)
+        position = np.arange(flat.size)
+        channel = position % channels
+        values = (flat.astype(np.float32) - mean[channel]) / std[channel]
+        target = position
+        if name.endswith("_nchw"):
+            pixel = position // channels
+            target = ((pixel // hw) * channels + channel) * hw + pixel % hw
+        placed = np.empty_like(values)
+        placed[target] = values
+        if out.dtype == np.int16:  # bfloat16 bits: round to nearest, ties to even
+            word = placed.view(np.uint32).astype(np.uint64)
+            upper = ((word + 0x7FFF + ((word >> 16) & 1)) >> 16).astype(np.uint16)
+            quiet = ((word >> 16) | 0x40).astype(np.uint16)
+            nan = np.isnan(placed)
+            return [np.where(nan, quiet, upper).view(np.int16)]
+        return [placed.astype(out.dtype)]
+
+    return model
+
+
+KERNEL_MODELS = {
+    "gpuqueue_normalize_nhwc": _normalize_model,
+    "gpuqueue_normalize_nchw": _normalize_model,
+}
+
+_SIGNATURE = re.compile(r"__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.DOTALL)
+
+
+class RawKernel:
+    """A kernel: its pointer parameters (``const``: read) and its model; runs at once."""
+
+    def __init__(self, code: str, name: str, **options: Any) -> None:
+        for found, params in _SIGNATURE.findall(code):
+            if found == name:
+                self.params = [p.strip() for p in params.split(",")]
+                break
+        else:
+            raise AssertionError(f"no kernel {name} in the source")
+        if name not in KERNEL_MODELS:
+            raise AssertionError(f"the double has no model of kernel {name}")
+        self.name = name
+
+    def __call__(self, grid: Any, block: Any, args: Any, **options: Any) -> None:
+        assert len(args) == len(self.params), (args, self.params)
+        reads, writes, scalars = [], [], []
+        for param, arg in zip(self.params, args, strict=True):
+            if "*" in param:
+                assert isinstance(arg, ndarray), f"{param} needs a device array"
+                (reads if param.startswith("const") else writes).append(arg)
+            else:
+                scalars.append(arg)
+        model = KERNEL_MODELS[self.name](self.name, scalars, writes[0])
+        _installed().launch(self.name, reads, writes, model)
+
+
 def make_module(cuda: StrictCuda) -> types.ModuleType:
     """A ``cupy`` module backed by ``cuda``."""
     cupy = types.ModuleType("cupy")
@@ -570,11 +741,15 @@ def make_module(cuda: StrictCuda) -> types.ModuleType:
     cuda_module.MemoryPointer = MemoryPointer  # type: ignore[attr-defined]
 
     def get_current_stream() -> _StreamObject:
-        return _StreamObject(0)  # CuPy's default: the legacy default stream
+        return _StreamObject(cuda.current_stream())  # by default the legacy default stream
 
     cuda_module.get_current_stream = get_current_stream  # type: ignore[attr-defined]
+    cuda_module.ExternalStream = ExternalStream  # type: ignore[attr-defined]
+    cuda_module.using_allocator = using_allocator  # type: ignore[attr-defined]
     cupy.cuda = cuda_module  # type: ignore[attr-defined]
     cupy.ndarray = ndarray  # type: ignore[attr-defined]
+    cupy.empty = empty  # type: ignore[attr-defined]
+    cupy.RawKernel = RawKernel  # type: ignore[attr-defined]
     cupy.uint8 = np.uint8  # type: ignore[attr-defined]
     return cupy
 

@@ -78,3 +78,29 @@ def test_soak_smoke_run_samples_both_modes_and_ends_flat(tmp_path: Path) -> None
         after = run["after_stop"]
         assert after["shared_memory_fds"] == 0 and after["pinned_bytes"] == 0
     assert report["runs"][1]["samples"][0]["shared_memory_bytes"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_normalize_smoke_run_measures_both_paths_in_one_report(tmp_path: Path) -> None:
+    out = tmp_path / "normalize.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.normalize", "--smoke", "--device", "cpu", "--rounds", "2",
+         "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {"benchmark", "command", "machine", "config", "paths", "ratios"} <= set(report)
+    assert report["machine"]["backend"] == "numpy"
+    for path in ("device", "host"):
+        figures = report["paths"][path]
+        for key in ("batches_per_s", "bytes_copied_per_batch", "host_ms_per_batch"):
+            assert figures[key]["min"] <= figures[key]["median"] <= figures[key]["max"]
+        assert figures["batches_per_s"]["min"] > 0
+    # uint8 against float32 of the same images: a quarter of the bytes, plus the labels
+    device = report["paths"]["device"]["bytes_copied_per_batch"]["median"]
+    host = report["paths"]["host"]["bytes_copied_per_batch"]["median"]
+    assert 4 * 16 * 16 * 3 <= device < host and host >= 4 * 16 * 16 * 3 * 4

@@ -34,7 +34,12 @@ EXAMPLES = _examples()
 
 
 def test_the_readme_marks_an_example_per_ecosystem() -> None:
-    assert [modules for _, modules, _ in EXAMPLES] == [["torch"], ["keras", "torch"], ["jax"]]
+    assert [modules for _, modules, _ in EXAMPLES] == [
+        ["torch"],
+        ["keras", "torch"],
+        ["jax"],
+        ["torch"],
+    ]
 
 
 @pytest.mark.timeout(300)

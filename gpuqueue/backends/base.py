@@ -13,6 +13,8 @@ context without leaving a context behind on any other device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 import numpy as np
@@ -84,6 +86,16 @@ class Backend(Protocol):
 
     def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
         """Copies ``nbytes`` from host ``src`` to arena ``dst``, asynchronously on ``stream``."""
+
+    def transform_scope(
+        self, stream: Any, allocate: Callable[[int], tuple[Any, object]]
+    ) -> AbstractContextManager[None]:
+        """Where a batch transform runs: ``stream`` current, device memory from ``allocate``.
+
+        ``allocate(nbytes)`` returns an arena and the owner whose death frees
+        it; arrays the transform creates on the device keep that owner alive.
+        Host backends run the transform on the host, after the copy has landed.
+        """
 
     def close(self) -> None:
         """Releases what the backend itself holds (helper threads, pools)."""

@@ -13,7 +13,12 @@ what the consumer receives:
   disabled (but for the sampled copy timings) that block, rather than spin,
   a host thread that waits for them;
 - a batch's views through ``UnownedMemory`` whose owner is the batch's
-  lease, so the arena returns only when the last view is gone.
+  lease, so the arena returns only when the last view is gone;
+- a batch transform runs with the copy stream current for CuPy (and for
+  PyTorch, once imported) and with CuPy's allocator replaced by gpuqueue's
+  (``transform_scope``), so what it allocates is stream-ordered memory
+  owned like a batch, never CuPy's per-stream pool; ``launch_elementwise``
+  compiles and launches gpuqueue's own kernels (``Normalize``).
 
 Every call runs in the backend's device context. Threads gpuqueue owns enter
 the device once; in any other thread (the consumer's, a worker's, a
@@ -27,15 +32,23 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
+import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cupy
 import numpy as np
 
-__all__ = ["CupyBackend", "current_device", "device_count", "stream_handle"]
+__all__ = [
+    "CupyBackend",
+    "current_device",
+    "device_count",
+    "launch_elementwise",
+    "stream_handle",
+]
 
 _HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
 _HOST_ALLOC_PORTABLE = 1  # cudaHostAllocPortable: pinned for every context
@@ -169,6 +182,7 @@ class CupyBackend:
 
     name = "cupy"
     shares_host_memory = False
+    array_type = cupy.ndarray
 
     def __init__(self, device: int) -> None:
         self.device: int | None = device
@@ -311,9 +325,78 @@ class CupyBackend:
         with _on_device(self._index):
             _runtime.memcpyAsync(dst.ptr, _address(src), nbytes, _HOST_TO_DEVICE, stream.handle)
 
+    @contextlib.contextmanager
+    def transform_scope(
+        self, stream: Stream, allocate: Callable[[int], tuple[Arena, object]]
+    ) -> Iterator[None]:
+        """``stream`` current for CuPy (and PyTorch if imported), device memory from ``allocate``.
+
+        CuPy's allocator is thread-local, as its current stream is: only the
+        calling thread (the copy looper) is affected, and only inside.
+        """
+
+        def allocator(nbytes: int) -> Any:
+            arena, owner = allocate(nbytes)
+            memory = cupy.cuda.UnownedMemory(arena.ptr, max(1, nbytes), owner, self._index)
+            return cupy.cuda.MemoryPointer(memory, 0)
+
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(_on_device(self._index))
+            # A fresh object each time: a stream object's enter/exit keep state of their own.
+            scope.enter_context(cupy.cuda.ExternalStream(stream.handle, self._index))
+            scope.enter_context(cupy.cuda.using_allocator(allocator))
+            torch_stream = self.torch_stream_of(stream)
+            if torch_stream is not None:
+                import torch
+
+                scope.enter_context(torch.cuda.stream(torch_stream))
+            yield
+
+    def torch_stream_of(self, stream: Stream) -> Any:
+        """``stream`` as a PyTorch stream, or None where PyTorch is not imported or has no CUDA."""
+        if "torch" not in sys.modules:
+            return None
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        if isinstance(stream.source, torch.cuda.Stream):
+            return stream.source
+        return torch.cuda.ExternalStream(stream.handle, device=torch.device("cuda", self._index))
+
     def close(self) -> None:
         """Frees the pinned memory still allocated (after the device is done with it)."""
         self._finalizer()
+
+
+_KERNELS: dict[tuple[str, str], Any] = {}
+_KERNELS_LOCK = threading.Lock()
+_THREADS = 256
+
+
+def launch_elementwise(
+    source: str, name: str, x: Any, out_shape: tuple[int, ...], out_dtype: Any, scalars: list[Any]
+) -> Any:
+    """Runs kernel ``name`` of ``source`` once over ``x``, into a new array it returns.
+
+    The kernel takes ``(x, out, n, *scalars)`` and loops over the ``n``
+    elements of ``x`` (grid-stride); it is compiled once per source and
+    launched on CuPy's current stream, and ``out`` comes from the current
+    allocator: inside a transform, the copy stream and gpuqueue's memory.
+    """
+    key = (source, name)
+    with _KERNELS_LOCK:
+        kernel = _KERNELS.get(key)
+        if kernel is None:
+            kernel = _KERNELS[key] = cupy.RawKernel(source, name)
+    if not x.flags.c_contiguous:
+        x = cupy.ascontiguousarray(x)
+    out = cupy.empty(out_shape, out_dtype)
+    size = math.prod(x.shape)
+    if size:
+        blocks = min(-(-size // _THREADS), 1 << 16)
+        kernel((blocks,), (_THREADS,), (x, out, np.int64(size), *scalars))
+    return out
 
 
 def _free_all_pinned(device: int, pinned: dict[int, int]) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -61,6 +64,7 @@ class NumpyBackend:
     name = "numpy"
     device: int | None = None
     shares_host_memory = True
+    array_type = np.ndarray
 
     def enter_device(self) -> None:
         pass
@@ -117,6 +121,12 @@ class NumpyBackend:
 
     def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
         np.copyto(dst[:nbytes], src[:nbytes])
+
+    def transform_scope(
+        self, stream: Any, allocate: Callable[[int], tuple[Any, object]]
+    ) -> AbstractContextManager[None]:
+        # The copy is done when copy_to_device returns; NumPy allocates on its own.
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         pass

@@ -15,11 +15,13 @@ CUDA's do, and stay in ``stream_errors``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -245,6 +247,16 @@ class SimulatedBackend(NumpyBackend):
     def launch(self, stream: SimStream, kernel: Callable[[], None]) -> None:
         """Runs ``kernel`` on ``stream`` after the work issued before it (a test kernel)."""
         stream.issue(kernel)
+
+    def transform_scope(
+        self, stream: SimStream, allocate: Callable[[int], tuple[Any, object]]
+    ) -> AbstractContextManager[None]:
+        """A transform is host code here: it runs once the work queued on ``stream`` has.
+
+        (On a GPU its kernels queue on the stream instead; the host waits for nothing.)
+        """
+        self.synchronize_stream(stream)
+        return contextlib.nullcontext()
 
     def synchronize_stream(self, stream: SimStream) -> None:
         """Blocks until everything issued to ``stream`` so far has run."""

@@ -1,0 +1,387 @@
+"""Device-side batch transforms: ``transform=`` and the ready-made ``Normalize``.
+
+A transform runs in the copy looper on each batch right after its copy, on
+the copy stream, before the batch's "ready" event is recorded, so the
+consumer's one wait on "ready" covers the copy and the transform. It gets
+the batch as the backend's arrays (CuPy on a GPU, NumPy on the CPU), views
+of the batch's device arena, and returns the new batch; what it returns is
+converted to ``output`` afterwards. Who owns what it returns is
+``arenas.py``'s business: views of the input keep the input's arena, new
+device memory is freed in the stream order of its last user.
+
+``transform=`` takes a callable (the whole batch) or a mapping from field
+(a tuple index, a dict key, a named tuple's field name) to a callable, which
+leaves the other fields as they are. ``Normalize`` turns integer images into
+normalized floats with one fused kernel per array (``backends/cupy.py``
+launches it; this module only writes its source, so CuPy is imported by the
+backend alone), and computes the same numbers with NumPy on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import BatchError, add_note
+
+__all__ = ["BFloat16", "BatchTransform", "Normalize", "as_transform"]
+
+_DTYPES = ("float32", "float16", "bfloat16")
+_LAYOUTS = (None, "NHWC", "NCHW")
+# Integer dtypes a kernel reads, as C types.
+_C_TYPES = {
+    "uint8": "unsigned char",
+    "int8": "signed char",
+    "uint16": "unsigned short",
+    "int16": "short",
+    "uint32": "unsigned int",
+    "int32": "int",
+    "uint64": "unsigned long long",
+    "int64": "long long",
+}
+
+
+@dataclass(frozen=True)
+class BFloat16:
+    """A bfloat16 array carried as its 16-bit patterns (``bits``, int16), as CuPy and
+    NumPy have no bfloat16: delivery views it as ``torch.bfloat16`` or JAX's."""
+
+    bits: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.bits.shape)
+
+
+class BatchTransform:
+    """A checked ``transform=``: a callable, or callables for some fields of the batch.
+
+    Args:
+        transform: A callable taking and returning a batch, or a mapping from
+            field (int index, dict key, named-tuple field name) to a callable.
+
+    Raises:
+        TypeError: If ``transform`` is neither, or a field's value is not callable.
+    """
+
+    def __init__(self, transform: Any) -> None:
+        self.whole: Callable[[Any], Any] | None = None
+        self.fields: tuple[tuple[Any, Callable[[Any], Any]], ...] = ()
+        if isinstance(transform, Mapping):
+            if not transform:
+                raise TypeError("transform= is an empty mapping; pass None for no transform")
+            for key, function in transform.items():
+                if isinstance(key, bool) or not isinstance(key, (int, str)):
+                    raise TypeError(
+                        f"transform= maps field {key!r}; fields are int indices or str keys"
+                    )
+                if not callable(function):
+                    raise TypeError(
+                        f"transform= maps field [{key!r}] to {function!r}, which is not callable"
+                    )
+            self.fields = tuple(transform.items())
+        elif callable(transform):
+            self.whole = transform
+        else:
+            raise TypeError(
+                f"transform must be None, a callable or a mapping from field to callable, "
+                f"got {transform!r}"
+            )
+
+    def functions(self) -> list[Callable[[Any], Any]]:
+        return [self.whole] if self.whole is not None else [f for _, f in self.fields]
+
+    def check_output(self, output: str | None) -> None:
+        """Raises ``ValueError`` if a ``Normalize`` here makes bfloat16 and ``output`` has none."""
+        for function in self.functions():
+            bfloat16 = isinstance(function, Normalize) and function.dtype == "bfloat16"
+            if bfloat16 and output not in ("torch", "jax"):
+                raise ValueError(
+                    f"transform= has {function!r}, and bfloat16 needs output='torch' or "
+                    f"output='jax' (NumPy and CuPy have no bfloat16), got output={output!r}"
+                )
+
+    def __call__(self, batch: Any) -> Any:
+        if self.whole is not None:
+            return self.whole(batch)
+        return _apply_fields(batch, self.fields)
+
+    def __repr__(self) -> str:
+        if self.whole is not None:
+            return f"BatchTransform({self.whole!r})"
+        return f"BatchTransform({dict(self.fields)!r})"
+
+
+def as_transform(transform: Any) -> BatchTransform | None:
+    """The checked form of a ``transform=`` argument (None stays None)."""
+    if transform is None or isinstance(transform, BatchTransform):
+        return transform
+    return BatchTransform(transform)
+
+
+def _apply_fields(batch: Any, fields: tuple[tuple[Any, Callable[[Any], Any]], ...]) -> Any:
+    if isinstance(batch, dict):
+        result = dict(batch)
+        for key, function in fields:
+            if key not in batch:
+                raise BatchError(
+                    f"transform= maps field [{key!r}], but the batch is a dict with keys "
+                    f"{sorted(map(repr, batch))}"
+                )
+            result[key] = _call(function, batch[key], f"[{key!r}]")
+        return result
+    if isinstance(batch, (tuple, list)):
+        items = list(batch)
+        names = getattr(batch, "_fields", ())
+        for key, function in fields:
+            index = names.index(key) if isinstance(key, str) and key in names else key
+            if not isinstance(index, int) or not -len(items) <= index < len(items):
+                kind = type(batch).__name__
+                raise BatchError(
+                    f"transform= maps field [{key!r}], but the batch is a {kind} of "
+                    f"{len(items)} fields" + (f" ({', '.join(names)})" if names else "")
+                )
+            index %= len(items)
+            items[index] = _call(function, items[index], f"[{index}]")
+        if isinstance(batch, list):
+            return items
+        return type(batch)(*items) if names else tuple(items)
+    raise BatchError(
+        f"transform= maps fields, but the batch is one {type(batch).__name__}, with no "
+        "fields; pass the callable itself (transform=fn)"
+    )
+
+
+def _call(function: Callable[[Any], Any], value: Any, field: str) -> Any:
+    if isinstance(function, Normalize):
+        return function.apply(value, field)
+    try:
+        return function(value)
+    except Exception as error:
+        add_note(error, f"in transform= of field {field}")
+        raise
+
+
+def _dtype_name(dtype: Any) -> str:
+    name = str(dtype).removeprefix("torch.")
+    try:
+        return name if name == "bfloat16" else np.dtype(dtype).name
+    except TypeError:
+        return name
+
+
+class Normalize:
+    """uint8 (any integer) images to normalized floats on the device: ``(x - mean) / std``.
+
+    One fused kernel per array on a GPU (it reads the integers, subtracts,
+    divides, converts and, with ``layout="NCHW"``, transposes, writing
+    straight into the output); the same float32 arithmetic with NumPy on the
+    CPU. Use it for one field, ``transform={0: Normalize(...)}``, or as the
+    whole ``transform=`` when each batch is one array.
+
+    Args:
+        mean: Per channel (the last axis of the input), in the input's units
+            (0-255 for uint8: ImageNet's are ``(123.675, 116.28, 103.53)``);
+            a single number applies to every channel.
+        std: As ``mean``; no zero.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (with
+            ``output="torch"`` or ``"jax"`` only: NumPy and CuPy have none).
+        layout: ``None`` (or ``"NHWC"``) keeps channels last; ``"NCHW"`` moves
+            them before the image axes: (N, H, W, C) to (N, C, H, W), and
+            (H, W, C) to (C, H, W).
+
+    Computed in float32, ``(float(x) - mean) / std``, then rounded to
+    ``dtype`` (to nearest, ties to even) on every backend, so the GPU and the
+    CPU agree to the last bit in principle; the tests allow one unit in the
+    last place of ``dtype`` (float32 about 1e-7 relative, float16 1e-3,
+    bfloat16 8e-3).
+
+    Raises:
+        ValueError: If ``mean`` and ``std`` differ in length, are empty or
+            not finite, ``std`` has a zero, or ``dtype`` or ``layout`` is not
+            one of those above.
+    """
+
+    def __init__(
+        self, mean: Any, std: Any, *, dtype: Any = "float32", layout: str | None = None
+    ) -> None:
+        self.mean = _per_channel("mean", mean)
+        self.std = _per_channel("std", std)
+        # Single numbers for both: the same for every channel, however many there are.
+        self.every_channel = np.ndim(mean) == 0 and np.ndim(std) == 0
+        if len(self.mean) != len(self.std) and np.ndim(mean) != 0 and np.ndim(std) != 0:
+            raise ValueError(
+                f"Normalize: mean has {len(self.mean)} channels and std {len(self.std)}; "
+                "give one value per channel to both"
+            )
+        channels = max(len(self.mean), len(self.std))
+        self.mean = self.mean * channels if len(self.mean) == 1 else self.mean
+        self.std = self.std * channels if len(self.std) == 1 else self.std
+        if any(s == 0 for s in self.std):
+            raise ValueError(f"Normalize: std has a zero: {self.std}")
+        self.dtype = _dtype_name(dtype)
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"Normalize: dtype must be one of {_DTYPES}, got {dtype!r}")
+        if layout not in _LAYOUTS:
+            raise ValueError(f"Normalize: layout must be one of {_LAYOUTS}, got {layout!r}")
+        self.layout = layout
+
+    def __repr__(self) -> str:
+        return (
+            f"Normalize(mean={self.mean}, std={self.std}, dtype={self.dtype!r}, "
+            f"layout={self.layout!r})"
+        )
+
+    def __call__(self, batch: Any) -> Any:
+        """As the whole ``transform=``: the batch must be one array."""
+        if isinstance(batch, (tuple, list, dict)):
+            example = "0" if not isinstance(batch, dict) else repr(next(iter(batch), "image"))
+            raise BatchError(
+                f"Normalize as transform= takes a batch that is one array; this batch is a "
+                f"{type(batch).__name__} of {len(batch)} fields: name the field, as in "
+                f"transform={{{example}: Normalize(...)}}"
+            )
+        return self.apply(batch, "<batch>")
+
+    def apply(self, images: Any, field: str = "<batch>") -> Any:
+        """Normalizes one array; ``field`` names it in errors.
+
+        Raises:
+            BatchError: If ``images`` is not an integer array with the channels
+                last, or has a rank ``layout`` cannot take.
+        """
+        shape = self._check(images, field)
+        channels = shape[-1]
+        mean = self.mean * channels if self.every_channel else self.mean
+        std = self.std * channels if self.every_channel else self.std
+        nchw = self.layout == "NCHW"
+        out_shape = (*shape[:-3], shape[-1], *shape[-3:-1]) if nchw else shape
+        if isinstance(images, np.ndarray):
+            return self._on_host(images, out_shape, mean, std)
+        from .backends import cupy as cupy_backend  # only a device array reaches here
+
+        source, name = kernel_source(images.dtype.name, self.dtype, channels, nchw)
+        out_dtype = np.int16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
+        pixels = math.prod(shape[-3:-1]) if nchw else 1
+        scalars = [np.float32(v) for v in (*mean, *std)]
+        out = cupy_backend.launch_elementwise(
+            source, name, images, out_shape, out_dtype, [np.int64(pixels), *scalars]
+        )
+        return BFloat16(out) if self.dtype == "bfloat16" else out
+
+    def _check(self, images: Any, field: str) -> tuple[int, ...]:
+        channels = len(self.mean)
+        if not (hasattr(images, "dtype") and hasattr(images, "shape")) or isinstance(
+            images, BFloat16
+        ):
+            raise BatchError(
+                f"Normalize: field {field} is a {type(images).__name__}, expected an integer "
+                f"image array with {channels} channels last"
+            )
+        dtype = np.dtype(images.dtype)
+        if dtype.name not in _C_TYPES:
+            raise BatchError(
+                f"Normalize: field {field} has dtype {dtype}, expected integer pixels "
+                "(uint8, say): send the images as integers and let Normalize make the floats"
+            )
+        shape = tuple(int(n) for n in images.shape)
+        ranks = (3, 4) if self.layout == "NCHW" else None
+        if (ranks is not None and len(shape) not in ranks) or not shape:
+            wanted = "rank 3 (H, W, C) or 4 (N, H, W, C)" if ranks else "at least rank 1"
+            raise BatchError(
+                f"Normalize: field {field} has shape {shape}, expected {wanted} "
+                f"for layout={self.layout!r}"
+            )
+        if shape[-1] != channels and not self.every_channel:
+            raise BatchError(
+                f"Normalize: field {field} has {shape[-1]} channels (the last axis of shape "
+                f"{shape}), expected {channels} as mean and std have"
+            )
+        return shape
+
+    def _on_host(
+        self, images: np.ndarray, out_shape: tuple[int, ...], mean: list[float], std: list[float]
+    ) -> Any:
+        values = np.subtract(images, np.asarray(mean, np.float32), dtype=np.float32)
+        np.divide(values, np.asarray(std, np.float32), out=values)
+        if self.layout == "NCHW":
+            values = np.moveaxis(values, -1, -3)
+        if self.dtype == "bfloat16":
+            return BFloat16(bfloat16_bits(values))
+        out = np.empty(out_shape, np.dtype(self.dtype))
+        np.copyto(out, values, casting="same_kind")
+        return out
+
+
+def _per_channel(name: str, value: Any) -> list[float]:
+    try:
+        values = [float(v) for v in np.atleast_1d(np.asarray(value, dtype=np.float64))]
+    except (TypeError, ValueError):
+        raise ValueError(f"Normalize: {name} must be numbers, got {value!r}") from None
+    if not values or np.ndim(value) > 1:
+        raise ValueError(f"Normalize: {name} must be a number or a flat list, got {value!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"Normalize: {name} must be finite, got {value!r}")
+    return values
+
+
+def bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 values as bfloat16 bit patterns (int16), rounded to nearest, ties to even."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    quiet = (bits >> np.uint32(16)) | np.uint32(0x40)
+    patterns: np.ndarray = np.where(nan, quiet, rounded).astype(np.uint16).view(np.int16)
+    return patterns
+
+
+def kernel_source(in_dtype: str, out_dtype: str, channels: int, nchw: bool) -> tuple[str, str]:
+    """The CUDA source of the fused normalize kernel, and its name.
+
+    One thread per input element (grid-stride): read the integer, convert
+    to float, subtract the channel's mean, divide by its std (IEEE float32,
+    as NumPy), round to ``out_dtype``, and write it at its place in the
+    output (channels last, or moved before the image axes). mean and std are
+    ``channels`` float arguments each, so one compiled kernel serves every
+    ``Normalize`` with as many channels.
+    """
+    name = f"gpuqueue_normalize_{'nchw' if nchw else 'nhwc'}"
+    params = ", ".join(
+        [f"float m{c}" for c in range(channels)] + [f"float s{c}" for c in range(channels)]
+    )
+    means = ", ".join(f"m{c}" for c in range(channels))
+    stds = ", ".join(f"s{c}" for c in range(channels))
+    out_type = {"float32": "float", "float16": "__half", "bfloat16": "short"}[out_dtype]
+    if out_dtype == "float16":
+        store = "__float2half_rn(v)"
+    elif out_dtype == "bfloat16":
+        store = "to_bfloat16(v)"
+    else:
+        store = "v"
+    place = "long long p = i / C; o = ((p / hw) * C + c) * hw + p % hw;" if nchw else "(void)hw;"
+    source = f"""#include <cuda_fp16.h>
+#define C {channels}
+__device__ short to_bfloat16(float v) {{
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (short)((u >> 16) | 0x40u);
+    return (short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}}
+extern "C" __global__ void {name}(const {_C_TYPES[in_dtype]}* x, {out_type}* y,
+                                 long long n, long long hw, {params}) {{
+    const float mean[C] = {{{means}}};
+    const float std_[C] = {{{stds}}};
+    long long stride = (long long)blockDim.x * gridDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {{
+        int c = (int)(i % C);
+        float v = ((float)x[i] - mean[c]) / std_[c];
+        long long o = i;
+        {place}
+        y[o] = {store};
+    }}
+}}
+"""
+    return source, name
