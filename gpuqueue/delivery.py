@@ -29,8 +29,8 @@ from .errors import BatchError, BatchTimeoutError, CancelledError, OutOfRangeErr
 from .host import Item
 from .packing import unpack
 from .pipeline import DEFAULT_STOP_TIMEOUT, Run
-from .sources import Task
 from .staging import LeafMeta, TreeDef, as_source, flatten, map_arrays, rebuild
+from .tasks import Task
 from .transforms import BFloat16
 
 __all__ = ["WARN_AFTER_S", "batches", "keep"]

@@ -23,7 +23,8 @@ from .delivery import batches
 from .distributed import describe_shard
 from .errors import PipelineError
 from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, INTERRUPT_GRACE, Run
-from .sources import GeneratorTasks, ReadingOrder, SequenceTasks, Task
+from .sources import ReadingOrder
+from .tasks import GeneratorTasks, SequenceTasks, Task
 
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]
 
@@ -282,7 +283,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
     def _make_tasks(self) -> SequenceTasks:
         order = self._order
         logger.info(describe_shard(self._name, order.shard, len(self.sequence), order.drop_last))
-        return order.tasks(self.sequence)
+        return SequenceTasks.resuming(order, self.sequence)
 
     def _received(self, task: Task) -> None:
         self._order.received(task)

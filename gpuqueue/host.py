@@ -31,8 +31,8 @@ from .errors import CancelledError, note_thread
 from .looper import PinnedPool
 from .packing import Staged, device_ready, layout
 from .plan import Plan
-from .sources import GeneratorTasks, SequenceTasks, Task
 from .staging import BatchSpec, LeafMeta, TreeDef, describe
+from .tasks import GeneratorTasks, SequenceTasks, Task
 
 __all__ = ["Counters", "Described", "HostStage", "Item", "Sequencer"]
 

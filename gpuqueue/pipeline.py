@@ -43,7 +43,7 @@ from .errors import PipelineError
 from .host import Counters, HostStage, Item
 from .looper import CopyLooper, PinnedPool
 from .runner import QueueRunner
-from .sources import GeneratorTasks, SequenceTasks, overrides_on_epoch_end
+from .tasks import GeneratorTasks, SequenceTasks, overrides_on_epoch_end
 
 __all__ = ["DEFAULT_STOP_TIMEOUT", "EMPTY_STATS", "INTERRUPT_GRACE", "Run"]
 

@@ -1,0 +1,303 @@
+"""Work for the workers: one task at a time (or a bundle), in stream order.
+
+``SequenceTasks`` hands out the indices of a Sequence's epochs in the order
+``sources.epoch_order`` draws, with ``on_epoch_end`` between epochs;
+``GeneratorTasks`` reads a generator's items one at a time. Each ``Task``
+knows where it sits in the stream, for ordering and for messages.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import CancelledError, OutOfRangeError, PipelineError, add_note
+from .sources import Sequence, epoch_order
+
+if TYPE_CHECKING:
+    from .sources import ReadingOrder
+
+__all__ = ["GeneratorTasks", "SequenceTasks", "Task", "overrides_on_epoch_end"]
+
+
+@dataclass
+class Task:
+    """One unit of work a worker claimed: where it sits in the stream, what to read."""
+
+    seq_no: int
+    epoch: int
+    position: int
+    index: int | None = None  # the Sequence index; None for a generator's item
+    batch: Any = None  # a generator's item, read while claiming
+    failure: BaseException | None = None  # an error that belongs at this point
+    boundary: bool = False  # the end of epoch ``epoch - 1`` (on_epoch_end), not a read
+
+    def where(self) -> str:
+        if self.boundary:
+            return f"the end of epoch {self.epoch - 1} (on_epoch_end)"
+        if self.index is None:
+            return f"generator item {self.position}"
+        return f"batch index {self.index} (epoch {self.epoch}, position {self.position})"
+
+
+def overrides_on_epoch_end(sequence: Any) -> bool:
+    """True if ``sequence`` has an ``on_epoch_end`` of its own (not the no-op base)."""
+    method = getattr(type(sequence), "on_epoch_end", None)
+    return method is not None and method is not Sequence.on_epoch_end
+
+
+class _TaskSource:
+    """Hands out tasks in stream order; subclasses decide what a task reads."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._seq_no = 0
+        self._ended = False
+
+    def close(self) -> None:
+        """Ends the stream: every later or blocked ``claim`` raises ``OutOfRangeError``."""
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def claim(self) -> Task:
+        raise NotImplementedError
+
+    def read(self, task: Task) -> Any:
+        raise NotImplementedError
+
+    def claim_several(self, most: int) -> list[Task]:
+        """Up to ``most`` tasks in a row, under one ``seq_no``: they travel as one queue item."""
+        return [self.claim()]
+
+    def done_reading(self, reads: int, batches: int) -> None:
+        """Called once ``reads`` claimed tasks have finished reading, whatever their outcome.
+
+        ``batches`` of them gave a batch or an error (the others gave None, or
+        were never read because an error came before them).
+        """
+
+    def _next_seq_no(self) -> int:
+        seq_no = self._seq_no
+        self._seq_no += 1
+        return seq_no
+
+
+class SequenceTasks(_TaskSource):
+    """Indices of a Sequence, epoch after epoch, with ``on_epoch_end`` between.
+
+    ``on_epoch_end`` runs in the worker that finds the epoch exhausted once
+    every read of the epoch has finished; the other workers wait for it, so no
+    read of the next epoch starts before it returns.
+    """
+
+    def __init__(
+        self,
+        sequence: Any,
+        *,
+        shuffle: bool,
+        seed: int,
+        shard: tuple[int, int],
+        drop_last: bool = False,
+        epoch: int = 0,
+        position: int = 0,
+        epochs: int | None = None,
+    ) -> None:
+        super().__init__()
+        self._epochs = epochs
+        self._sequence = sequence
+        self._shuffle = shuffle
+        self._seed = seed
+        self._shard = shard
+        self._drop_last = drop_last
+        self._epoch = epoch
+        self._position = position
+        self._order = self._make_order(epoch)
+        self._reads_in_flight = 0
+        self._boundary_waiters = 0  # workers waiting for the epoch's last read
+        self._epoch_end_running = False
+        # Reads this epoch that gave a batch (or an error), not None; judged only
+        # for an epoch read from its start (a resumed one may rightly have none left).
+        self._batches_in_epoch = 0
+        self._whole_epoch = position == 0
+        # Called after on_epoch_end(), before the next epoch's first read.
+        self.epoch_ended: Callable[[], None] | None = None
+
+    @classmethod
+    def resuming(cls, order: ReadingOrder, sequence: Any) -> SequenceTasks:
+        """The tasks of a run that starts at ``order``'s next batch to deliver."""
+        return cls(
+            sequence,
+            shuffle=order.shuffle,
+            seed=order.seed,
+            shard=order.shard.pair,
+            drop_last=order.drop_last,
+            epoch=order.epoch,
+            position=order.position,
+            epochs=order.epochs,
+        )
+
+    def _make_order(self, epoch: int) -> np.ndarray:
+        length = len(self._sequence)
+        if length <= 0:
+            raise PipelineError(f"the Sequence is empty (len() returned {length}) at epoch {epoch}")
+        try:
+            return epoch_order(
+                length,
+                epoch,
+                shuffle=self._shuffle,
+                seed=self._seed,
+                shard=self._shard,
+                drop_last=self._drop_last,
+            )
+        except PipelineError as error:
+            add_note(error, f"at epoch {epoch}")  # len() may change between epochs
+            raise
+
+    def claim(self) -> Task:
+        with self._cond:
+            while True:
+                if self._ended:
+                    raise OutOfRangeError("the stream has ended")
+                if self._position < len(self._order):
+                    task = Task(
+                        self._next_seq_no(),
+                        self._epoch,
+                        self._position,
+                        index=int(self._order[self._position]),
+                    )
+                    self._position += 1
+                    self._reads_in_flight += 1
+                    return task
+                if self._reads_in_flight == 0 and not self._epoch_end_running:
+                    self._epoch_end_running = True
+                    break
+                self._boundary_waiters += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._boundary_waiters -= 1
+        # The epoch's last read has finished and nobody else may start one.
+        failure: BaseException | None = None
+        order = self._order
+        if self._whole_epoch and self._batches_in_epoch == 0:
+            # Else the next epoch would be as empty, and the next: workers would spin
+            # and the consumer wait for ever.
+            failure = PipelineError(
+                f"epoch {self._epoch} gave no batch: the Sequence returned None for "
+                f"every one of its {len(self._order)} items"
+            )
+        else:
+            try:
+                # Optional, as for any map-style dataset: called when present.
+                on_epoch_end = getattr(self._sequence, "on_epoch_end", None)
+                if on_epoch_end is not None:
+                    on_epoch_end()
+                last = self._epochs is not None and self._epoch + 1 >= self._epochs
+                order = self._order if last else self._make_order(self._epoch + 1)
+                if self.epoch_ended is not None:
+                    self.epoch_ended()
+            except BaseException as error:
+                add_note(error, f"raised by on_epoch_end() after epoch {self._epoch}")
+                failure = error
+        with self._cond:
+            self._epoch_end_running = False
+            self._epoch += 1
+            self._position = 0
+            self._batches_in_epoch = 0
+            self._whole_epoch = True
+            self._cond.notify_all()
+            if self._epochs is not None and self._epoch >= self._epochs and failure is None:
+                self._ended = True
+                raise OutOfRangeError(f"all {self._epochs} epochs were read")
+            if failure is not None:
+                self._ended = True
+                return Task(self._next_seq_no(), self._epoch, 0, failure=failure, boundary=True)
+            self._order = order
+        return self.claim()
+
+    def claim_several(self, most: int) -> list[Task]:
+        """Up to ``most`` tasks of this epoch (the end of an epoch is claimed alone)."""
+        if most > 1:
+            with self._cond:
+                start, left = self._position, len(self._order) - self._position
+                if not self._ended and left > 1:
+                    count = min(most, left)
+                    seq_no, epoch = self._next_seq_no(), self._epoch
+                    indices = self._order[start : start + count].tolist()
+                    self._position += count
+                    self._reads_in_flight += count
+                    return [
+                        Task(seq_no, epoch, start + offset, index=index)
+                        for offset, index in enumerate(indices)
+                    ]
+        return [self.claim()]
+
+    def read(self, task: Task) -> Any:
+        return self._sequence[task.index]
+
+    def done_reading(self, reads: int, batches: int) -> None:
+        with self._cond:
+            self._reads_in_flight -= reads
+            self._batches_in_epoch += batches
+            if self._reads_in_flight == 0 and self._boundary_waiters:
+                self._cond.notify_all()
+
+
+class GeneratorTasks(_TaskSource):
+    """Items of an iterator, read one at a time.
+
+    The iterator need not be thread-safe: a read lock lets one worker call
+    it at a time. The state lock is never held while user code runs, so
+    ``close()`` (from ``stop()``) never waits for a generator stuck in
+    ``next()``. Once the iterator raised, or ended, it is never called again,
+    even if it would yield more.
+
+    Args:
+        iterable: What to read; ``None`` when ``fetch`` is set later.
+        fetch: Replaces ``next(iterator)``: called with the item's position,
+            it returns the item, or raises ``StopIteration`` or
+            ``OutOfRangeError`` at the end (a worker process reading the
+            generator uses this).
+    """
+
+    def __init__(
+        self, iterable: Iterable[Any] | None, fetch: Callable[[int], Any] | None = None
+    ) -> None:
+        super().__init__()
+        self._read_lock = threading.Lock()
+        if fetch is None:
+            assert iterable is not None
+            iterator = iter(iterable)
+
+            def fetch(position: int) -> Any:
+                return next(iterator)
+
+        self.fetch = fetch
+
+    def claim(self) -> Task:
+        with self._read_lock:  # one reader at a time; held while user code runs
+            with self._cond:
+                if self._ended:
+                    raise OutOfRangeError("the generator is exhausted")
+                position = self._seq_no  # taken only once an item (or an error) exists
+            try:
+                batch = self.fetch(position)
+            except (StopIteration, OutOfRangeError):
+                self.close()
+                raise OutOfRangeError("the generator is exhausted") from None
+            except CancelledError:
+                raise
+            except BaseException as error:
+                with self._cond:
+                    self._ended = True
+                    return Task(self._next_seq_no(), 0, position, failure=error)
+            with self._cond:
+                return Task(self._next_seq_no(), 0, position, batch=batch)
+
+    def read(self, task: Task) -> Any:
+        return task.batch
