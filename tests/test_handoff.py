@@ -202,3 +202,45 @@ def test_numpy_copies_out_of_shared_memory(running: list[Any]) -> None:
     held = list(islice(enqueuer.get(), 12))
     assert [label(batch) for batch in held] == list(range(6)) * 2
     assert backend.copies >= 12  # (and the copy stage may be ahead)
+
+
+class KerasStyle(gpuqueue.Sequence):
+    """As a Keras Sequence often is: list labels and None sample weights (host leaves)."""
+
+    def __len__(self) -> int:
+        return 30
+
+    def __getitem__(self, index: int) -> Any:
+        return np.full((2, 2), index, np.float32), [index, index], None
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_list_labels_and_none_weights_keep_their_place_in_bundles(
+    running: list[Any], device: str | None
+) -> None:
+    enqueuer = start(running, OrderedEnqueuer(KerasStyle(), device=device, shard=None))
+    got = list(islice(enqueuer.get(), 90))
+    for position, (x, y, weights) in enumerate(got):
+        index = position % 30
+        assert np.all(x == index) and weights is None
+        assert list(y) == [index, index] if device is None else np.array_equal(y, [index, index])
+
+
+def test_torch_tensors_take_the_plan_and_come_back_as_tensors(
+    running: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = pytest.importorskip("torch")
+    import gpuqueue.host as host
+    from tests.user_sources import TorchImages
+
+    walks = []
+    real = host.describe
+    monkeypatch.setattr(host, "describe", lambda batch: walks.append(1) or real(batch))
+    with gpuqueue.prefetch(
+        TorchImages(length=7), device="cpu", prefetch_depth="auto", output="torch", shard=None
+    ) as batches:
+        held = list(islice(batches, 21))
+    assert len(walks) == 1
+    for position, (images, labels) in enumerate(held):
+        assert isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+        assert bool((images == position % 7).all()) and bool((labels == position % 7).all())
