@@ -190,10 +190,17 @@ def _image_case(name: str, p: dict[str, Any]) -> Figures:
     elif name == "prefetch_auto":
         import warnings
 
+        from gpuqueue.backends import resolve
+
         with warnings.catch_warnings():  # the "no GPU here, NumPy it is" warning
             warnings.simplefilter("ignore")
+            backend = resolve("auto")
+            backend.close()
+            # The CPU path is the goal: where "auto" would find a GPU, ask for the CPU.
+            device = "cpu" if backend.name == "cupy" else "auto"
+            figures["device"] = device
             with gpuqueue.prefetch(
-                seq, device="auto", workers=workers, max_queue_size=p["max_queue_size"], shard=None
+                seq, device=device, workers=workers, max_queue_size=p["max_queue_size"], shard=None
             ) as batches:
                 seconds = per_batch(iter(batches), n)
     else:
@@ -206,7 +213,7 @@ IMAGE_CASES = {
     "processes": "gpuqueue processes (device=None)",
     "dataloader0": "DataLoader num_workers=0",
     "dataloader2": "DataLoader num_workers=2",
-    "prefetch_auto": 'prefetch(device="auto") on CPU',
+    "prefetch_auto": 'prefetch(device="auto") on CPU',  # device="cpu" where there is a GPU
 }
 
 
