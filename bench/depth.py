@@ -295,6 +295,12 @@ def summarize_size(
     }
     best = recommend(fixed)
     chosen = next(r for r in rows if r["kind"] == "gpuqueue" and r["depth"] == best)
+    # A variant (an automatic depth, say) against the fastest fixed depth, round by round.
+    fastest = results[f"{size}/gpuqueue depth {max(fixed, key=fixed.__getitem__)}"]
+    for case, variant in zip(cases, rows_by_case(cases, rows), strict=True):
+        is_variant = variant and variant["kind"] == "gpuqueue" and variant["depth"] is None
+        if variant and is_variant and case.skip is None:
+            variant["vs_fastest_depth"] = ratio(results[case.key], fastest, "batches_per_s")
     flat = results[f"{size}/flat out"]
     return {
         "size_bytes": nbytes,
@@ -317,6 +323,12 @@ def summarize_size(
             "workers": ctx.args.workers,
         },
     }
+
+
+def rows_by_case(cases: list[Case], rows: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """Each case's row (None for the floor and flat-out cases, which have none)."""
+    found = iter(rows)
+    return [next(found) if c.tags.get("kind") in ("gpuqueue", "baseline") else None for c in cases]
 
 
 class Section(Protocol):

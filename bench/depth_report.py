@@ -132,8 +132,15 @@ def print_report(report: dict[str, Any]) -> None:
             f"{spread(rec['vs_one_ahead'])}x the one-ahead loop, "
             f"{rec['device_bytes_peak'] / MiB:.1f} MiB device, "
             f"{rec['pinned_bytes'] / MiB:.1f} MiB pinned); flat out (no step, depth 2) "
-            f"{spread(t['ratio'], '{:.0%}', 1)} of the raw copy loop"
+            f"{spread(t['ratio'], '{:.0%}', 1)} of "
+            + ("the raw pinned copy loop" if on_device(report) else "a memcpy loop into one buffer")
         )
+        for row in size["rows"]:
+            if "vs_fastest_depth" in row:
+                print(
+                    f"  {row['row']}: {spread(row['vs_fastest_depth'])}x the fastest fixed depth's "
+                    f"batches/s, {row['device_bytes_peak'] / MiB:.1f} MiB device"
+                )
     tolerance = config["tolerance"]
     print(
         f"\nrecommended depth: {report['recommended_depth']} (the smallest whose throughput is "

@@ -125,6 +125,38 @@ def test_loaders_smoke_run_computes_every_goal(tmp_path: Path) -> None:
     assert all(r["shared_memory_bytes"] > 0 and r["rss_peak_bytes"] > 0 for r in processes)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:gpuqueue. device='auto' found no usable GPU:UserWarning")
+def test_variants_and_sections_are_registry_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lead's later rows (an automatic depth) and sections (Normalize) need no special case."""
+    from bench import depth
+
+    class Doubling:
+        name = "doubling"
+
+        def cases(self, ctx: Any) -> list[Case]:
+            return [Case("doubling/x", lambda: {"x": 2.0})]
+
+        def summarize(self, ctx: Any, results: dict[str, Any]) -> dict[str, Any]:
+            return {"rounds": len(results["doubling/x"])}
+
+        def render(self, summary: dict[str, Any]) -> list[str]:
+            return [f"doubling ran {summary['rounds']} rounds"]
+
+    monkeypatch.setattr(depth, "BASELINES", depth.BASELINES[:1])  # the one-ahead loop only
+    monkeypatch.setattr(depth, "GPUQUEUE_VARIANTS", [("default depth", {})])
+    monkeypatch.setattr(depth, "SECTIONS", [Doubling()])
+    report = depth.main(["--smoke", "--no-plot", "--out", str(tmp_path)])
+    rows = {row["row"]: row for row in report["sizes"][0]["rows"]}
+    variant = rows["gpuqueue default depth"]
+    assert variant["depth"] is None and len(variant["vs_fastest_depth"]["rounds"]) == 2
+    assert report["sections"] == {"doubling": {"rounds": 2}}
+    out = capsys.readouterr().out
+    assert "gpuqueue default depth: " in out and "doubling ran 2 rounds" in out
+
+
 def test_recommend_takes_the_smallest_depth_within_two_percent_of_the_best() -> None:
     assert recommend({0: 100.0, 1: 150.0, 2: 196.0, 3: 200.0, 4: 199.0}) == 2
     assert recommend({0: 100.0, 1: 150.0, 2: 195.9, 3: 200.0, 4: 199.0}) == 3
