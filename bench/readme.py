@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.depth_report import human
-from bench.rounds import spread
+from bench.rounds import spread, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "cpu-2core"
@@ -36,8 +36,8 @@ def _machine(report: dict[str, Any]) -> str:
     machine = report["machine"]
     packages = ", ".join(f"{k} {v}" for k, v in sorted(machine.get("packages", {}).items()))
     gpu = machine.get("gpu", {}).get("name")
-    where = gpu or f"no GPU (NumPy fallback), {machine['cpu_count']} CPUs"
-    return f"Measured on {where}, {machine['platform']}, Python {machine['python']}; {packages}."
+    where = f"on {gpu}" if gpu else f"without a GPU (NumPy fallback), {machine['cpu_count']} CPUs"
+    return f"Measured {where}, {machine['platform']}, Python {machine['python']}; {packages}."
 
 
 def _shown(path: Path) -> str:
@@ -88,7 +88,7 @@ def depth_block(results: Path) -> str:
         "",
         f"Recommended depth (in bold): **{report['recommended_depth']}**, the smallest within "
         f"{config['tolerance']:.0%} of the best throughput at every size. "
-        f"{goal['goal'][0].upper() + goal['goal'][1:]}: **{'met' if goal['met'] else 'not met'}**.",
+        f"Goal: {goal['goal']}: **{'met' if goal['met'] else 'not met'}**.",
     ]
     return "\n".join(lines)
 
@@ -115,6 +115,26 @@ def loaders_block(results: Path) -> str:
         unit = f" {g['unit']}" if g["unit"] else ""
         verdict = {True: "met", False: "**not met**", None: ""}[g["met"]]
         lines.append(f"| {g['goal']} | {spread(g['measured'])}{unit} | {g['target']} | {verdict} |")
+    lines += [
+        "",
+        "| image batches, each case in a fresh process | ms per batch | peak RSS, MB "
+        "| process tree's PSS at its peak, MB | PSS added by the loader, MB |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for key, case in report["cases"].items():
+        runs = report["rounds"][key]
+        if not key.startswith("image/") or not runs:
+            continue
+
+        def cell(name: str, scale: float, fmt: str, runs: list[dict[str, Any]] = runs) -> str:
+            return spread(summary([r[name] * scale for r in runs]), fmt)
+
+        lines.append(
+            f"| {case['label'].removeprefix('images: ')} | {cell('s_per_batch', 1e3, '{:.2f}')} "
+            f"| {cell('rss_peak_bytes', 1e-6, '{:.0f}')} "
+            f"| {cell('tree_pss_peak_bytes', 1e-6, '{:.0f}')} "
+            f"| {cell('tree_pss_added_bytes', 1e-6, '{:.0f}')} |"
+        )
     return "\n".join(lines)
 
 

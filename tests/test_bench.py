@@ -120,6 +120,8 @@ def test_loaders_smoke_run_computes_every_goal(tmp_path: Path) -> None:
             assert len(goal["measured"]["rounds"]) == 2, goal["goal"]
             assert goal["met"] in (True, False, None)
             assert (goal["met"] is None) == goal["target"].startswith("none")
+    block = readme.loaders_block(tmp_path)  # the README's tables, from this JSON
+    assert all(goal in block for goal in goals) and "| DataLoader num_workers=2 |" in block
     processes = report["rounds"]["image/processes"]
     assert all(r["tree_pss_peak_bytes"] >= r["tree_pss_base_bytes"] > 0 for r in processes)
     assert all(r["shared_memory_bytes"] > 0 and r["rss_peak_bytes"] > 0 for r in processes)
