@@ -307,6 +307,9 @@ def summarize_size(
         "rows": rows,
         "step_alone_s": figure(floor, "step_time_s"),
         "recommended_depth": best,
+        # How far the fastest depth's rounds spread around their median: above the
+        # tolerance, the ranking of depths within it is noise.
+        "fastest_depth_spread": _spread_of(fastest, "batches_per_s"),
         "recommended": {
             "depth": best,
             "batches_per_s": chosen["batches_per_s"],
@@ -323,6 +326,11 @@ def summarize_size(
             "workers": ctx.args.workers,
         },
     }
+
+
+def _spread_of(runs: list[Figures], name: str) -> float:
+    stat = figure(runs, name)
+    return float((stat["max"] - stat["min"]) / stat["median"]) if stat["median"] else 0.0
 
 
 def rows_by_case(cases: list[Case], rows: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
@@ -355,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--depths", default="0,1,2,3,4,8", help="prefetch depths to sweep")
     parser.add_argument("--step-ms", type=float, default=5.0, help="synthetic step duration")
     parser.add_argument("--host-work-ms", type=float, default=0.0, help="host work per batch")
-    parser.add_argument("--batches", type=int, default=30, help="measured batches per run")
+    parser.add_argument("--batches", type=int, default=25, help="measured batches per run")
     parser.add_argument("--warmup", type=int, default=4, help="unmeasured batches per run")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (at least 5)")
     parser.add_argument("--workers", type=int, default=None, help="worker threads")

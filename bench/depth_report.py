@@ -146,6 +146,14 @@ def print_report(report: dict[str, Any]) -> None:
         f"\nrecommended depth: {report['recommended_depth']} (the smallest whose throughput is "
         f"within {tolerance:.0%} of the best depth's at every size)"
     )
+    noisy = [s for s in report["sizes"] if s["fastest_depth_spread"] > tolerance]
+    if noisy:
+        worst = max(s["fastest_depth_spread"] for s in noisy)
+        print(
+            f"noise: the fastest depth's rounds spread up to {worst:.0%} of its median "
+            f"(min to max), more than the {tolerance:.0%} tolerance, so depths within "
+            "that spread are not told apart; run on a quiet machine, or with more --rounds"
+        )
     goal = report["goal_vs_one_ahead"]
     print(f"goal: {goal['goal']}: {'met' if goal['met'] else 'NOT met'}")
 

@@ -90,6 +90,12 @@ def depth_block(results: Path) -> str:
         f"{config['tolerance']:.0%} of the best throughput at every size. "
         f"Goal: {goal['goal']}: **{'met' if goal['met'] else 'not met'}**.",
     ]
+    worst = max(s["fastest_depth_spread"] for s in report["sizes"])
+    if worst > config["tolerance"]:
+        lines[-1] += (
+            f" The fastest depth's rounds spread {worst:.0%} (min to max) here, more than the "
+            f"{config['tolerance']:.0%} tolerance: depths within that spread are not told apart."
+        )
     return "\n".join(lines)
 
 
