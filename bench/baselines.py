@@ -1,42 +1,60 @@
-"""What gpuqueue is measured against, in the same run, on the same batches and step.
+"""What gpuqueue is measured against, on the same batches and step, in the same rounds.
 
-Each function returns seconds per step (or GB/s for the raw copies). On the
-NumPy fallback "device" memory is host memory, and a copy is ``np.copyto``.
+Each baseline is a *feed*: a generator of batches ready for the step, which
+cleans up after itself when closed. ``timed`` runs the one training loop
+every row shares over any feed. On a GPU each feed moves its batches to the
+device as its users would; on the NumPy fallback there is no device, and a
+feed hands over what its users would use on that machine: the one-ahead
+loop copies each batch into a fresh array (its "device" copy, as gpuqueue's
+NumPy backend does), while ``DataLoader`` and ``tf_keras`` hand over the
+batch as it was read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-Timed = tuple[float, int]  # seconds per step, steps measured
+Feed = Iterator[Any]
 
 
-def _loop(batches: Iterator[Any], step: Any, n: int, warmup: int) -> float:
-    """Seconds per step over ``n`` steps, after ``warmup`` steps, synchronised at both ends."""
-    for _ in range(warmup):
-        step(next(batches))
-    step.synchronize()
-    began = time.perf_counter()
-    for _ in range(n):
-        step(next(batches))
-    step.synchronize()
-    return (time.perf_counter() - began) / n
+def timed(feed: Feed, step: Any, n: int, warmup: int) -> dict[str, float]:
+    """Seconds per step over ``n`` steps after ``warmup``, synchronised at both ends.
+
+    The feed is closed afterwards (its workers stop), also on error.
+    """
+    try:
+        for _ in range(warmup):
+            step(next(feed))
+        step.synchronize()
+        began = time.perf_counter()
+        for _ in range(n):
+            step(next(feed))
+        step.synchronize()
+        elapsed = time.perf_counter() - began
+    finally:
+        close = getattr(feed, "close", None)
+        if close is not None:
+            close()
+    return {"step_time_s": elapsed / n, "batches_per_s": n / elapsed}
 
 
-def _cycle(seq: Any) -> Iterator[Any]:
+def cycle(seq: Any) -> Iterator[Any]:
+    """The Sequence's batches in index order, epoch after epoch."""
     while True:
         for index in range(len(seq)):
             yield seq[index]
 
 
-def raw_copy_gbps(backend: str, nbytes: int, n: int, pinned: bool = True) -> float:
-    """Back-to-back host-to-device copies of one buffer: the ceiling (pinned) or pageable."""
+def raw_copy_gbps(backend: str, nbytes: int, n: int) -> float:
+    """Back-to-back copies of one buffer from pinned memory: the ceiling of any loader."""
     if backend != "cupy":
         host = np.ones(nbytes, np.uint8)
         device = np.empty(nbytes, np.uint8)
@@ -48,89 +66,65 @@ def raw_copy_gbps(backend: str, nbytes: int, n: int, pinned: bool = True) -> flo
     import cupy
     import cupyx
 
-    host = cupyx.empty_pinned(nbytes, np.uint8) if pinned else np.empty(nbytes, np.uint8)
+    host = cupyx.empty_pinned(nbytes, np.uint8)
     host[:] = 1
     device = cupy.empty(nbytes, cupy.uint8)
     stream = cupy.cuda.Stream(non_blocking=True)
-    pointer = host.ctypes.data
     copy = cupy.cuda.runtime.memcpyAsync
-    copy(device.data.ptr, pointer, nbytes, 1, stream.ptr)
+    copy(device.data.ptr, host.ctypes.data, nbytes, 1, stream.ptr)
     stream.synchronize()
     began = time.perf_counter()
     for _ in range(n):
-        copy(device.data.ptr, pointer, nbytes, 1, stream.ptr)
+        copy(device.data.ptr, host.ctypes.data, nbytes, 1, stream.ptr)
     stream.synchronize()
     return nbytes * n / (time.perf_counter() - began) / 1e9
 
 
-def resident(backend: str, nbytes: int, step: Any, n: int, warmup: int) -> float:
-    """Step time with the data already on the device: the loop's lower bound."""
+def resident(backend: str, nbytes: int) -> Feed:
+    """One batch already on the device, again and again: the step alone, the loop's floor."""
     if backend == "cupy":
         import cupy
 
         batch = cupy.ones(nbytes, cupy.uint8)
     else:
         batch = np.ones(nbytes, np.uint8)
-
-    def same() -> Iterator[Any]:
-        while True:
-            yield batch
-
-    return _loop(same(), step, n, warmup)
+    while True:
+        yield batch
 
 
-def synchronous(backend: str, seq: Any, step: Any, n: int, warmup: int) -> float:
-    """No prefetch: copy each batch (from pageable memory) in the loop, then step."""
-    if backend == "cupy":
-        import cupy
-
-        to_device = cupy.asarray
-    else:
-
-        def to_device(array: np.ndarray) -> np.ndarray:
-            return np.array(array, copy=True)
-
-    def batches() -> Iterator[Any]:
-        for host in _cycle(seq):
-            yield to_device(host)
-
-    return _loop(batches(), step, n, warmup)
-
-
-def one_ahead(backend: str, seq: Any, step: Any, n: int, warmup: int) -> float:
+def one_ahead(backend: str, seq: Any) -> Feed:
     """The prefetcher many scripts write by hand: the next batch copies while this one steps.
 
-    On a GPU: two pinned and two device buffers, a side stream, an event per
-    buffer. On the NumPy fallback: a helper thread copying one batch ahead.
+    On a GPU: two pinned and two device buffers used in turn, a side stream,
+    an event per buffer; each batch is valid only until the next one (the
+    loop overwrites its buffer), which is what makes it cheap. On the NumPy
+    fallback: a helper thread copying one batch ahead into a fresh array.
     """
-    if backend != "cupy":
-        ahead: queue.Queue[np.ndarray] = queue.Queue(maxsize=1)
-        stop = threading.Event()
+    if backend == "cupy":
+        yield from _one_ahead_cuda(seq)
+        return
+    ahead: queue.Queue[np.ndarray] = queue.Queue(maxsize=1)
+    stop = threading.Event()
 
-        def fill() -> None:
-            for host in _cycle(seq):
-                while not stop.is_set():
-                    try:
-                        ahead.put(np.array(host, copy=True), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
+    def fill() -> None:
+        for host in cycle(seq):
+            ahead.put(np.array(host, copy=True))  # waits while one batch is ahead
+            if stop.is_set():
+                return
 
-        helper = threading.Thread(target=fill, name="bench-one-ahead", daemon=True)
-        helper.start()
+    helper = threading.Thread(target=fill, name="bench-one-ahead", daemon=True)
+    helper.start()
+    try:
+        while True:
+            yield ahead.get()
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):  # make room: a helper in put() wakes and ends
+            ahead.get_nowait()
+        helper.join()
 
-        def taken() -> Iterator[Any]:
-            while True:
-                yield ahead.get()
 
-        try:
-            return _loop(taken(), step, n, warmup)
-        finally:
-            stop.set()
-            helper.join(5)
-
+def _one_ahead_cuda(seq: Any) -> Feed:
     import cupy
     import cupyx
 
@@ -139,7 +133,7 @@ def one_ahead(backend: str, seq: Any, step: Any, n: int, warmup: int) -> float:
     device = [cupy.empty(nbytes, cupy.uint8) for _ in range(2)]
     ready = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
     side = cupy.cuda.Stream(non_blocking=True)
-    source = _cycle(seq)
+    source = cycle(seq)
 
     def load(slot: int) -> None:
         ready[slot].synchronize()  # the previous copy out of this pinned buffer is done
@@ -149,69 +143,75 @@ def one_ahead(backend: str, seq: Any, step: Any, n: int, warmup: int) -> float:
         )
         ready[slot].record(side)
 
-    def batches() -> Iterator[Any]:
-        load(0)
-        i = 0
-        while True:
-            slot = i % 2
-            cupy.cuda.get_current_stream().wait_event(ready[slot])
-            # the previous step read the other buffer; make the side stream wait for it
-            side.wait_event(cupy.cuda.get_current_stream().record())
-            load(1 - slot)
-            yield device[slot]
-            i += 1
-
-    return _loop(batches(), step, n, warmup)
+    load(0)
+    i = 0
+    while True:
+        slot = i % 2
+        cupy.cuda.get_current_stream().wait_event(ready[slot])
+        # the previous step read the other buffer; the side stream waits for it
+        side.wait_event(cupy.cuda.get_current_stream().record())
+        load(1 - slot)
+        yield device[slot]
+        i += 1
 
 
-def torch_dataloader(seq: Any, step: Any, workers: int, n: int, warmup: int) -> float:
-    """``DataLoader(pin_memory=True)`` with ``.cuda(non_blocking=True)`` (GPU only)."""
-    import cupy
+def torch_dataloader(backend: str, seq: Any, num_workers: int) -> Feed:
+    """``DataLoader(batch_size=None, num_workers=...)`` over the Sequence.
+
+    On a GPU with ``pin_memory=True`` and ``.cuda(non_blocking=True)``, as its
+    docs advise; on the NumPy fallback the tensors as NumPy arrays (no copy).
+    """
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    class Wrapped(Dataset[Any]):  # type: ignore[misc, unused-ignore]  # Any without torch stubs
+    class Batches(Dataset[Any]):  # type: ignore[misc, unused-ignore]  # Any without torch stubs
         def __len__(self) -> int:
             return len(seq)
 
         def __getitem__(self, index: int) -> Any:
             return torch.from_numpy(seq[index])
 
-    gpu = cupy.cuda.Device().id  # the GPU the benchmark made current
+    on_gpu = backend == "cupy"
     loader = DataLoader(
-        Wrapped(), batch_size=None, num_workers=workers, pin_memory=True, persistent_workers=True
+        Batches(), batch_size=None, num_workers=num_workers, pin_memory=on_gpu, shuffle=False
     )
+    if not on_gpu:
+        while True:
+            for batch in loader:  # an epoch's iterator ends its workers when dropped
+                yield batch.numpy()
+    import cupy
 
-    def batches() -> Generator[Any, None, None]:
+    gpu = cupy.cuda.Device().id  # the GPU the benchmark made current
+    with _cupy_view(torch.cuda.current_stream(gpu)):
         while True:
             for host in loader:
-                on_device = host.cuda(gpu, non_blocking=True)
-                yield cupy.from_dlpack(on_device)
+                yield cupy.from_dlpack(host.cuda(gpu, non_blocking=True))
 
-    feed = batches()
+
+def tf_keras_missing() -> str | None:
+    """Why ``tf_keras``'s enqueuer cannot run here, or None if it can."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter
     try:
-        with _cupy_view(torch.cuda.current_stream(gpu)):
-            return _loop(feed, step, n, warmup)
-    finally:
-        # The loader goes with this frame; its iterator's finaliser ends the worker processes.
-        feed.close()
+        import tf_keras.utils  # noqa: F401
+    except ImportError as error:
+        return f"tf_keras not installed ({error.name or error}): pip install tf-keras"
+    return None
 
 
-def tf_keras_enqueuer(seq: Any, step: Any, workers: int, n: int, warmup: int) -> float:
-    """``tf_keras.utils.OrderedEnqueuer`` with a copy into "device" memory (NumPy fallback)."""
+def tf_keras_enqueuer(backend: str, seq: Any, workers: int) -> Feed:
+    """``tf_keras.utils.OrderedEnqueuer`` (threads); on a GPU each batch then ``cupy.asarray``."""
     from tf_keras.utils import OrderedEnqueuer
 
+    to_device: Callable[[Any], Any] = lambda batch: batch  # noqa: E731
+    if backend == "cupy":
+        import cupy
+
+        to_device = cupy.asarray
     enqueuer = OrderedEnqueuer(seq, use_multiprocessing=False, shuffle=False)
     enqueuer.start(workers=workers, max_queue_size=10)
-    device = np.empty_like(seq[0])
-
-    def batches() -> Iterator[Any]:
-        for host in enqueuer.get():
-            np.copyto(device, host)
-            yield device
-
     try:
-        return _loop(batches(), step, n, warmup)
+        for batch in enqueuer.get():
+            yield to_device(batch)
     finally:
         enqueuer.stop()
 

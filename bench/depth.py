@@ -1,16 +1,24 @@
-"""The prefetch-depth benchmark: how deep to prefetch on this machine, and how close to the limit.
+"""The prefetch-depth benchmark: which depth to use here, and whether gpuqueue is ahead of the rest.
 
-For each batch size and each prefetch depth it runs a training loop of a
-synthetic step through ``gpuqueue.OrderedEnqueuer(device=...)`` and reports:
-steady-state step time, batches/s, GB/s host-to-device, the fraction of the
-copy time hidden behind the step, the consumer's stall fraction
-(1 - resident step time / step time with the loader), queue occupancy, and
-peak pinned and device memory, with NVML's view of the PCIe link beside it.
-Baselines run in the same process on the same batches and step: the raw
-pinned copy loop (the ceiling), pageable copies, a synchronous copy in the
-loop, a hand-written one-ahead prefetcher, and (where installed)
-``torch.utils.data.DataLoader(pin_memory=True)`` on a GPU or ``tf_keras``'s
-``OrderedEnqueuer`` on the NumPy fallback.
+For each batch size, a training loop of a synthetic step (``bench/workloads.py``)
+runs over gpuqueue's ``OrderedEnqueuer`` at each prefetch depth and over what
+a user would write instead (``bench/baselines.py``): the hand-written
+one-ahead loop, ``torch.utils.data.DataLoader`` with ``num_workers`` 0 and 2
+(``pin_memory`` on a GPU), ``tf_keras``'s ``OrderedEnqueuer`` (a skipped row
+saying why where it is not installed), and the step alone on a resident batch
+(the floor). All of them run once per round, interleaved (``bench/rounds.py``),
+for at least five rounds; each figure is the median of its rounds with the
+minimum and maximum, and each ratio is taken within a round.
+
+It prints the table, a line for every column, the recommended depth (the
+smallest whose throughput is within 2 % of the best, with its memory) and
+whether that depth is ahead of the one-ahead loop at every size; it writes
+``prefetch_depth.json`` and ``prefetch_depth.png`` (error bars: min-max).
+
+Rows and sections are registries: a new loader to compare is one entry in
+``BASELINES`` (or a gpuqueue variant in ``GPUQUEUE_VARIANTS``, e.g. an
+automatic depth), and a new comparison with a table of its own is a
+``Section`` in ``SECTIONS``.
 
 Run ``python -m bench --help`` for the flags. Defaults finish in under a minute.
 """
@@ -21,18 +29,33 @@ import argparse
 import json
 import os
 import sys
-import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import gpuqueue
 from bench import baselines
+from bench.depth_report import plot, print_report
 from bench.machine import describe_machine
 from bench.nvml import Nvml, NvmlSampler
+from bench.rounds import Case, Figures, Progress, figure, ratio, run_rounds, summary
 from bench.workloads import SyntheticBatches, make_step
 from gpuqueue.backends import resolve
 
 MiB = 1 << 20
+TOLERANCE = 0.02  # a depth within 2 % of the best throughput is as good as the best
+
+
+@dataclass
+class Context:
+    """What every case of one run shares: the flags, the backend, NVML, the steps."""
+
+    args: argparse.Namespace
+    backend: str
+    nvml: Nvml
+    step: Any
+    no_step: Any
 
 
 def parse_size(text: str) -> int:
@@ -47,58 +70,59 @@ def human(nbytes: int) -> str:
     return f"{nbytes / MiB:g} MiB" if nbytes >= MiB else f"{nbytes / 1024:g} KiB"
 
 
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done = total, 0
-
-    def advance(self, label: str) -> None:
-        self.done += 1
-        filled = round(30 * self.done / self.total)
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label:<40}"
-        )
-        sys.stderr.flush()
-        if self.done == self.total:
-            sys.stderr.write("\n")
+# ---------------------------------------------------------------- recommendation
 
 
-def median_run(repeats: int, run: Any) -> Any:
-    """Runs ``run()`` ``repeats`` times; returns the result with the median time.
+def recommend(throughput: Mapping[int, float], tolerance: float = TOLERANCE) -> int:
+    """The smallest depth whose throughput is within ``tolerance`` of the best.
 
-    Results are floats (seconds) or dicts with ``step_time_s``.
+    Args:
+        throughput: Batches per second (medians) by prefetch depth.
     """
-    results = [run() for _ in range(repeats)]
-    results.sort(key=lambda r: r["step_time_s"] if isinstance(r, dict) else r)
-    return results[len(results) // 2]
+    if not throughput:
+        raise ValueError("no depth was measured")
+    best = max(throughput.values())
+    return min(depth for depth, rate in throughput.items() if rate >= best * (1 - tolerance))
 
 
-def run_gpuqueue(
-    args: argparse.Namespace,
-    backend_name: str,
-    nbytes: int,
-    depth: int,
-    step: Any,
-    nvml: Nvml,
-) -> dict[str, Any]:
-    """One configuration through the pipeline, with the NVML sampler running beside it."""
-    seq = SyntheticBatches(nbytes, host_work_ms=args.host_work_ms)
-    enqueuer = gpuqueue.OrderedEnqueuer(seq, device=args.device, prefetch_depth=depth, shard=None)
+def recommend_everywhere(
+    by_size: Sequence[Mapping[int, float]], tolerance: float = TOLERANCE
+) -> int:
+    """The smallest depth within ``tolerance`` of the best at every size.
+
+    The largest depth measured everywhere if no depth is within it at all
+    sizes (the deepest is then the safe choice).
+    """
+    if not by_size:
+        raise ValueError("no size was measured")
+    common = sorted(set.intersection(*(set(t) for t in by_size)))
+    for depth in common:
+        if all(t[depth] >= max(t.values()) * (1 - tolerance) for t in by_size):
+            return depth
+    return common[-1]
+
+
+# ---------------------------------------------------------------- rows
+
+
+def run_gpuqueue(ctx: Context, seq: Any, step: Any, n: int, **options: Any) -> Figures:
+    """One run of the loop over gpuqueue, with NVML sampled beside it."""
+    args = ctx.args
+    enqueuer = gpuqueue.OrderedEnqueuer(seq, device=args.device, shard=None, **options)
     coord = gpuqueue.Coordinator()
-    sampler = NvmlSampler(coord, nvml)
+    sampler = NvmlSampler(coord, ctx.nvml)
     enqueuer.start(workers=args.workers, max_queue_size=args.max_queue_size)
+    device_peak = 0
+
+    def batches() -> Any:
+        nonlocal device_peak
+        for batch in enqueuer.get():
+            device_peak = max(device_peak, enqueuer.stats().get("device_bytes", 0))
+            yield batch
+
     try:
-        batches = enqueuer.get()
-        for _ in range(args.warmup):
-            step(next(batches))
-        step.synchronize()
         sampler.start()
-        began = time.perf_counter()
-        for _ in range(args.batches):
-            step(next(batches))
-        step.synchronize()
-        elapsed = time.perf_counter() - began
+        figures: Figures = baselines.timed(batches(), step, n, args.warmup)
         stats = enqueuer.stats()
     finally:
         coord.request_stop()
@@ -106,178 +130,249 @@ def run_gpuqueue(
             coord.join()
         enqueuer.stop()
     return {
-        "step_time_s": elapsed / args.batches,
-        "batches_per_s": args.batches / elapsed,
-        "h2d_gbps": nbytes * args.batches / elapsed / 1e9,
-        "copy_stage_gbps": stats["h2d_gbps"],
+        **figures,
         "queue_occupancy_mean": stats["mean_queue_occupancy"],
         "consumer_wait_s": stats["consumer_wait_s"],
-        "copy_wait_for_host_s": stats["copy_wait_for_host_s"],
-        "pinned_bytes_peak": stats["pinned_bytes"],
-        "device_bytes_peak": stats["device_bytes"],
+        "copy_stage_gbps": stats.get("h2d_gbps", 0.0),
+        "pinned_bytes": stats.get("pinned_bytes", 0),
+        "device_bytes_peak": device_peak,
         "nvml": sampler.summary(),
     }
 
 
-def measure_size(
-    args: argparse.Namespace, backend_name: str, nbytes: int, nvml: Nvml, progress: Progress
-) -> dict[str, Any]:
-    step = make_step(backend_name, args.step_ms)
-    n, warmup = args.batches, args.warmup
+@dataclass(frozen=True)
+class Baseline:
+    """A loader a user might pick instead of gpuqueue: one row of every size's table.
+
+    ``feed(ctx, seq)`` makes its batches; ``missing(ctx)`` says why it cannot
+    run here (then its row is skipped, saying so), or None.
+    """
+
+    label: str
+    feed: Callable[[Context, Any], baselines.Feed]
+    missing: Callable[[Context], str | None] = lambda ctx: None
+
+
+def _torch_missing(ctx: Context) -> str | None:
+    try:
+        import torch.utils.data  # noqa: F401
+    except ImportError as error:
+        return f"torch not installed ({error.name}): pip install torch"
+    return None
+
+
+BASELINES: list[Baseline] = [
+    Baseline("one-ahead loop", lambda ctx, seq: baselines.one_ahead(ctx.backend, seq)),
+    Baseline(
+        "DataLoader workers=0",
+        lambda ctx, seq: baselines.torch_dataloader(ctx.backend, seq, 0),
+        _torch_missing,
+    ),
+    Baseline(
+        "DataLoader workers=2",
+        lambda ctx, seq: baselines.torch_dataloader(ctx.backend, seq, 2),
+        _torch_missing,
+    ),
+    Baseline(
+        "tf_keras enqueuer",
+        lambda ctx, seq: baselines.tf_keras_enqueuer(ctx.backend, seq, ctx.args.workers),
+        lambda ctx: baselines.tf_keras_missing(),
+    ),
+]
+REFERENCE = "one-ahead loop"  # every row's throughput is also shown as a ratio to this one's
+
+# gpuqueue rows beyond the fixed depths of --depths: (label, OrderedEnqueuer keywords).
+# An automatic depth belongs here, e.g. ("depth auto", {"prefetch_depth": "auto"}).
+GPUQUEUE_VARIANTS: list[tuple[str, dict[str, Any]]] = []
+
+
+def depth_cases(ctx: Context, nbytes: int) -> list[Case]:
+    """Every row of one size: the floor, each depth, each variant, each baseline, flat out."""
+    args = ctx.args
     seq = SyntheticBatches(nbytes, host_work_ms=args.host_work_ms)
-    reps = args.repeats
-    raw = -median_run(reps, lambda: -baselines.raw_copy_gbps(backend_name, nbytes, max(n, 20)))
-    copy_time = nbytes / (raw * 1e9)
-    resident = median_run(reps, lambda: baselines.resident(backend_name, nbytes, step, n, warmup))
-    progress.advance(f"{human(nbytes)} baselines")
-    base: dict[str, Any] = {
-        "raw_pinned_gbps": raw,
-        "pageable_gbps": -median_run(
-            reps, lambda: -baselines.raw_copy_gbps(backend_name, nbytes, max(n, 20), pinned=False)
-        ),
-        "resident_step_time_s": resident,
-        "synchronous_step_time_s": median_run(
-            reps, lambda: baselines.synchronous(backend_name, seq, step, n, warmup)
-        ),
-        "one_ahead_step_time_s": median_run(
-            reps, lambda: baselines.one_ahead(backend_name, seq, step, n, warmup)
-        ),
-    }
-    for name, run in (
-        ("torch_dataloader_step_time_s", baselines.torch_dataloader),
-        ("tf_keras_step_time_s", baselines.tf_keras_enqueuer),
-    ):
-        wanted = (name.startswith("torch")) == (backend_name == "cupy")
-        if not wanted:
-            continue
-        try:
-            base[name] = median_run(reps, lambda run=run: run(seq, step, args.workers, n, warmup))
-        except ImportError as error:
-            base[name] = f"not installed: {error.name}"
-        except Exception as error:  # a baseline failing must not lose the rest
-            base[name] = f"failed: {type(error).__name__}: {error}"
+    size = human(nbytes)
+    n, warmup = args.batches, args.warmup
 
-    rows = []
-    for depth in args.depths:
-        row = median_run(
-            reps, lambda depth=depth: run_gpuqueue(args, backend_name, nbytes, depth, step, nvml)
-        )
-        loaded = row["step_time_s"]
-        row.update(
-            size_bytes=nbytes,
-            depth=depth,
-            copy_time_s=copy_time,
-            hidden_fraction=min(1.0, max(0.0, 1 - (loaded - resident) / copy_time)),
-            stall_fraction=max(0.0, 1 - resident / loaded),
-        )
-        rows.append(row)
-        progress.advance(f"{human(nbytes)} depth {depth}")
+    def loop(feed: Callable[[], baselines.Feed]) -> Callable[[], Figures]:
+        return lambda: baselines.timed(feed(), ctx.step, n, warmup)
 
-    # Throughput through the queue with no step at all, against the raw loop.
-    throughput_args = argparse.Namespace(**{**vars(args), "batches": max(n, 50)})
-    no_step = make_step(backend_name, 0)
-    flat_out = median_run(
-        reps, lambda: run_gpuqueue(throughput_args, backend_name, nbytes, 2, no_step, nvml)
+    def gq(options: dict[str, Any]) -> Callable[[], Figures]:
+        return lambda: run_gpuqueue(ctx, seq, ctx.step, n, **options)
+
+    cases = [
+        Case(
+            f"{size}/resident",
+            loop(lambda: baselines.resident(ctx.backend, nbytes)),
+            label=f"{size} step alone",
+            tags={"size": nbytes, "kind": "floor"},
+        )
+    ]
+    variants = [(f"depth {d}", {"prefetch_depth": d}) for d in args.depths] + GPUQUEUE_VARIANTS
+    for label, options in variants:
+        depth = options.get("prefetch_depth")
+        cases.append(
+            Case(
+                f"{size}/gpuqueue {label}",
+                gq(options),
+                label=f"{size} gpuqueue {label}",
+                tags={
+                    "size": nbytes,
+                    "kind": "gpuqueue",
+                    "row": f"gpuqueue {label}",
+                    "depth": depth if isinstance(depth, int) else None,
+                },
+            )
+        )
+    for base in BASELINES:
+        cases.append(
+            Case(
+                f"{size}/{base.label}",
+                loop(lambda base=base: base.feed(ctx, seq)),  # type: ignore[misc]
+                skip=base.missing(ctx),
+                label=f"{size} {base.label}",
+                tags={"size": nbytes, "kind": "baseline", "row": base.label},
+            )
+        )
+    flat_n = max(n, 50)
+    cases.append(
+        Case(
+            f"{size}/flat out",
+            lambda: {
+                **run_gpuqueue(ctx, seq, ctx.no_step, flat_n, prefetch_depth=2),
+                "raw_copy_gbps": baselines.raw_copy_gbps(ctx.backend, nbytes, 20),
+            },
+            label=f"{size} no step (throughput)",
+            tags={"size": nbytes, "kind": "flat"},
+        )
     )
-    progress.advance(f"{human(nbytes)} throughput")
+    return cases
+
+
+def summarize_size(
+    ctx: Context, nbytes: int, cases: list[Case], results: dict[str, list[Figures]]
+) -> dict[str, Any]:
+    """One size's rows: figures over the rounds, ratios within rounds, the recommended depth."""
+    size = human(nbytes)
+    floor = results[f"{size}/resident"]
+    reference = results[f"{size}/{REFERENCE}"]
+    rows: list[dict[str, Any]] = []
+    for case in cases:
+        if case.tags.get("kind") not in ("gpuqueue", "baseline"):
+            continue
+        row: dict[str, Any] = {"row": case.tags["row"], "kind": case.tags["kind"]}
+        if case.tags["kind"] == "gpuqueue":
+            row["depth"] = case.tags["depth"]
+        if case.skip is not None:
+            rows.append({**row, "skipped": case.skip})
+            continue
+        runs = results[case.key]
+        row["batches_per_s"] = figure(runs, "batches_per_s")
+        row["step_time_s"] = figure(runs, "step_time_s")
+        row["vs_one_ahead"] = ratio(runs, reference, "batches_per_s")
+        row["stall_fraction"] = summary(
+            [
+                max(0.0, 1 - f["step_time_s"] / r["step_time_s"])
+                for f, r in zip(floor, runs, strict=True)
+            ]
+        )
+        copy_s = nbytes / (figure(results[f"{size}/flat out"], "raw_copy_gbps")["median"] * 1e9)
+        row["hidden_fraction"] = summary(
+            [
+                min(1.0, max(0.0, 1 - (r["step_time_s"] - f["step_time_s"]) / copy_s))
+                for f, r in zip(floor, runs, strict=True)
+            ]
+        )
+        if case.tags["kind"] == "gpuqueue":
+            row["queue_occupancy_mean"] = figure(runs, "queue_occupancy_mean")
+            row["pinned_bytes"] = max(int(r["pinned_bytes"]) for r in runs)
+            row["device_bytes_peak"] = max(int(r["device_bytes_peak"]) for r in runs)
+            row["nvml"] = runs[len(runs) // 2]["nvml"]
+        rows.append(row)
+    fixed = {
+        r["depth"]: r["batches_per_s"]["median"]
+        for r in rows
+        if r["kind"] == "gpuqueue" and r["depth"] is not None and "skipped" not in r
+    }
+    best = recommend(fixed)
+    chosen = next(r for r in rows if r["kind"] == "gpuqueue" and r["depth"] == best)
+    # A variant (an automatic depth, say) against the fastest fixed depth, round by round.
+    fastest = results[f"{size}/gpuqueue depth {max(fixed, key=fixed.__getitem__)}"]
+    for case, variant in zip(cases, rows_by_case(cases, rows), strict=True):
+        is_variant = variant and variant["kind"] == "gpuqueue" and variant["depth"] is None
+        if variant and is_variant and case.skip is None:
+            variant["vs_fastest_depth"] = ratio(results[case.key], fastest, "batches_per_s")
+    flat = results[f"{size}/flat out"]
     return {
         "size_bytes": nbytes,
-        "baselines": base,
-        "depths": rows,
-        "throughput": {
-            "gpuqueue_gbps": flat_out["h2d_gbps"],
-            "raw_pinned_gbps": raw,
-            "ratio": flat_out["h2d_gbps"] / raw,
-            "workers": args.workers,
+        "rows": rows,
+        "step_alone_s": figure(floor, "step_time_s"),
+        "recommended_depth": best,
+        # How far the fastest depth's rounds spread around their median: above the
+        # tolerance, the ranking of depths within it is noise.
+        "fastest_depth_spread": _spread_of(fastest, "batches_per_s"),
+        "recommended": {
+            "depth": best,
+            "batches_per_s": chosen["batches_per_s"],
+            "device_bytes_peak": chosen["device_bytes_peak"],
+            "pinned_bytes": chosen["pinned_bytes"],
+            "vs_one_ahead": chosen["vs_one_ahead"],
+        },
+        "throughput": {  # no step at all: the pipeline flat out, against the raw copy loop
+            "gpuqueue_gbps": summary([nbytes * f["batches_per_s"] / 1e9 for f in flat]),
+            "raw_copy_gbps": figure(flat, "raw_copy_gbps"),
+            "ratio": summary(
+                [nbytes * f["batches_per_s"] / 1e9 / f["raw_copy_gbps"] for f in flat]
+            ),
+            "workers": ctx.args.workers,
         },
     }
 
 
-def print_table(report: dict[str, Any]) -> None:
-    header = (
-        f"{'size':>9} {'depth':>5} {'step ms':>8} {'batch/s':>8} {'GB/s':>7} "
-        f"{'hidden':>7} {'stall':>6} {'occup':>5} {'pinned MiB':>10} {'dev MiB':>8} {'NVML rx':>8}"
-    )
-    print(header)
-    print("-" * len(header))
-    for size in report["sizes"]:
-        for row in size["depths"]:
-            rx = row["nvml"].get("pcie_rx_gbps_mean", "n/a")
-            rx_text = f"{rx:8.2f}" if isinstance(rx, float) else f"{'n/a':>8}"
-            print(
-                f"{human(row['size_bytes']):>9} {row['depth']:>5} {row['step_time_s'] * 1e3:8.3f} "
-                f"{row['batches_per_s']:8.1f} {row['h2d_gbps']:7.2f} "
-                f"{row['hidden_fraction']:7.1%} {row['stall_fraction']:6.1%} "
-                f"{row['queue_occupancy_mean']:5.2f} {row['pinned_bytes_peak'] / MiB:10.1f} "
-                f"{row['device_bytes_peak'] / MiB:8.1f} {rx_text}"
-            )
-    print()
-    print("baselines (ms per step unless GB/s):")
-    for size in report["sizes"]:
-        base = size["baselines"]
-        parts = []
-        for key, value in base.items():
-            label = key.removesuffix("_step_time_s").removesuffix("_gbps")
-            if not isinstance(value, float):
-                parts.append(f"{label}: {value}")
-            elif key.endswith("_s"):
-                parts.append(f"{label} {value * 1e3:.3f}")
-            else:
-                parts.append(f"{label} {value:.2f} GB/s")
-        print(f"  {human(size['size_bytes'])}: " + "; ".join(parts))
-        t = size["throughput"]
-        print(
-            f"  {human(size['size_bytes'])}: throughput through the queue (no step, depth 2, "
-            f"{t['workers']} workers) {t['gpuqueue_gbps']:.2f} GB/s = {t['ratio']:.1%} of raw"
-        )
+def _spread_of(runs: list[Figures], name: str) -> float:
+    stat = figure(runs, name)
+    return float((stat["max"] - stat["min"]) / stat["median"]) if stat["median"] else 0.0
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def rows_by_case(cases: list[Case], rows: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """Each case's row (None for the floor and flat-out cases, which have none)."""
+    found = iter(rows)
+    return [next(found) if c.tags.get("kind") in ("gpuqueue", "baseline") else None for c in cases]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for size in report["sizes"]:
-        depths = [r["depth"] for r in size["depths"]]
-        label = human(size["size_bytes"])
-        left.plot(depths, [r["h2d_gbps"] for r in size["depths"]], marker="o", label=label)
-        right.plot(depths, [r["stall_fraction"] for r in size["depths"]], marker="o", label=label)
-    machine = report["machine"]
-    where = machine.get("gpu", {}).get("name") or f"NumPy fallback, {machine['cpu_count']} CPUs"
-    left.set(xlabel="prefetch depth", ylabel="GB/s host to device (effective)", title="Throughput")
-    right.set(
-        xlabel="prefetch depth",
-        ylabel="stall fraction (1 - resident / loaded step)",
-        title=f"Consumer stall, {report['config']['step_ms']} ms step",
-    )
-    for axis in (left, right):
-        axis.grid(alpha=0.3)
-        axis.legend(title="batch size")
-    fig.suptitle(f"gpuqueue prefetch depth on {where}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+class Section(Protocol):
+    """A comparison with a table of its own, run in the same interleaved rounds."""
+
+    name: str
+
+    def cases(self, ctx: Context) -> list[Case]: ...
+
+    def summarize(self, ctx: Context, results: dict[str, list[Figures]]) -> dict[str, Any]: ...
+
+    def render(self, summary: dict[str, Any]) -> list[str]: ...
+
+
+SECTIONS: list[Section] = []  # e.g. on-device Normalize against host float32 (issue 15)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bench", description="Sweep gpuqueue's prefetch depth on this machine."
+        prog="python -m bench",
+        description="Which prefetch depth to use on this machine, against what users pick instead.",
     )
     parser.add_argument("--sizes", default="4MiB,16MiB", help="batch sizes (default: 4MiB,16MiB)")
     parser.add_argument("--depths", default="0,1,2,3,4,8", help="prefetch depths to sweep")
     parser.add_argument("--step-ms", type=float, default=5.0, help="synthetic step duration")
     parser.add_argument("--host-work-ms", type=float, default=0.0, help="host work per batch")
-    parser.add_argument("--batches", type=int, default=60, help="measured batches per run")
-    parser.add_argument("--warmup", type=int, default=8, help="unmeasured batches per run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per figure (median kept)")
+    parser.add_argument("--batches", type=int, default=25, help="measured batches per run")
+    parser.add_argument("--warmup", type=int, default=4, help="unmeasured batches per run")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (at least 5)")
     parser.add_argument("--workers", type=int, default=None, help="worker threads")
     parser.add_argument("--max-queue-size", type=int, default=4)
     parser.add_argument(
         "--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or a GPU index N"
     )
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--smoke", action="store_true", help="tiny, fast run (CI)")
     return parser
 
@@ -286,9 +381,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.smoke:  # tiny sizes and few batches: checks the harness, not the machine
         args.sizes, args.depths, args.step_ms = "64KiB", "0,1,2", 1.0
-        args.batches, args.warmup, args.repeats = 12, 2, 1
+        args.batches, args.warmup, args.rounds = 8, 2, 2
+    elif args.rounds < 5:
+        raise SystemExit(f"--rounds {args.rounds}: at least 5 rounds make a median and a spread")
     args.sizes = [parse_size(s) for s in args.sizes.split(",")]
-    args.depths = [int(d) for d in args.depths.split(",")]
+    args.depths = sorted({int(d) for d in args.depths.split(",")})
     if args.workers is None:
         args.workers = max(2, min(8, (os.cpu_count() or 2) // 2))
     if args.device.isdigit():
@@ -301,32 +398,68 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         cupy.cuda.Device(gpu).use()
     nvml = Nvml.for_gpu(gpu if backend_name == "cupy" else None)
+    ctx = Context(args, backend_name, nvml, make_step(backend_name, args.step_ms),
+                  make_step(backend_name, 0))  # fmt: skip
 
-    progress = Progress(len(args.sizes) * (len(args.depths) + 2))
-    sizes = [measure_size(args, backend_name, n, nvml, progress) for n in args.sizes]
-    report = {
+    per_size = {nbytes: depth_cases(ctx, nbytes) for nbytes in args.sizes}
+    cases = [case for size_cases in per_size.values() for case in size_cases]
+    for section in SECTIONS:
+        cases += section.cases(ctx)
+    runnable = sum(case.skip is None for case in cases)
+    results = run_rounds(cases, args.rounds, Progress(runnable * args.rounds))
+
+    sizes = [summarize_size(ctx, n, per_size[n], results) for n in args.sizes]
+    overall = recommend_everywhere(
+        [
+            {r["depth"]: r["batches_per_s"]["median"] for r in s["rows"]
+             if r["kind"] == "gpuqueue" and r["depth"] is not None and "skipped" not in r}
+            for s in sizes
+        ]
+    )  # fmt: skip
+    report: dict[str, Any] = {
         "benchmark": "gpuqueue prefetch depth",
+        "schema": 2,
         "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": describe_machine(backend_name, gpu, nvml),
         "config": {
             "device": str(args.device),
             "backend": backend_name,
+            "sizes": args.sizes,
+            "depths": args.depths,
             "step_ms": args.step_ms,
             "host_work_ms": args.host_work_ms,
             "batches": args.batches,
             "warmup": args.warmup,
-            "repeats": args.repeats,
+            "rounds": args.rounds,
             "workers": args.workers,
             "max_queue_size": args.max_queue_size,
+            "tolerance": TOLERANCE,
         },
         "nvml_link": nvml.link() if nvml.error is None else {"nvml": nvml.error},
         "sizes": sizes,
+        "recommended_depth": overall,
+        "goal_vs_one_ahead": {
+            "goal": "gpuqueue at the recommended depth is not behind the one-ahead loop "
+            "at any size (median ratio >= 1.00)",
+            "met": all(
+                next(r for r in s["rows"] if r.get("depth") == overall)["vs_one_ahead"]["median"]
+                >= 1.0
+                for s in sizes
+            ),
+        },
+        "sections": {section.name: section.summarize(ctx, results) for section in SECTIONS},
+        "rounds": results,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "prefetch_depth.json"
-    png_path = args.out / "prefetch_depth.png"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
-    plot(report, png_path)
-    print(f"\nwrote {json_path} and {png_path}")
+    json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print_report(report)
+    for section in SECTIONS:
+        print("\n".join(section.render(report["sections"][section.name])))
+    written = [str(json_path)]
+    if not args.no_plot:
+        png_path = args.out / "prefetch_depth.png"
+        plot(report, png_path)
+        written.append(str(png_path))
+    print(f"\nwrote {' and '.join(written)}")
     return report

@@ -13,7 +13,9 @@ boundary: trivial batches in epochs of 10 against one long epoch, for each
 library; ``epoch_cost`` is the ratio of time per batch (1.0 = boundaries are
 free).
 
-Run (needs ``pip install tf-keras tensorflow-cpu`` in the same environment)::
+``bench.loaders`` measures the same and more, goal by goal, in interleaved
+rounds. Without ``tf_keras`` its rows say "skipped" and why; gpuqueue's run.
+Run (``pip install tf-keras tensorflow-cpu`` for the peer)::
 
     python -m bench.keras_compare --out bench/results/keras_compare.json
 """
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 
 import gpuqueue
+from bench.baselines import tf_keras_missing
 from bench.machine import describe_machine
 
 MiB = 1 << 20
@@ -90,7 +93,10 @@ def run_one(library: str, seq: Any, workers: int, batches: int) -> float:
 def compare(
     name: str, seq: Any, workers: int, batches: int, repeats: int, nbytes: int
 ) -> dict[str, Any]:
-    times: dict[str, list[float]] = {"gpuqueue": [], "tf_keras": []}
+    missing = tf_keras_missing()
+    times: dict[str, list[float]] = (
+        {"gpuqueue": []} if missing else {"gpuqueue": [], "tf_keras": []}
+    )
     for _ in range(repeats):
         for library in times:  # alternate, so drift hits both alike
             times[library].append(run_one(library, seq, workers, batches))
@@ -102,7 +108,12 @@ def compare(
             "batches_per_s": batches / best,
             "bytes_per_s": batches * nbytes / best,
         }
-    result["speedup"] = result["gpuqueue"]["batches_per_s"] / result["tf_keras"]["batches_per_s"]
+    if missing:  # a row that says why, not a crash
+        result["tf_keras"] = {"skipped": missing}
+        result["speedup"] = None
+    else:
+        gq, tk = result["gpuqueue"]["batches_per_s"], result["tf_keras"]["batches_per_s"]
+        result["speedup"] = gq / tk
     return result
 
 
@@ -120,6 +131,7 @@ def main() -> None:
     epoch_cost = {
         library: long[library]["batches_per_s"] / short[library]["batches_per_s"]
         for library in ("gpuqueue", "tf_keras")
+        if "skipped" not in long[library]
     }
     results = [
         compare("trivial", Trivial(64), args.workers, args.trivial_batches, args.repeats, 4),
@@ -138,10 +150,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for r in results:
+        peer = r["tf_keras"]
         print(
             f"{r['workload']:>8}: gpuqueue {r['gpuqueue']['batches_per_s']:10.1f} batches/s, "
-            f"tf_keras {r['tf_keras']['batches_per_s']:10.1f} batches/s, "
-            f"speedup {r['speedup']:.2f}x"
+            + (
+                f"tf_keras skipped: {peer['skipped']}"
+                if "skipped" in peer
+                else f"tf_keras {peer['batches_per_s']:10.1f} batches/s, "
+                f"speedup {r['speedup']:.2f}x"
+            )
         )
     print(
         "epoch boundaries (time per batch in 10-batch epochs / in one long epoch): "

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from bench.nvml import Nvml
@@ -64,3 +66,13 @@ def describe_machine(backend_name: str, gpu: int = 0, nvml: Nvml | None = None) 
                 "driver", lambda n, h: _text(n.nvmlSystemGetDriverVersion())
             )
     return info
+
+
+def results_folder(machine: dict[str, Any]) -> Path:
+    """``bench/results/<machine>/``: ``cpu-<n>core`` without a GPU, else the GPU's name."""
+    gpu = machine.get("gpu")
+    if gpu:
+        slug = re.sub(r"[^a-z0-9]+", "-", str(gpu["name"]).lower()).strip("-")
+    else:
+        slug = f"cpu-{machine['cpu_count']}core"
+    return Path(__file__).resolve().parent / "results" / slug

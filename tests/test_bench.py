@@ -1,60 +1,200 @@
-"""The main job runs end to end: a smoke run of the prefetch-depth benchmark.
+"""The benches run end to end (``--smoke``), explain each column, and decide by their stated rules.
 
-Checks that the JSON has every field and the PNG was written, not the speeds
-(speed is measured in bench/, never asserted in tests).
+Smoke runs check that the JSON has every field, that each peer that cannot
+run is a row saying why, and that the README's tables are what the JSON
+says; never the speeds (speed is measured in bench/, never asserted in tests).
+tf_keras is hidden from the smoke runs (``sys.modules["tf_keras"] = None``),
+so its skipped row is exercised whether or not it is installed here.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bench import readme
+from bench.depth import recommend, recommend_everywhere
+from bench.rounds import Case, ratio, run_rounds
+
 ROOT = Path(__file__).resolve().parent.parent
-ROW_FIELDS = {
-    "size_bytes", "depth", "step_time_s", "batches_per_s", "h2d_gbps", "copy_stage_gbps",
-    "copy_time_s", "hidden_fraction", "stall_fraction", "queue_occupancy_mean",
-    "consumer_wait_s", "copy_wait_for_host_s", "pinned_bytes_peak", "device_bytes_peak", "nvml",
-}  # fmt: skip
-BASELINES = {
-    "raw_pinned_gbps", "pageable_gbps", "resident_step_time_s", "synchronous_step_time_s",
-    "one_ahead_step_time_s",
-}  # fmt: skip
+WITHOUT_TF_KERAS = "import sys; sys.modules['tf_keras'] = None; sys.argv[0] = '{module}'; "
+
+
+def _run_without_tf_keras(module: str, args: list[str], timeout: float) -> str:
+    code = WITHOUT_TF_KERAS.format(module=module) + (
+        f"import runpy; sys.argv[1:] = {args!r}; runpy.run_module('{module}', run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    bar = re.findall(r"\[#*\.*\] (\d+)/(\d+) ", done.stderr)
+    assert len(bar) > 1 and bar[-1][0] == bar[-1][1], f"no progress bar: {done.stderr[-500:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def depth_smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    pytest.importorskip("matplotlib")
+    out = tmp_path_factory.mktemp("depth")
+    return _run_without_tf_keras("bench", ["--smoke", "--out", str(out)], 170), out
 
 
 @pytest.mark.timeout(180)
-def test_smoke_run_writes_every_field_and_the_plot(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
-    out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "stall" in done.stdout and "baselines" in done.stdout  # the table was printed
+def test_depth_smoke_run_writes_every_row_and_the_plot(depth_smoke: tuple[str, Path]) -> None:
+    stdout, out = depth_smoke
     report = json.loads((out / "prefetch_depth.json").read_text())
-    assert {"benchmark", "command", "machine", "config", "nvml_link", "sizes"} <= set(report)
-    machine = report["machine"]
-    assert {"cpu_count", "python", "backend", "packages", "platform"} <= set(machine)
-    assert report["sizes"], "no size was measured"
-    for size in report["sizes"]:
-        assert set(size["baselines"]) >= BASELINES
-        assert [row["depth"] for row in size["depths"]] == [0, 1, 2]
-        for row in size["depths"]:
-            assert set(row) >= ROW_FIELDS, ROW_FIELDS - set(row)
-            assert row["batches_per_s"] > 0 and 0 <= row["stall_fraction"] <= 1
-        assert {"gpuqueue_gbps", "raw_pinned_gbps", "ratio"} <= set(size["throughput"])
-    if machine["backend"] == "numpy":
-        # no GPU: NVML's fields say why they are missing instead of failing the run
-        assert all(isinstance(v, str) for v in report["nvml_link"].values())
+    assert report["schema"] == 2 and report["config"]["rounds"] == 2
+    assert {"cpu_count", "python", "backend", "packages", "platform"} <= set(report["machine"])
+    (size,) = report["sizes"]
+    rows = {row["row"]: row for row in size["rows"]}
+    assert list(rows) == [
+        "gpuqueue depth 0", "gpuqueue depth 1", "gpuqueue depth 2", "one-ahead loop",
+        "DataLoader workers=0", "DataLoader workers=2", "tf_keras enqueuer",
+    ]  # fmt: skip
+    assert rows["tf_keras enqueuer"]["skipped"].startswith("tf_keras not installed")
+    assert "tf_keras enqueuer" in stdout and "skipped: tf_keras not installed" in stdout
+    for name, row in rows.items():
+        if "skipped" in row:
+            continue
+        for key in ("batches_per_s", "vs_one_ahead", "stall_fraction", "step_time_s"):
+            assert len(row[key]["rounds"]) == 2, (name, key)
+            assert row[key]["min"] <= row[key]["median"] <= row[key]["max"], (name, key)
+    assert rows["one-ahead loop"]["vs_one_ahead"]["rounds"] == [1.0, 1.0]
+    assert rows["gpuqueue depth 2"]["device_bytes_peak"] > 0
+    depths = {r["depth"]: r for r in size["rows"] if r.get("depth") is not None}
+    assert size["recommended_depth"] == recommend(
+        {depth: row["batches_per_s"]["median"] for depth, row in depths.items()}
+    )
+    assert f"recommended depth: {report['recommended_depth']} " in stdout
     png = (out / "prefetch_depth.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_depth_smoke_explains_every_column_it_prints(depth_smoke: tuple[str, Path]) -> None:
+    stdout, _ = depth_smoke
+    lines = stdout.splitlines()
+    header = lines[lines.index(next(x for x in lines if x.startswith("---"))) - 1]
+    shown = re.split(r"\s{2,}", header.strip())
+    explained = [
+        x.split(":", 1)[0].strip()
+        for x in lines[lines.index("columns:") + 1 :]
+        if x.startswith("  ") and ":" in x
+    ]
+    assert len(shown) >= 9 and shown == explained[: len(shown)], (shown, explained)
+    if "NumPy fallback" in stdout:  # no device: nothing claims a host-to-device copy
+        assert "host memcpy" in stdout and "GB/s H2D" not in stdout
+
+
+def test_readme_tables_are_made_from_the_json(depth_smoke: tuple[str, Path]) -> None:
+    _, out = depth_smoke
+    block = readme.depth_block(out)
+    report = json.loads((out / "prefetch_depth.json").read_text())
+    for row in report["sizes"][0]["rows"]:
+        assert row["row"] in block
+    assert f"**{report['recommended_depth']}**" in block
+    assert "No figures yet" in readme.loaders_block(out)  # no loaders.json in that folder
+    assert readme.main(["--check"]) == 0, "README's bench tables differ from bench/results"
+
+
+@pytest.mark.timeout(240)
+def test_loaders_smoke_run_computes_every_goal(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    out = tmp_path / "loaders.json"
+    stdout = _run_without_tf_keras("bench.loaders", ["--smoke", "--out", str(out)], 230)
+    report = json.loads(out.read_text())
+    assert report["config"]["rounds"] == 2 and report["machine"]["cpu_count"]
+    goals = {g["goal"]: g for g in report["goals"]}
+    assert len(goals) == 16
+    keras = goals["trivial batches: gpuqueue threads vs tf_keras's enqueuer"]
+    assert keras["measured"] is None and keras["met"] is None
+    assert "skipped" in stdout and report["cases"]["trivial/tf_keras"]["skipped"]
+    for goal in goals.values():
+        if goal["measured"] is not None:
+            assert len(goal["measured"]["rounds"]) == 2, goal["goal"]
+            assert goal["met"] in (True, False, None)
+            assert (goal["met"] is None) == goal["target"].startswith("none")
+    block = readme.loaders_block(tmp_path)  # the README's tables, from this JSON
+    assert all(goal in block for goal in goals) and "| DataLoader num_workers=2 |" in block
+    processes = report["rounds"]["image/processes"]
+    assert all(r["tree_pss_peak_bytes"] >= r["tree_pss_base_bytes"] > 0 for r in processes)
+    assert all(r["shared_memory_bytes"] > 0 and r["rss_peak_bytes"] > 0 for r in processes)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:gpuqueue. device='auto' found no usable GPU:UserWarning")
+def test_variants_and_sections_are_registry_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lead's later rows (an automatic depth) and sections (Normalize) need no special case."""
+    from bench import depth
+
+    class Doubling:
+        name = "doubling"
+
+        def cases(self, ctx: Any) -> list[Case]:
+            return [Case("doubling/x", lambda: {"x": 2.0})]
+
+        def summarize(self, ctx: Any, results: dict[str, Any]) -> dict[str, Any]:
+            return {"rounds": len(results["doubling/x"])}
+
+        def render(self, summary: dict[str, Any]) -> list[str]:
+            return [f"doubling ran {summary['rounds']} rounds"]
+
+    monkeypatch.setattr(depth, "BASELINES", depth.BASELINES[:1])  # the one-ahead loop only
+    monkeypatch.setattr(depth, "GPUQUEUE_VARIANTS", [("default depth", {})])
+    monkeypatch.setattr(depth, "SECTIONS", [Doubling()])
+    report = depth.main(["--smoke", "--no-plot", "--out", str(tmp_path)])
+    rows = {row["row"]: row for row in report["sizes"][0]["rows"]}
+    variant = rows["gpuqueue default depth"]
+    assert variant["depth"] is None and len(variant["vs_fastest_depth"]["rounds"]) == 2
+    assert report["sections"] == {"doubling": {"rounds": 2}}
+    out = capsys.readouterr().out
+    assert "gpuqueue default depth: " in out and "doubling ran 2 rounds" in out
+
+
+def test_recommend_takes_the_smallest_depth_within_two_percent_of_the_best() -> None:
+    assert recommend({0: 100.0, 1: 150.0, 2: 196.0, 3: 200.0, 4: 199.0}) == 2
+    assert recommend({0: 100.0, 1: 150.0, 2: 195.9, 3: 200.0, 4: 199.0}) == 3
+    assert recommend({8: 10.0, 2: 10.0}) == 2  # order of the mapping does not matter
+    assert recommend({3: 50.0}) == 3
+    with pytest.raises(ValueError, match=r"^no depth was measured$"):
+        recommend({})
+
+
+def test_recommend_everywhere_needs_the_depth_to_hold_at_every_size() -> None:
+    small = {1: 100.0, 2: 99.0, 3: 100.0}
+    large = {1: 80.0, 2: 90.0, 3: 100.0}
+    assert recommend_everywhere([small]) == 1
+    assert recommend_everywhere([small, large]) == 3
+    assert recommend_everywhere([{1: 100.0, 2: 50.0}, {1: 50.0, 2: 100.0}]) == 2  # the deepest
+
+
+def test_rounds_interleave_every_case_and_ratios_pair_within_a_round() -> None:
+    calls: list[str] = []
+
+    def case(key: str, value: float) -> Case:
+        def run() -> dict[str, Any]:
+            calls.append(key)
+            return {"t": value * (1 + len(calls))}
+
+        return Case(key, run)
+
+    cases = [case("a", 1.0), case("b", 2.0), case("c", 3.0), Case("d", calls.clear, skip="why")]
+    results = run_rounds(cases, rounds=3)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert results["d"] == [] and [len(results[k]) for k in "abc"] == [3, 3, 3]
+    paired = ratio(results["a"], results["b"], "t")
+    expected = [r["t"] / s["t"] for r, s in zip(results["a"], results["b"], strict=True)]
+    assert paired["rounds"] == expected
+    with pytest.raises(ValueError, match=r"^case keys must be unique; repeated: \['a'\]$"):
+        run_rounds([case("a", 1.0), case("a", 2.0)], rounds=1)
 
 
 @pytest.mark.timeout(60)
