@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import gpuqueue
-from bench import baselines
+from bench import baselines, normalize
 from bench.depth_report import plot, print_report
 from bench.machine import describe_machine
 from bench.nvml import Nvml, NvmlSampler
@@ -136,6 +136,7 @@ def run_gpuqueue(ctx: Context, seq: Any, step: Any, n: int, **options: Any) -> F
         "copy_stage_gbps": stats.get("h2d_gbps", 0.0),
         "pinned_bytes": stats.get("pinned_bytes", 0),
         "device_bytes_peak": device_peak,
+        "depth_reached": float(stats.get("prefetch_depth", 0)),
         "nvml": sampler.summary(),
     }
 
@@ -183,7 +184,7 @@ REFERENCE = "one-ahead loop"  # every row's throughput is also shown as a ratio 
 
 # gpuqueue rows beyond the fixed depths of --depths: (label, OrderedEnqueuer keywords).
 # An automatic depth belongs here, e.g. ("depth auto", {"prefetch_depth": "auto"}).
-GPUQUEUE_VARIANTS: list[tuple[str, dict[str, Any]]] = []
+GPUQUEUE_VARIANTS: list[tuple[str, dict[str, Any]]] = [("depth auto", {"prefetch_depth": "auto"})]
 
 
 def depth_cases(ctx: Context, nbytes: int) -> list[Case]:
@@ -301,6 +302,7 @@ def summarize_size(
         is_variant = variant and variant["kind"] == "gpuqueue" and variant["depth"] is None
         if variant and is_variant and case.skip is None:
             variant["vs_fastest_depth"] = ratio(results[case.key], fastest, "batches_per_s")
+            variant["depth_reached"] = figure(results[case.key], "depth_reached")
     flat = results[f"{size}/flat out"]
     return {
         "size_bytes": nbytes,
@@ -351,7 +353,7 @@ class Section(Protocol):
     def render(self, summary: dict[str, Any]) -> list[str]: ...
 
 
-SECTIONS: list[Section] = []  # e.g. on-device Normalize against host float32 (issue 15)
+SECTIONS: list[Section] = [normalize.SECTION]  # on-device Normalize against host float32
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,9 +137,11 @@ def print_report(report: dict[str, Any]) -> None:
         )
         for row in size["rows"]:
             if "vs_fastest_depth" in row:
+                reached = row.get("depth_reached")
                 print(
                     f"  {row['row']}: {spread(row['vs_fastest_depth'])}x the fastest fixed depth's "
                     f"batches/s, {row['device_bytes_peak'] / MiB:.1f} MiB device"
+                    + (f", reached depth {spread(reached, '{:.0f}')}" if reached else "")
                 )
     tolerance = config["tolerance"]
     print(

@@ -111,6 +111,84 @@ def measure(path: str, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+class NormalizeSection:
+    """The comparison as a section of ``python -m bench``, in its interleaved rounds."""
+
+    name = "normalize"
+    FIGURES = ("batches_per_s", "bytes_copied_per_batch", "host_ms_per_batch")
+
+    def _args(self, ctx: Any) -> argparse.Namespace:
+        smoke = ctx.args.smoke
+        return argparse.Namespace(
+            device=ctx.args.device,
+            batch=4 if smoke else 32,
+            size=16 if smoke else 160,
+            batches=4 if smoke else 20,
+            workers=ctx.args.workers,
+            depth=2,
+        )
+
+    def cases(self, ctx: Any) -> list[Any]:
+        from bench.rounds import Case
+
+        args = self._args(ctx)
+
+        def run(path: str) -> dict[str, float]:
+            figures = measure(path, args)
+            return {key: float(figures[key]) for key in self.FIGURES}
+
+        labels = {
+            "device": "uint8 + Normalize on the device",
+            "host": "float32 normalized on the host",
+        }
+        return [
+            Case(f"normalize/{path}", lambda path=path: run(path), label=label)  # type: ignore[misc]
+            for path, label in labels.items()
+        ]
+
+    def summarize(self, ctx: Any, results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+        args = self._args(ctx)
+        paths = {
+            path: {
+                key: _spread([r[key] for r in results[f"normalize/{path}"]]) for key in self.FIGURES
+            }
+            for path in ("device", "host")
+        }
+        within = [
+            d["batches_per_s"] / h["batches_per_s"]
+            for d, h in zip(results["normalize/device"], results["normalize/host"], strict=True)
+        ]
+        return {
+            "images": f"{args.batch} x {args.size}x{args.size}x3 uint8",
+            "paths": paths,
+            "device_over_host_batches_per_s": _spread(within),
+        }
+
+    def render(self, summary: dict[str, Any]) -> list[str]:
+        lines = [
+            "",
+            f"Normalize on the device vs on the host ({summary['images']} per batch, "
+            "median [min-max] over the rounds):",
+        ]
+        for path, figures in summary["paths"].items():
+            rate, size, cost = (figures[k] for k in self.FIGURES)
+            lines.append(
+                f"  {path:>6}: {rate['median']:8.1f} [{rate['min']:.1f}-{rate['max']:.1f}] "
+                f"batches/s, {size['median'] / 2**20:6.2f} MiB copied/batch, host "
+                f"{cost['median']:6.2f} [{cost['min']:.2f}-{cost['max']:.2f}] ms/batch"
+            )
+        ratio = summary["device_over_host_batches_per_s"]
+        lines.append(
+            f"  device/host batches/s within a round: {ratio['median']:.2f} "
+            f"[{ratio['min']:.2f}-{ratio['max']:.2f}] (on the NumPy fallback both are CPU work: "
+            "only the bytes and the host time say anything there)"
+        )
+        return lines
+
+
+SECTION = NormalizeSection()
+
+
 def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 

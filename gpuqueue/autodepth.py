@@ -1,12 +1,15 @@
 """``prefetch_depth="auto"``: a prefetch depth that finds itself, within a memory budget.
 
-The run starts at depth ``START``. Every ``WINDOW`` batches the consumer
-takes, the tuner looks at how many of them it had to wait for (the device
-queue was empty when it asked). If that was more than ``STARVED`` of them,
-and one more batch ahead still fits the budget, it goes one deeper, up to
-``CAP``. It never goes shallower: a depth that was once needed is kept for
-the rest of the run, so a run never oscillates, and memory only grows while
-it buys something. ``stats()`` reports the depth and the reason for it.
+The run starts at depth ``START``. The tuner counts the batches the
+consumer had to wait for (the device queue was empty when it asked), over
+windows of ``WINDOW`` batches after the first ``WARMUP`` (which wait while
+the pipeline fills). As soon as more than ``STARVED`` of a window waited,
+and one more batch ahead still fits the budget, it goes one deeper (up to
+``CAP``) and starts a new window: a run that starves deepens within a few
+batches, one that does not holds. It never goes shallower: a depth that was
+once needed is kept for the rest of the run, so a run never oscillates, and
+memory only grows while it buys something. ``stats()`` reports the depth and
+the reason for it.
 
 Device memory for depth ``d`` is bounded by ``(d + 3) x largest batch x
 1.25``: ``d`` batches ahead, the one the loop holds and the one it just
@@ -27,11 +30,12 @@ import threading
 
 from .arenas import GROWTH, DeviceArenas
 
-__all__ = ["CAP", "START", "STARVED", "WINDOW", "DepthTuner", "device_bytes_for"]
+__all__ = ["CAP", "START", "STARVED", "WARMUP", "WINDOW", "DepthTuner", "device_bytes_for"]
 
 START = 2
 CAP = 8
-WINDOW = 32  # batches per decision
+WARMUP = 4  # the first gets wait while the pipeline fills: not counted
+WINDOW = 32  # batches per decision, at most
 STARVED = 0.05  # a larger share of a window's batches waited for: go deeper
 DEFAULT_BUDGET_SHARE = 0.1  # of the free device (or host) memory at start
 
@@ -54,26 +58,30 @@ class DepthTuner:
         self._arenas = arenas
         self.budget, self._budget_source = budget, budget_source
         self.depth = START
-        self.reason = f"starts at {START}; decides every {WINDOW} batches"
+        self.reason = f"starts at {START}"
         self._lock = threading.Lock()  # several threads may consume one run
         self._seen = self._starved = self._unstaged = 0
+        self._warming = WARMUP
 
     def observe(self, starved: bool, staged: bool) -> None:
         """One batch taken: ``starved`` if the consumer had to wait for it, ``staged``
         if batches were waiting for their copy at that moment."""
         with self._lock:
+            if self._warming:
+                self._warming -= 1
+                return
             self._seen += 1
             if starved:
                 self._starved += 1
                 self._unstaged += not staged
-            if self._seen >= WINDOW:
+            if self._starved > STARVED * WINDOW or self._seen >= WINDOW:
                 self._decide()
                 self._seen = self._starved = self._unstaged = 0
 
     def _decide(self) -> None:
-        depth, share = self.depth, self._starved / self._seen
+        depth = self.depth
         waited = f"the consumer waited for {self._starved} of the last {self._seen} batches"
-        if share <= STARVED:
+        if self._starved <= STARVED * WINDOW:
             self.reason = f"holds at {depth}: {waited}"
             return
         if self._unstaged * 2 > self._starved:

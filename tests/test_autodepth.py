@@ -11,7 +11,7 @@ import pytest
 
 import gpuqueue
 from gpuqueue import OrderedEnqueuer
-from gpuqueue.autodepth import CAP, START, WINDOW, DepthTuner, device_bytes_for
+from gpuqueue.autodepth import CAP, START, WARMUP, WINDOW, DepthTuner, device_bytes_for
 from gpuqueue.backends.numpy import available_host_memory
 from gpuqueue.packing import layout
 from gpuqueue.staging import describe
@@ -27,6 +27,15 @@ class FakeArenas:
         self.depths.append(depth)
 
 
+def warmed(arenas: FakeArenas, budget: int = 10**9, source: str = "test") -> DepthTuner:
+    """A tuner past its warm-up (the first gets, which wait while the pipeline fills)."""
+    tuner = DepthTuner(arenas, budget=budget, budget_source=source)  # type: ignore[arg-type]
+    for _ in range(WARMUP):
+        tuner.observe(starved=True, staged=False)
+    assert tuner.depth == START and arenas.depths == []
+    return tuner
+
+
 def window(tuner: DepthTuner, starved: int, staged: bool = True) -> None:
     for i in range(WINDOW):
         tuner.observe(starved=i < starved, staged=staged)
@@ -34,17 +43,21 @@ def window(tuner: DepthTuner, starved: int, staged: bool = True) -> None:
 
 def test_the_tuner_holds_while_the_consumer_rarely_waits() -> None:
     arenas = FakeArenas(largest=1000)
-    tuner = DepthTuner(arenas, budget=10**9, budget_source="test")  # type: ignore[arg-type]
+    tuner = warmed(arenas)
     window(tuner, starved=1)  # 1 of 32 is 3 %: under the 5 % line
     assert tuner.depth == START and arenas.depths == []
     assert tuner.reason == f"holds at {START}: the consumer waited for 1 of the last 32 batches"
 
 
-def test_the_tuner_goes_one_deeper_per_starved_window_up_to_the_cap() -> None:
+def test_the_tuner_goes_one_deeper_as_soon_as_a_window_starves_up_to_the_cap() -> None:
     arenas = FakeArenas(largest=1000)
-    tuner = DepthTuner(arenas, budget=10**9, budget_source="test")  # type: ignore[arg-type]
-    for _ in range(CAP + 3):
-        window(tuner, starved=8)
+    tuner = warmed(arenas)
+    tuner.observe(starved=True, staged=True)
+    tuner.observe(starved=True, staged=True)  # 2 of a window of 32: over 5 %
+    assert arenas.depths == [START + 1]
+    assert tuner.reason == f"went to {START + 1}: the consumer waited for 2 of the last 2 batches"
+    for _ in range(2 * CAP):
+        tuner.observe(starved=True, staged=True)
     assert arenas.depths == list(range(START + 1, CAP + 1))
     assert tuner.depth == CAP and tuner.reason.startswith(f"holds at the cap, {CAP}")
     window(tuner, starved=0)  # never shallower
@@ -55,7 +68,7 @@ def test_the_tuner_never_passes_the_budget_and_says_so() -> None:
     largest = 1 << 20
     budget = device_bytes_for(4, largest)  # room for depth 4, not 5
     arenas = FakeArenas(largest)
-    tuner = DepthTuner(arenas, budget=budget, budget_source="max_device_bytes")  # type: ignore[arg-type]
+    tuner = warmed(arenas, budget, "max_device_bytes")
     for _ in range(6):
         window(tuner, starved=32)
     assert tuner.depth == 4 and arenas.depths == [3, 4]
@@ -63,7 +76,7 @@ def test_the_tuner_never_passes_the_budget_and_says_so() -> None:
 
 
 def test_the_tuner_says_when_the_workers_are_behind() -> None:
-    tuner = DepthTuner(FakeArenas(10), budget=10**9, budget_source="test")  # type: ignore[arg-type]
+    tuner = warmed(FakeArenas(10))
     window(tuner, starved=32, staged=False)
     assert "the workers are behind" in tuner.reason
 
@@ -129,7 +142,7 @@ def test_a_slow_producer_makes_the_run_deeper_within_the_budget(
     assert enqueuer.stats()["prefetch_depth"] == START
     seq.go()
     depths = []
-    for position, batch in enumerate(islice(enqueuer.get(), WINDOW * 6)):
+    for position, batch in enumerate(islice(enqueuer.get(), WINDOW * 2)):
         if device == "simulated":
             enqueuer._run.backend.synchronize_stream(enqueuer._run.backend.current_stream())
         assert int(batch[1]) == position % 64 and np.all(batch[0] == position % 64)
