@@ -55,9 +55,18 @@ def test_depth_smoke_run_writes_every_row_and_the_plot(depth_smoke: tuple[str, P
     (size,) = report["sizes"]
     rows = {row["row"]: row for row in size["rows"]}
     assert list(rows) == [
-        "gpuqueue depth 0", "gpuqueue depth 1", "gpuqueue depth 2", "one-ahead loop",
-        "DataLoader workers=0", "DataLoader workers=2", "tf_keras enqueuer",
+        "gpuqueue depth 0", "gpuqueue depth 1", "gpuqueue depth 2", "gpuqueue depth auto",
+        "one-ahead loop", "DataLoader workers=0", "DataLoader workers=2", "tf_keras enqueuer",
     ]  # fmt: skip
+    auto = rows["gpuqueue depth auto"]
+    assert len(auto["vs_fastest_depth"]["rounds"]) == 2 and auto["depth_reached"]["min"] >= 2
+    assert "gpuqueue depth auto: " in stdout and "the fastest fixed depth's" in stdout
+    normalize = report["sections"]["normalize"]
+    assert set(normalize["paths"]) == {"device", "host"}
+    device, host = normalize["paths"]["device"], normalize["paths"]["host"]
+    # uint8 travels, float32 does not: a quarter of the bytes (and the labels).
+    assert device["bytes_copied_per_batch"]["median"] < host["bytes_copied_per_batch"]["median"] / 3
+    assert "Normalize on the device vs on the host" in stdout
     assert rows["tf_keras enqueuer"]["skipped"].startswith("tf_keras not installed")
     assert "tf_keras enqueuer" in stdout and "skipped: tf_keras not installed" in stdout
     for name, row in rows.items():
