@@ -63,3 +63,66 @@ def test_two_consuming_threads_share_bundles_and_get_every_batch_once(
     assert all(thread.error is None for thread in results), [t.error for t in results]
     got = [label for thread in results for label in thread.result]  # type: ignore[attr-defined]
     assert sorted(got) == list(range(80))
+
+
+def test_plan_split_in_two_threads_never_pairs_leaves_with_another_layout() -> None:
+    # Forced interleaving: one worker splits a short batch (a new layout) and is paused
+    # right after its first write to the plan; another splits a full batch meanwhile.
+    # Each must get the layout of its own leaves: a short batch packed under the full
+    # layout is broadcast into it (rows repeated), silently.
+    import threading
+
+    from gpuqueue.plan import Plan
+    from gpuqueue.staging import describe
+    from tests.conftest import Worker
+
+    full = (np.zeros((2, 3), np.float32), np.int64(0))
+    short = (np.ones((1, 3), np.float32), np.int64(1))
+    treedef, leaves = describe(full)
+    plan = Plan.of(full, treedef, leaves)
+    assert plan is not None
+    paused, go = threading.Event(), threading.Event()
+    pausing: list[threading.Thread] = []
+
+    class PausedPlan(Plan):
+        def __setattr__(self, name: str, value: Any) -> None:
+            super().__setattr__(name, value)
+            if pausing and threading.current_thread() is pausing[0] and not paused.is_set():
+                paused.set()
+                go.wait(timeout=10)
+
+    plan.__class__ = PausedPlan
+    worker = Worker(plan.split, short, name="short-batch")
+    pausing.append(worker)
+    worker.start()
+    assert paused.wait(timeout=10)
+    try:
+        result = plan.split(full)
+    finally:
+        go.set()
+        worker.finish()
+    for split in (result, worker.result):
+        assert split is not None
+        got, metas, nbytes = split  # type: ignore[misc]
+        assert [meta.shape for meta in metas] == [array.shape for _, array in got]
+        assert nbytes >= metas[-1].offset + got[-1][1].nbytes
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_a_python_int_numpy_cannot_hold_is_refused_after_many_alike(
+    running: list[Any], device: str | None
+) -> None:
+    # The first batches make a plan; a label past int64 (an object array) must get the
+    # general path's clear error, as it would as the first batch.
+    from gpuqueue.errors import BatchError
+
+    class BigLabel(Tiny):
+        def __getitem__(self, index: int) -> Any:
+            x, y = super().__getitem__(index)
+            return x, (2**70 if index == 5 else y)
+
+    enqueuer = start(running, OrderedEnqueuer(BigLabel(), shard=None, device=device), workers=1)
+    batches = enqueuer.get()
+    assert [int(next(batches)[1]) for _ in range(5)] == list(range(5))
+    with pytest.raises(BatchError, match=r"field \[1\] has dtype object"):
+        next(batches)
