@@ -69,6 +69,12 @@ def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
             part = parts.popleft()
         except IndexError:
             part = None
+        if part is not None and run.coord.should_stop() and not run.ended:
+            parts.clear()  # stop() ends the iteration, as when the queue is cancelled
+            if run.coord.exception is not None:
+                run.fail(run.coord.exception)
+                continue
+            return
         if part is None:
             started = time.monotonic()
             tuner = run.tuner
@@ -81,6 +87,7 @@ def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
                 run.coord.request_stop(error)  # stop() then ends (or kills) what is stuck
                 raise
             except OutOfRangeError:  # a finite source ended
+                run.ended = True
                 run.stop(DEFAULT_STOP_TIMEOUT)
                 return
             except CancelledError:  # stop() from another thread, or an internal failure

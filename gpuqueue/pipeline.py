@@ -88,6 +88,7 @@ class Run:
     # A bundle's batches taken off the output queue and not yet delivered: whichever
     # get() comes next delivers them, so a generator dropped mid-bundle loses none.
     parts: deque[Item] = field(default_factory=deque)
+    ended: bool = False  # the source ended: the parts still to deliver are the stream's last
     # The first error the consumer saw: every later get() raises it again.
     error: BaseException | None = None
     error_traceback: TracebackType | None = None

@@ -126,3 +126,17 @@ def test_a_python_int_numpy_cannot_hold_is_refused_after_many_alike(
     assert [int(next(batches)[1]) for _ in range(5)] == list(range(5))
     with pytest.raises(BatchError, match=r"field \[1\] has dtype object"):
         next(batches)
+
+
+def test_stop_inside_the_loop_ends_it_even_mid_bundle(
+    running: list[Any], bundles_of_eight: None
+) -> None:
+    # get()'s promise: stop() ends the iteration. The rest of the bundle the loop's
+    # batch came in must not be delivered after it.
+    enqueuer = start(running, OrderedEnqueuer(Tiny(), shard=None), workers=1)
+    got = []
+    for batch in enqueuer.get():
+        got.append(int(batch[1]))
+        if len(got) == 10:
+            enqueuer.stop()
+    assert got == list(range(10))
