@@ -201,7 +201,12 @@ def _deliver(run: Run, item: Item) -> Any:
     if copied is None:  # prefetch_depth=0: copy now, on the consumer's stream
         assert staged is not None
         run.arenas.reserve()
-        copied = run.arenas.copy(staged, stream)
+        try:
+            copied = run.arenas.copy(staged, stream)
+        except BaseException:  # as the copy looper: the slot goes back, the batch is gone
+            staged.release(None)
+            run.arenas.unreserve()
+            raise
         if copied.error is not None:
             run.arenas.unreserve()
             note_thread(copied.error, f"transforming {item.task.where()}")

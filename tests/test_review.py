@@ -140,3 +140,41 @@ def test_stop_inside_the_loop_ends_it_even_mid_bundle(
         if len(got) == 10:
             enqueuer.stop()
     assert got == list(range(10))
+
+
+def test_a_failed_copy_in_get_at_depth_0_gives_its_pinned_slot_back(running: list[Any]) -> None:
+    # prefetch_depth=0 copies in get(); a copy that raises there must return the batch's
+    # pinned slot (as the copy looper does), or stop() can never free it.
+    from gpuqueue.backends.numpy import NumpyBackend
+
+    class Copies(NumpyBackend):
+        shares_host_memory = False  # a device of its own: every batch is copied
+
+        def __init__(self) -> None:
+            self.pinned: set[int] = set()
+            self.copies = 0
+
+        def alloc_pinned(self, nbytes: int) -> np.ndarray:
+            buffer = super().alloc_pinned(nbytes)
+            self.pinned.add(id(buffer))
+            return buffer
+
+        def free_pinned(self, buffer: np.ndarray) -> None:
+            self.pinned.discard(id(buffer))
+
+        def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
+            self.copies += 1
+            if self.copies == 3:
+                raise MemoryError("the device is full")
+            super().copy_to_device(dst, src, nbytes, stream)
+
+    backend = Copies()
+    enqueuer = OrderedEnqueuer(Tiny(), device=backend, prefetch_depth=0, shard=None)
+    start(running, enqueuer, workers=1)
+    batches = enqueuer.get()
+    held = [next(batches), next(batches)]
+    with pytest.raises(MemoryError, match="the device is full"):
+        next(batches)
+    enqueuer.stop()
+    assert [int(batch[1]) for batch in held] == [0, 1]
+    assert backend.pinned == set(), "a pinned slot was never freed"
