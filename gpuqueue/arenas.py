@@ -73,10 +73,11 @@ class _Owner:
     temporaries, a batch dropped undelivered), the consumer's once delivered.
     """
 
-    __slots__ = ("stream",)
+    __slots__ = ("live", "stream")
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.live = 0  # bytes the transform allocated for the batch and still held
 
 
 class _Lease:
@@ -120,6 +121,7 @@ class DeviceArenas:
         self._cancelled = False
         self._closed = False
         self.largest = 0  # the largest batch seen: every new arena takes it, with a margin
+        self.largest_output = 0  # the most a transform's outputs held for one batch
         self.device_bytes = 0  # allocated now: free, in flight, and held by the consumer
         self.bytes_copied = 0
         self._copies = 0
@@ -221,6 +223,8 @@ class DeviceArenas:
         started = time.perf_counter()
         try:
             copied.batch, copied.kinds = self._apply(copied, owner, stream)
+            # (its temporaries are gone: what is left goes with the batch)
+            self.largest_output = max(self.largest_output, owner.live)
         except Exception as error:
             traceback.clear_frames(error.__traceback__)
             copied.error = error
@@ -253,6 +257,7 @@ class DeviceArenas:
         finalizer.atexit = False
         with self._cond:
             self.device_bytes += nbytes
+            owner.live += nbytes
         return memory, lease
 
     def _free_owned(self, memory: Any, nbytes: int, owner: _Owner) -> None:
@@ -261,6 +266,7 @@ class DeviceArenas:
             self.backend.free_device(memory, owner.stream)
         with self._cond:
             self.device_bytes -= nbytes
+            owner.live -= nbytes
 
     def _lease(self, copied: Copied, owner: _Owner) -> _Lease:
         lease = _Lease()

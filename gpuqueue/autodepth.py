@@ -14,9 +14,11 @@ the reason for it.
 Device memory for depth ``d`` is bounded by ``(d + 3) x largest batch x
 1.25``: ``d`` batches ahead, the one the loop holds and the one it just
 dropped, one free arena, each with the arenas' growth margin
-(``arenas.py``). The budget is ``max_device_bytes``, by default a tenth of
-the device's free memory when the run starts (on NumPy, of the host's
-available memory).
+(``arenas.py``); with a transform, plus ``(d + 2) x`` the most its outputs
+held for one batch (batches ahead and held have outputs; a free arena has
+none). The budget is ``max_device_bytes``, by default a tenth of the
+device's free memory when the run starts (on NumPy, of the host's available
+memory).
 
 A deeper prefetch absorbs jitter: slow copies, a burst of fast steps. When
 the workers themselves are behind (nothing was staged when the consumer
@@ -40,9 +42,10 @@ STARVED = 0.05  # a larger share of a window's batches waited for: go deeper
 DEFAULT_BUDGET_SHARE = 0.1  # of the free device (or host) memory at start
 
 
-def device_bytes_for(depth: int, largest: int) -> int:
-    """The device memory a run at ``depth`` may hold, batches of ``largest`` bytes."""
-    return int((depth + 3) * largest * GROWTH)
+def device_bytes_for(depth: int, largest: int, outputs: int = 0) -> int:
+    """The device memory a run at ``depth`` may hold, batches of ``largest`` bytes
+    whose transform's outputs hold ``outputs`` bytes."""
+    return int((depth + 3) * largest * GROWTH) + (depth + 2) * outputs
 
 
 class DepthTuner:
@@ -92,7 +95,7 @@ class DepthTuner:
         if depth >= CAP:
             self.reason = f"holds at the cap, {CAP}: {waited}"
             return
-        need = device_bytes_for(depth + 1, self._arenas.largest)
+        need = device_bytes_for(depth + 1, self._arenas.largest, self._arenas.largest_output)
         if need > self.budget:
             self.reason = (
                 f"holds at {depth}: {waited}, but depth {depth + 1} may need {need} bytes, "

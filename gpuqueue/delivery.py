@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
@@ -61,61 +60,77 @@ def batches(run: Run, received: Callable[[Task], None]) -> Generator[Any, None, 
 
 
 def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
-    queue = run.output_queue
+    queue, parts = run.output_queue, run.parts
     while True:
         if run.error is not None:
             raise run.error.with_traceback(run.error_traceback)
-        started = time.monotonic()
-        tuner = run.tuner
-        if tuner is not None:  # prefetch_depth="auto" learns whether this get waits
-            tuner.observe(starved=queue.qsize() == 0, staged=run.host_queue.qsize() > 0)
         try:
-            item = _next_item(run, queue)
-        except BatchTimeoutError as error:
-            run.fail(error)
-            run.coord.request_stop(error)  # stop() then ends (or kills) what is stuck
-            raise
-        except OutOfRangeError:  # a finite source ended
-            run.stop(DEFAULT_STOP_TIMEOUT)
-            return
-        except CancelledError:  # stop() from another thread, or an internal failure
+            # A bundle's next batch first, whichever get() took the bundle off the queue.
+            part = parts.popleft()
+        except IndexError:
+            part = None
+        if part is not None and run.coord.should_stop() and not run.ended:
+            parts.clear()  # stop() ends the iteration, as when the queue is cancelled
             if run.coord.exception is not None:
                 run.fail(run.coord.exception)
                 continue
             return
-        with run.counters.lock:
-            run.counters.consumer_wait_s += time.monotonic() - started
-            run.counters.occupancy_sum += queue.qsize()
-            run.counters.gets += 1
-        parts = deque(item.bundle or (item,))  # (a bundle's last may hold an error)
-        del item
-        while parts:
-            part = parts.popleft()
-            if part.error is not None:
-                part.release_staging()
-                _stop_with(run, part.error)
-                break
-            received(part.task)
-            if part.described is None or part.described.skipped:
-                continue
+        if part is None:
+            started = time.monotonic()
+            tuner = run.tuner
+            if tuner is not None:  # prefetch_depth="auto" learns whether this get waits
+                tuner.observe(starved=queue.qsize() == 0, staged=run.host_queue.qsize() > 0)
             try:
-                batch = _deliver(run, part)
-            except CancelledError:  # stopped from another thread while copying (depth 0)
+                item = _next_item(run, queue)
+            except BatchTimeoutError as error:
+                run.fail(error)
+                run.coord.request_stop(error)  # stop() then ends (or kills) what is stuck
+                raise
+            except OutOfRangeError:  # a finite source ended
+                run.ended = True
+                run.stop(DEFAULT_STOP_TIMEOUT)
                 return
-            except _TransformFailed as failed:  # depth 0: the transform ran in this get()
-                _stop_with(run, failed.error)
-                break
-            except Exception as error:
-                note_thread(error, f"delivering {part.task.where()}")
-                _stop_with(run, error)
-                break
+            except CancelledError:  # stop() from another thread, or an internal failure
+                if run.coord.exception is not None:
+                    run.fail(run.coord.exception)
+                    continue
+                return
             with run.counters.lock:
-                run.counters.consumed += 1
-            # The batch is the consumer's: this frame must not keep it (and its arena)
-            # alive while it waits here for the next call.
-            handed = [batch]
-            del batch, part
-            yield handed.pop()
+                run.counters.consumer_wait_s += time.monotonic() - started
+                run.counters.occupancy_sum += queue.qsize()
+                run.counters.gets += 1
+            if item.bundle is None:
+                part = item
+            else:  # (a bundle's last may hold an error)
+                parts.extend(item.bundle)
+            del item
+            if part is None:
+                continue
+        if part.error is not None:
+            part.release_staging()
+            _stop_with(run, part.error)
+            continue
+        received(part.task)
+        if part.described is None or part.described.skipped:
+            continue
+        try:
+            batch = _deliver(run, part)
+        except CancelledError:  # stopped from another thread while copying (depth 0)
+            return
+        except _TransformFailed as failed:  # depth 0: the transform ran in this get()
+            _stop_with(run, failed.error)
+            continue
+        except Exception as error:
+            note_thread(error, f"delivering {part.task.where()}")
+            _stop_with(run, error)
+            continue
+        with run.counters.lock:
+            run.counters.consumed += 1
+        # The batch is the consumer's: this frame must not keep it (and its arena)
+        # alive while it waits here for the next call.
+        handed = [batch]
+        del batch, part
+        yield handed.pop()
 
 
 def _next_item(run: Run, queue: FIFOQueue[Item]) -> Item:
@@ -186,7 +201,12 @@ def _deliver(run: Run, item: Item) -> Any:
     if copied is None:  # prefetch_depth=0: copy now, on the consumer's stream
         assert staged is not None
         run.arenas.reserve()
-        copied = run.arenas.copy(staged, stream)
+        try:
+            copied = run.arenas.copy(staged, stream)
+        except BaseException:  # as the copy looper: the slot goes back, the batch is gone
+            staged.release(None)
+            run.arenas.unreserve()
+            raise
         if copied.error is not None:
             run.arenas.unreserve()
             note_thread(copied.error, f"transforming {item.task.where()}")

@@ -52,9 +52,9 @@ class SequenceEnqueuer:
             up to 8 and within ``max_device_bytes``; never shallower.
             ``stats()`` says which depth and why.
         max_device_bytes: For ``prefetch_depth="auto"``: the device memory
-            its batches may take (``(depth + 3) x largest batch x 1.25``);
-            None: a tenth of the device's free memory at start (on NumPy,
-            of the host's).
+            its batches may take (``(depth + 3) x largest batch x 1.25``,
+            plus ``(depth + 2) x`` a transform's outputs); None: a tenth of
+            the device's free memory at start (on NumPy, of the host's).
         output: ``None`` (or ``"cupy"``, ``"numpy"``) for the backend's arrays,
             ``"torch"`` or ``"jax"`` for that library's, on the same memory.
         stream: The stream the consumer's work runs on; by default the

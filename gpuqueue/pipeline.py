@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -84,6 +85,10 @@ class Run:
     host: HostStage | None = None
     # The threads iterating the run's batches (delivery.py lets one at a time).
     counters: Counters = field(default_factory=Counters)
+    # A bundle's batches taken off the output queue and not yet delivered: whichever
+    # get() comes next delivers them, so a generator dropped mid-bundle loses none.
+    parts: deque[Item] = field(default_factory=deque)
+    ended: bool = False  # the source ended: the parts still to deliver are the stream's last
     # The first error the consumer saw: every later get() raises it again.
     error: BaseException | None = None
     error_traceback: TracebackType | None = None

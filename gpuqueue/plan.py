@@ -43,8 +43,14 @@ class Plan:
         self.treedef = treedef
         self._check = check
         self._paths = [path for path, _ in leaves]
-        self._key = _key(leaves, leaves.kinds)  # the leaves' dtypes, shapes and kinds
-        self.metas, self._nbytes = layout(leaves)
+        # (the leaves' dtypes, shapes and kinds; their layout; its size), read and
+        # replaced as one: workers split at once, and a layout must go with its key.
+        self._layout = (_key(leaves, leaves.kinds), *layout(leaves))
+
+    @property
+    def metas(self) -> list[LeafMeta]:
+        """The layout of the batch split last (the first batch's until one differed)."""
+        return self._layout[1]
 
     @classmethod
     def of(cls, batch: Any, treedef: TreeDef, leaves: Leaves) -> Plan | None:
@@ -87,10 +93,10 @@ class Plan:
         leaves.extend(zip(self._paths, arrays, strict=True))
         leaves.kinds = kinds
         key = _key(arrays, kinds)
-        if key != self._key:
-            self.metas, self._nbytes = layout(leaves)
-            self._key = key
-        return leaves, self.metas, self._nbytes
+        known = self._layout
+        if key != known[0]:
+            known = self._layout = (key, *layout(leaves))
+        return leaves, known[1], known[2]
 
 
 def _key(leaves: Any, kinds: list[str]) -> tuple[Any, ...]:
@@ -171,7 +177,10 @@ def _compile_leaf(value: Any, path: str, kind: str) -> _Check:
         def check_scalar(node: Any, arrays: list[np.ndarray], found: list[str]) -> bool:
             if type(node) is not leaf_type:
                 return False
-            arrays.append(np.asarray(node))
+            array = np.asarray(node)
+            if array.dtype.hasobject:  # an int past 64 bits: the general path names it
+                return False
+            arrays.append(array)
             found.append(kind)
             return True
 

@@ -256,6 +256,9 @@ class SlotPool:
         # (atomic) and never takes the lock; take() gathers them.
         self._returned: deque[Slot] = deque()
         self._retired: list[int] = []  # numbers of slots freed, for the processes to unmap
+        # Lent slots that kept their descriptor; past count + _SPARE it is closed (and the
+        # slot retires on return), or each held batch would hold one, to the fd limit.
+        self._lent_open = 0
 
     def take(self) -> Slot:
         """A free slot, once its last copy has completed, grown to the largest batch seen.
@@ -301,7 +304,9 @@ class SlotPool:
         """Puts the lent slots that came back among the free ones, or retires them (locked)."""
         while self._returned:
             slot = self._returned.popleft()
-            if self._busy + len(self._free) < self._count + _SPARE:
+            if slot.file is not None:
+                self._lent_open -= 1
+            if slot.file is not None and self._busy + len(self._free) < self._count + _SPARE:
                 self._free.append(slot)
             else:
                 del self._all[slot.number]
@@ -330,6 +335,11 @@ class SlotPool:
         with self._lock:
             self._busy -= 1
             self._wake.notify()
+            if self._lent_open < self._count + _SPARE:
+                self._lent_open += 1
+            elif slot.file is not None:  # (the mapping needs none)
+                slot.file.close()
+                slot.file = None
         return lease
 
     def retired(self) -> list[int]:

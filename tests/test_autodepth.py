@@ -21,6 +21,7 @@ from tests.conftest import start
 class FakeArenas:
     def __init__(self, largest: int) -> None:
         self.largest = largest
+        self.largest_output = 0
         self.depths: list[int] = []
 
     def set_depth(self, depth: int) -> None:

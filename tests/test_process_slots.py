@@ -231,3 +231,22 @@ def test_the_consumer_copies_nothing_out_of_a_slot(enqueuers: list[OrderedEnqueu
     ]
     assert len(inside) == 1
     del x, inside
+
+
+def test_held_batches_do_not_each_hold_a_descriptor(enqueuers: list[OrderedEnqueuer]) -> None:
+    """Regression: every lent slot kept its segment's descriptor open while held, so a
+    consumer holding an epoch (``list(enqueuer.get())``) ran out of descriptors."""
+    before = shared_memory()
+    enqueuer = started(enqueuers, Numbered(length=7, shape=(16, 16)))
+    batches = enqueuer.get()
+    held = list(islice(batches, 60))
+    opened = shared_memory() - before
+    assert len(opened) <= 2 * (SLOTS + 2), f"{len(opened)} descriptors for 60 held batches"
+    for position, (x, extra) in enumerate(held):
+        assert int(extra["index"]) == position % 7 and np.all(x == position % 7), position
+    del held, x, extra
+    gc.collect()
+    for position in range(60, 60 + 4 * SLOTS):  # slots come back, or retire, and stay true
+        x, extra = next(batches)
+        assert int(extra["index"]) == position % 7 and np.all(x == position % 7), position
+    assert enqueuer._run.processes._slots.slots <= SLOTS + 4

@@ -19,6 +19,7 @@ import pytest
 import gpuqueue
 import gpuqueue.backends
 from gpuqueue import BatchError, Normalize, OrderedEnqueuer
+from tests.conftest import start, wait_entered
 from tests.cuda_double import StrictCuda, install, uninstall
 
 MEAN = (123.675, 116.28, 103.53)
@@ -517,3 +518,79 @@ def test_bfloat16_from_a_transform_reaching_a_numpy_output_is_a_clear_error() ->
         pytest.raises(BatchError, match=r"^field \[0\] is bfloat16, which NumPy and CuPy have no"),
     ):
         next(batches)
+
+
+class GatedImages(gpuqueue.Sequence):
+    """uint8 images read one per permit (a slow producer: the consumer waits for each)."""
+
+    def __init__(self, length: int = 64) -> None:
+        import threading
+
+        self.length = length
+        self._cond = threading.Condition()
+        self._permits = 0
+        self._open = False
+
+    def __len__(self) -> int:
+        return self.length
+
+    def go(self) -> None:
+        with self._cond:
+            self._permits += 1
+            self._cond.notify()
+
+    def stop(self, timeout: float) -> None:  # first in ``running``: lets the workers end
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def __getitem__(self, index: int) -> Any:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._open or self._permits > 0, timeout=20):
+                raise TimeoutError(f"read {index} was never let go")
+            self._permits -= not self._open
+        return np.full((250, 4), index, np.uint8), index
+
+
+def test_auto_depth_counts_what_the_transform_allocates_within_the_budget(
+    strict_cuda: StrictCuda, running: list[Any]
+) -> None:
+    # uint8 in, float32 out: each batch the consumer holds or is prefetched holds four
+    # times its arena in outputs. The budget fits depth 3 with them; deepening on the
+    # arenas alone went on to the cap, far past it.
+    from gpuqueue.autodepth import START, WINDOW
+    from gpuqueue.packing import layout
+    from gpuqueue.staging import describe
+
+    arena = int(layout(describe((np.zeros((250, 4), np.uint8), 0))[1])[1] * 1.25)
+    outputs = 250 * 4 * 4
+    budget = 6 * arena + 5 * outputs + outputs // 2  # depth 3: 3 ahead, 2 held, 1 free
+    seq = GatedImages()
+    enqueuer = OrderedEnqueuer(
+        seq,
+        device=0,
+        prefetch_depth="auto",
+        max_device_bytes=budget,
+        shard=None,
+        transform={0: Normalize(0.0, 1.0)},
+    )
+    running.append(seq)
+    start(running, enqueuer, workers=1, max_queue_size=2)
+    seq.go()
+    stream = strict_cuda.default_stream(0)
+    batches = enqueuer.get()
+    depths = []
+    for position in range(WINDOW * 7):  # a slow producer: the consumer waits for each
+        batch = next(batches)
+        assert int(strict_cuda.read(batch[1], stream)) == position % 64
+        depths.append(enqueuer.stats()["prefetch_depth"])
+        seq.go()
+    assert depths[0] == START and depths == sorted(depths), depths
+    # Then a burst: the producer is let go and the copy stage fills the depth it reached.
+    full = wait_entered(enqueuer._run.arenas._cond)  # the looper waits: depth batches ahead
+    seq.stop(0)
+    assert full.wait(timeout=20)
+    stats = enqueuer.stats()
+    assert stats["device_bytes"] <= budget, (stats["prefetch_depth"], stats["device_bytes"])
+    assert stats["prefetch_depth"] == 3, stats["prefetch_depth_reason"]
+    del batch, batches
