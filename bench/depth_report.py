@@ -24,7 +24,10 @@ def where(report: dict[str, Any]) -> str:
     machine = report["machine"]
     if on_device(report):
         return f"{machine['gpu']['name']} (host to device copies)"
-    return f"the NumPy fallback, {machine['cpu_count']} CPUs, no GPU (each 'copy' is a host memcpy)"
+    return (
+        f"the NumPy fallback, {machine['cpu_count']} CPUs, no GPU (no copy: each batch is "
+        "written once, by the worker that packs it, and handed over)"
+    )
 
 
 def columns(report: dict[str, Any]) -> list[tuple[str, int, str]]:

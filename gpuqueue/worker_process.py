@@ -3,7 +3,7 @@
 ``worker_main`` rebuilds the Sequence from the bytes it was started with,
 then reads one batch per request and packs it into the shared-memory slot the
 parent names, mapping each slot's segment once, when its descriptor arrives
-over the pipe (``shm.send_segment``). Every error, rebuilding the Sequence
+over the pipe (``segments.send_segment``). Every error, rebuilding the Sequence
 included, goes back to the parent as a value (its own type when it
 pickles), so the consumer sees the cause instead of an exit code. The
 parent's side is ``workers.ProcessPool``.
@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import PipelineError, add_note
 from .packing import layout, pack
-from .shm import receive_segment
+from .segments import receive_segment
 from .staging import describe
 
 __all__ = ["portable_error", "worker_main"]

@@ -33,7 +33,8 @@ from .coordinator import Coordinator
 from .errors import CancelledError, OutOfRangeError, PipelineError, WorkerDiedError
 from .packing import Staged
 from .pickling import pickle_source
-from .shm import Slot, SlotPool, send_segment
+from .segments import send_segment
+from .shm import Slot, SlotPool
 from .worker_process import worker_main
 
 __all__ = ["ProcessPool"]

@@ -400,7 +400,9 @@ def test_a_dev_shm_too_small_is_a_clear_error_naming_it_and_the_shm_size() -> No
     )
     if probe is None or probe.returncode != 0:
         pytest.skip("needs unshare -m and mount (root) to give the script a 4 MiB /dev/shm")
-    setup = "import gpuqueue.shm; gpuqueue.shm.USE_MEMFD = False  # as without memfd_create"
+    setup = (
+        "import gpuqueue.segments; gpuqueue.segments.USE_MEMFD = False  # as without memfd_create"
+    )
     script = SHARED_MEMORY_PROBE + textwrap.dedent(NO_ROOM_SCRIPT.replace("{setup}", setup))
     code = 'mount -t tmpfs -o size=4m tmpfs /dev/shm && exec "$0" -c "$1"'
     done = subprocess.run(
