@@ -90,16 +90,27 @@ def recommend_everywhere(
 ) -> int:
     """The smallest depth within ``tolerance`` of the best at every size.
 
-    The largest depth measured everywhere if no depth is within it at all
-    sizes (the deepest is then the safe choice).
+    If no depth is within it at all sizes, the depth that falls least below
+    a size's best (``holds_everywhere`` says which case it is).
     """
     if not by_size:
         raise ValueError("no size was measured")
     common = sorted(set.intersection(*(set(t) for t in by_size)))
     for depth in common:
-        if all(t[depth] >= max(t.values()) * (1 - tolerance) for t in by_size):
+        if holds_everywhere(by_size, depth, tolerance):
             return depth
-    return common[-1]
+    return max(common, key=lambda d: (worst_ratio(by_size, d), -d))
+
+
+def worst_ratio(by_size: Sequence[Mapping[int, float]], depth: int) -> float:
+    """``depth``'s throughput over the best depth's, at the size where it is lowest."""
+    return min(t[depth] / max(t.values()) for t in by_size)
+
+
+def holds_everywhere(
+    by_size: Sequence[Mapping[int, float]], depth: int, tolerance: float = TOLERANCE
+) -> bool:
+    return worst_ratio(by_size, depth) >= 1 - tolerance
 
 
 # ---------------------------------------------------------------- rows
@@ -411,17 +422,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = run_rounds(cases, args.rounds, Progress(runnable * args.rounds))
 
     sizes = [summarize_size(ctx, n, per_size[n], results) for n in args.sizes]
-    overall = recommend_everywhere(
-        [
-            {r["depth"]: r["batches_per_s"]["median"] for r in s["rows"]
-             if r["kind"] == "gpuqueue" and r["depth"] is not None and "skipped" not in r}
-            for s in sizes
-        ]
-    )  # fmt: skip
+    by_size = [
+        {r["depth"]: r["batches_per_s"]["median"] for r in s["rows"]
+         if r["kind"] == "gpuqueue" and r["depth"] is not None and "skipped" not in r}
+        for s in sizes
+    ]  # fmt: skip
+    overall = recommend_everywhere(by_size)
     report: dict[str, Any] = {
         "benchmark": "gpuqueue prefetch depth",
         "schema": 2,
-        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]),
         "machine": describe_machine(backend_name, gpu, nvml),
         "config": {
             "device": str(args.device),
@@ -440,6 +450,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "nvml_link": nvml.link() if nvml.error is None else {"nvml": nvml.error},
         "sizes": sizes,
         "recommended_depth": overall,
+        # Whether it is within the tolerance at every size, and its worst ratio to a size's best.
+        "recommended_holds_everywhere": holds_everywhere(by_size, overall),
+        "recommended_worst_ratio": worst_ratio(by_size, overall),
         "goal_vs_one_ahead": {
             "goal": "gpuqueue at the recommended depth is not behind the one-ahead loop "
             "at any size (median ratio >= 1.00)",

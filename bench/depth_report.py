@@ -147,10 +147,7 @@ def print_report(report: dict[str, Any]) -> None:
                     + (f", reached depth {spread(reached, '{:.0f}')}" if reached else "")
                 )
     tolerance = config["tolerance"]
-    print(
-        f"\nrecommended depth: {report['recommended_depth']} (the smallest whose throughput is "
-        f"within {tolerance:.0%} of the best depth's at every size)"
-    )
+    print(f"\nrecommended depth: {report['recommended_depth']} ({recommendation(report)})")
     noisy = [s for s in report["sizes"] if s["fastest_depth_spread"] > tolerance]
     if noisy:
         worst = max(s["fastest_depth_spread"] for s in noisy)
@@ -161,6 +158,19 @@ def print_report(report: dict[str, Any]) -> None:
         )
     goal = report["goal_vs_one_ahead"]
     print(f"goal: {goal['goal']}: {'met' if goal['met'] else 'NOT met'}")
+
+
+def recommendation(report: dict[str, Any]) -> str:
+    """Why the recommended depth is the one recommended, in words."""
+    tolerance = report["config"]["tolerance"]
+    if report.get("recommended_holds_everywhere", True):
+        return f"the smallest whose throughput is within {tolerance:.0%} of the best at every size"
+    below = 1 - report["recommended_worst_ratio"]
+    return (
+        f"no depth is within {tolerance:.0%} of the best at every size here; this one falls "
+        f"least below a size's best ({below:.0%}): inconclusive, so keep the default 2 or "
+        "prefetch_depth='auto', and run this where you train"
+    )
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

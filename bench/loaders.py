@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": "gpuqueue's loaders against the peers (issue 14)",
         "schema": 1,
-        "command": "python -m bench.loaders " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m bench.loaders", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine,
         "config": {**params, "rounds": args.rounds, "smoke": args.smoke},
         "cases": {c.key: {"label": c.label, "skipped": c.skip} for c in cases},

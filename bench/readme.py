@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.depth_report import human
+from bench.depth_report import human, recommendation
 from bench.rounds import spread, summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,8 +86,8 @@ def depth_block(results: Path) -> str:
     goal = report["goal_vs_one_ahead"]
     lines += [
         "",
-        f"Recommended depth (in bold): **{report['recommended_depth']}**, the smallest within "
-        f"{config['tolerance']:.0%} of the best throughput at every size. "
+        f"Recommended depth (in bold): **{report['recommended_depth']}**: "
+        f"{recommendation(report)}. "
         f"Goal: {goal['goal']}: **{'met' if goal['met'] else 'not met'}**.",
     ]
     worst = max(s["fastest_depth_spread"] for s in report["sizes"])

@@ -21,9 +21,9 @@ device's free memory when the run starts (on NumPy, of the host's available
 memory).
 
 A deeper prefetch absorbs jitter: slow copies, a burst of fast steps. When
-the workers themselves are behind (nothing was staged when the consumer
-waited), a deeper device queue cannot help, and the reason says so: more
-workers would.
+the workers themselves are behind (nothing was staged when most of the
+waits happened), a deeper device queue cannot help: the tuner holds, and
+the reason says that more workers would.
 """
 
 from __future__ import annotations
@@ -87,11 +87,13 @@ class DepthTuner:
         if self._starved <= STARVED * WINDOW:
             self.reason = f"holds at {depth}: {waited}"
             return
-        if self._unstaged * 2 > self._starved:
-            waited += (
-                f", with nothing staged for {self._unstaged} of those: the workers are "
-                "behind (more workers would help more than a deeper prefetch)"
+        if self._unstaged * 2 > self._starved:  # a deeper device queue would only cost memory
+            self.reason = (
+                f"holds at {depth}: {waited}, with nothing staged for {self._unstaged} of "
+                "those: the workers are behind (more workers would help; a deeper prefetch "
+                "would not)"
             )
+            return
         if depth >= CAP:
             self.reason = f"holds at the cap, {CAP}: {waited}"
             return

@@ -12,7 +12,7 @@ import pytest
 import gpuqueue
 from gpuqueue import OrderedEnqueuer
 from gpuqueue.autodepth import CAP, START, WARMUP, WINDOW, DepthTuner, device_bytes_for
-from gpuqueue.backends.numpy import available_host_memory
+from gpuqueue.backends.numpy import NumpyBackend, available_host_memory
 from gpuqueue.packing import layout
 from gpuqueue.staging import describe
 from tests.conftest import start
@@ -76,10 +76,12 @@ def test_the_tuner_never_passes_the_budget_and_says_so() -> None:
     assert "depth 5 may need" in tuner.reason and "(max_device_bytes)" in tuner.reason
 
 
-def test_the_tuner_says_when_the_workers_are_behind() -> None:
-    tuner = warmed(FakeArenas(10))
+def test_the_tuner_holds_when_the_workers_are_behind_and_says_so() -> None:
+    arenas = FakeArenas(10)
+    tuner = warmed(arenas)
     window(tuner, starved=32, staged=False)
-    assert "the workers are behind" in tuner.reason
+    assert tuner.depth == START and arenas.depths == []
+    assert tuner.reason.startswith(f"holds at {START}") and "the workers are behind" in tuner.reason
 
 
 class Gated(gpuqueue.Sequence):
@@ -129,33 +131,64 @@ def batch_bytes() -> int:
     return layout(describe((np.zeros(1000, np.float32), 0))[1])[1]
 
 
-@pytest.mark.parametrize("device", ["cpu", "simulated"])
-def test_a_slow_producer_makes_the_run_deeper_within_the_budget(
-    running: list[Any], device: str
-) -> None:
+class Plain(gpuqueue.Sequence):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> Any:
+        return np.full(1000, index, np.float32), index
+
+
+class SlowCopies(NumpyBackend):
+    """A device whose every copy waits for the consumer's go: the copy stage is behind."""
+
+    shares_host_memory = False  # copy every batch, as a GPU does
+
+    def __init__(self) -> None:
+        self.gate = Gated()
+
+    def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
+        self.gate[0]  # waits for a go (or for open())
+        super().copy_to_device(dst, src, nbytes, stream)
+
+
+def test_a_slow_copy_stage_makes_the_run_deeper_within_the_budget(running: list[Any]) -> None:
     budget = device_bytes_for(5, batch_bytes())
-    seq = Gated()
+    backend = SlowCopies()
     enqueuer = OrderedEnqueuer(
-        seq, device=device, prefetch_depth="auto", max_device_bytes=budget, shard=None
+        Plain(), device=backend, prefetch_depth="auto", max_device_bytes=budget, shard=None
     )
-    start(running, enqueuer, workers=1, max_queue_size=2)
-    running.insert(0, OpenOnStop(seq))
+    start(running, enqueuer, workers=1, max_queue_size=4)
+    running.insert(0, OpenOnStop(backend.gate))
     assert enqueuer.stats()["prefetch_depth"] == START
-    seq.go()
+    backend.gate.go()
     depths = []
     for position, batch in enumerate(islice(enqueuer.get(), WINDOW * 2)):
-        if device == "simulated":
-            enqueuer._run.backend.synchronize_stream(enqueuer._run.backend.current_stream())
         assert int(batch[1]) == position % 64 and np.all(batch[0] == position % 64)
         stats = enqueuer.stats()
         assert stats["device_bytes"] <= budget
         depths.append(stats["prefetch_depth"])
-        seq.go()
+        backend.gate.go()
     assert depths[0] == START and depths[-1] == 5, depths
     assert depths == sorted(depths)  # never shallower
     stats = enqueuer.stats()
     assert stats["max_device_bytes"] == budget
     assert "depth 6 may need" in stats["prefetch_depth_reason"]
+
+
+def test_slow_workers_do_not_make_the_run_deeper(running: list[Any]) -> None:
+    seq = Gated()
+    enqueuer = OrderedEnqueuer(seq, device="cpu", prefetch_depth="auto", shard=None)
+    start(running, enqueuer, workers=1, max_queue_size=2)
+    running.insert(0, OpenOnStop(seq))
+    seq.go()
+    for position, batch in enumerate(islice(enqueuer.get(), WINDOW * 2)):
+        assert int(batch[1]) == position % 64
+        seq.go()
+    stats = enqueuer.stats()
+    assert stats["prefetch_depth"] == START
+    assert "the workers are behind" in stats["prefetch_depth_reason"]
+    assert stats["prefetch_depth_reason"].startswith(f"holds at {START}")
 
 
 def test_the_default_budget_is_a_share_of_free_memory(running: list[Any]) -> None:

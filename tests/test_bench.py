@@ -182,7 +182,9 @@ def test_recommend_everywhere_needs_the_depth_to_hold_at_every_size() -> None:
     large = {1: 80.0, 2: 90.0, 3: 100.0}
     assert recommend_everywhere([small]) == 1
     assert recommend_everywhere([small, large]) == 3
-    assert recommend_everywhere([{1: 100.0, 2: 50.0}, {1: 50.0, 2: 100.0}]) == 2  # the deepest
+    # No depth holds at both sizes: the one that falls least below a size's best, not the deepest.
+    assert recommend_everywhere([{1: 100.0, 2: 50.0, 8: 40.0}, {1: 90.0, 2: 100.0, 8: 30.0}]) == 1
+    assert recommend_everywhere([{1: 100.0, 2: 50.0, 3: 90.0}, {1: 50.0, 2: 100.0, 3: 90.0}]) == 3
 
 
 def test_rounds_interleave_every_case_and_ratios_pair_within_a_round() -> None:

@@ -580,9 +580,15 @@ def test_auto_depth_counts_what_the_transform_allocates_within_the_budget(
     stream = strict_cuda.default_stream(0)
     batches = enqueuer.get()
     depths = []
+    tuner = enqueuer._run.tuner
     for position in range(WINDOW * 7):  # a slow producer: the consumer waits for each
         batch = next(batches)
         assert int(strict_cuda.read(batch[1], stream)) == position % 64
+        # Waits with batches staged, as behind a slow copy stage (a slow producer alone
+        # is "the workers are behind", which does not deepen): what is tested here is the
+        # budget, with the transform's outputs counted.
+        tuner.observe(starved=True, staged=True)
+        tuner.observe(starved=True, staged=True)
         depths.append(enqueuer.stats()["prefetch_depth"])
         seq.go()
     assert depths[0] == START and depths == sorted(depths), depths
