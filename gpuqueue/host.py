@@ -233,7 +233,7 @@ class HostStage:
             treedef, leaves = describe(batch)
             metas, nbytes = layout(leaves)
             if plan is None:  # (two workers may both make one: either will do)
-                self._plan = Plan.of(batch, treedef, leaves)
+                self._plan = Plan.of(batch, treedef, leaves, metas, nbytes)
         if self._pinned is None:
             return Described(treedef, metas, batch=batch)
         return self._staged(self._pinned.stage(treedef, metas, nbytes, leaves), task)

@@ -28,7 +28,7 @@ __all__ = ["Plan"]
 # Checks one node of a batch; appends its array leaves (and their kinds); False if it differs.
 _Check = Callable[[Any, list[np.ndarray], list[str]], bool]
 
-_SIMPLE_KINDS = ("array", "number", "scalar")
+_SCALAR_KINDS = ("number", "scalar")  # made arrays with np.asarray
 
 
 class Plan:
@@ -39,13 +39,15 @@ class Plan:
         check: The compiled check of its root.
     """
 
-    def __init__(self, treedef: TreeDef, check: _Check, leaves: Leaves) -> None:
+    def __init__(
+        self, treedef: TreeDef, check: _Check, leaves: Leaves, metas: list[LeafMeta], nbytes: int
+    ) -> None:
         self.treedef = treedef
         self._check = check
         self._paths = [path for path, _ in leaves]
         # (the leaves' dtypes, shapes and kinds; their layout; its size), read and
         # replaced as one: workers split at once, and a layout must go with its key.
-        self._layout = (_key(leaves, leaves.kinds), *layout(leaves))
+        self._layout = (_key([array for _, array in leaves], leaves.kinds), metas, nbytes)
 
     @property
     def metas(self) -> list[LeafMeta]:
@@ -53,8 +55,11 @@ class Plan:
         return self._layout[1]
 
     @classmethod
-    def of(cls, batch: Any, treedef: TreeDef, leaves: Leaves) -> Plan | None:
-        """The plan of ``batch``, as ``describe`` split it; None if it has no fast path.
+    def of(
+        cls, batch: Any, treedef: TreeDef, leaves: Leaves, metas: list[LeafMeta], nbytes: int
+    ) -> Plan | None:
+        """The plan of ``batch``, as ``describe`` split it and ``layout`` laid it out; None if
+        it has no fast path.
 
         Batches with host leaves, lists of numbers or array-likes other than
         NumPy arrays and torch tensors keep the general path.
@@ -63,7 +68,7 @@ class Plan:
             check = _compile(batch, treedef, "", iter(leaves.kinds))
         except _NoPlan:
             return None
-        return cls(treedef, check, leaves)
+        return cls(treedef, check, leaves, metas, nbytes)
 
     def matches(self, batch: Any) -> bool:
         """True if ``batch`` is shaped as the plan: its structure passes the first batch's check.
@@ -99,23 +104,13 @@ class Plan:
         return leaves, known[1], known[2]
 
 
-def _key(leaves: Any, kinds: list[str]) -> tuple[Any, ...]:
+def _key(arrays: list[np.ndarray], kinds: list[str]) -> tuple[Any, ...]:
     """What a layout depends on: each leaf's dtype and shape, and what it was."""
-    arrays = [leaf[1] if isinstance(leaf, tuple) else leaf for leaf in leaves]
     return (*[(a.dtype, a.shape) for a in arrays], *kinds)
 
 
 class _NoPlan(Exception):
     """This batch takes the general path."""
-
-
-def _paths(treedef: TreeDef, path: str = "") -> list[str]:
-    if treedef.kind == "leaf":
-        return [path or "<batch>"]
-    if treedef.kind == "dict":
-        pairs = zip(treedef.keys, treedef.children, strict=True)
-        return [p for k, c in pairs for p in _paths(c, f"{path}[{k!r}]")]
-    return [p for i, c in enumerate(treedef.children) for p in _paths(c, f"{path}[{i}]")]
 
 
 def _compile(value: Any, treedef: TreeDef, path: str, kinds: Any) -> _Check:
@@ -172,7 +167,7 @@ def _compile_leaf(value: Any, path: str, kind: str) -> _Check:
             return True
 
         return check_array
-    if kind in _SIMPLE_KINDS[1:]:
+    if kind in _SCALAR_KINDS:
 
         def check_scalar(node: Any, arrays: list[np.ndarray], found: list[str]) -> bool:
             if type(node) is not leaf_type:

@@ -14,6 +14,7 @@ import gpuqueue
 from gpuqueue import OrderedEnqueuer
 from gpuqueue.backends.numpy import NumpyBackend
 from gpuqueue.errors import BatchError
+from gpuqueue.packing import layout
 from gpuqueue.plan import Plan
 from gpuqueue.staging import describe
 from tests.conftest import start
@@ -50,7 +51,7 @@ def label(batch: Any) -> int:
 def test_plan_splits_batches_shaped_like_the_first_and_refuses_others() -> None:
     first = (np.zeros((2, 3), np.float32), 5, {"a": np.int64(1)})
     treedef, leaves = describe(first)
-    plan = Plan.of(first, treedef, leaves)
+    plan = Plan.of(first, treedef, leaves, *layout(leaves))
     assert plan is not None
     # A shorter batch of the same structure: split, with a layout of its own.
     split = plan.split((np.ones((1, 3), np.float32), 6, {"a": np.int64(2)}))
@@ -75,7 +76,7 @@ def test_plan_splits_batches_shaped_like_the_first_and_refuses_others() -> None:
 def test_batches_with_host_leaves_keep_the_general_path() -> None:
     batch = (np.zeros(2), None, "name")
     treedef, leaves = describe(batch)
-    assert Plan.of(batch, treedef, leaves) is None
+    assert Plan.of(batch, treedef, leaves, *layout(leaves)) is None
 
 
 @pytest.mark.parametrize("device", [None, "cpu", "simulated"])

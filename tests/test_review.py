@@ -72,6 +72,7 @@ def test_plan_split_in_two_threads_never_pairs_leaves_with_another_layout() -> N
     # layout is broadcast into it (rows repeated), silently.
     import threading
 
+    from gpuqueue.packing import layout
     from gpuqueue.plan import Plan
     from gpuqueue.staging import describe
     from tests.conftest import Worker
@@ -79,7 +80,7 @@ def test_plan_split_in_two_threads_never_pairs_leaves_with_another_layout() -> N
     full = (np.zeros((2, 3), np.float32), np.int64(0))
     short = (np.ones((1, 3), np.float32), np.int64(1))
     treedef, leaves = describe(full)
-    plan = Plan.of(full, treedef, leaves)
+    plan = Plan.of(full, treedef, leaves, *layout(leaves))
     assert plan is not None
     paused, go = threading.Event(), threading.Event()
     pausing: list[threading.Thread] = []
