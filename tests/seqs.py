@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import threading
 from typing import Any
 
 import numpy as np
@@ -157,3 +158,40 @@ class TorchBatches:
         x = torch.arange(8, dtype=torch.float32).reshape(2, 4).t() + index
         half = torch.full((4,), index + 0.5, dtype=torch.bfloat16)
         return x.requires_grad_(), half, torch.full((4,), index, dtype=torch.int64)
+
+
+class Gated(gpuqueue.Sequence):
+    """Each read waits for a ``go()``: a producer exactly as slow as the test makes it.
+
+    Batch i is ``(np.full(shape, i, dtype), i)``. ``stop()`` lets every read
+    through; put the sequence before its enqueuer in the ``running`` fixture's
+    list, so that its workers can end.
+    """
+
+    def __init__(
+        self, length: int = 64, shape: tuple[int, ...] = (1000,), dtype: Any = np.float32
+    ) -> None:
+        self.length, self.shape, self.dtype = length, shape, dtype
+        self._cond = threading.Condition()
+        self._permits = 0
+        self._open = False
+
+    def __len__(self) -> int:
+        return self.length
+
+    def go(self) -> None:
+        with self._cond:
+            self._permits += 1
+            self._cond.notify()
+
+    def stop(self, timeout: float = 0.0) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def __getitem__(self, index: int) -> Any:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._open or self._permits > 0, timeout=20):
+                raise TimeoutError(f"read {index} was never let go")
+            self._permits -= not self._open
+        return np.full(self.shape, index, self.dtype), index

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from itertools import islice
 from typing import Any
 
@@ -16,6 +15,7 @@ from gpuqueue.backends.numpy import NumpyBackend, available_host_memory
 from gpuqueue.packing import layout
 from gpuqueue.staging import describe
 from tests.conftest import start
+from tests.seqs import Gated
 
 
 class FakeArenas:
@@ -84,49 +84,6 @@ def test_the_tuner_holds_when_the_workers_are_behind_and_says_so() -> None:
     assert tuner.reason.startswith(f"holds at {START}") and "the workers are behind" in tuner.reason
 
 
-class Gated(gpuqueue.Sequence):
-    """Each read waits for the consumer's go: the consumer always waits for data.
-
-    ``open()`` lets every read through, so a test can stop the run.
-    """
-
-    def __init__(self, length: int = 64) -> None:
-        self.length = length
-        self._cond = threading.Condition()
-        self._permits = 0
-        self._open = False
-
-    def __len__(self) -> int:
-        return self.length
-
-    def go(self) -> None:
-        with self._cond:
-            self._permits += 1
-            self._cond.notify()
-
-    def open(self) -> None:
-        with self._cond:
-            self._open = True
-            self._cond.notify_all()
-
-    def __getitem__(self, index: int) -> Any:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._open or self._permits > 0, timeout=20):
-                raise TimeoutError(f"read {index} was never let go")
-            self._permits -= not self._open
-        return np.full(1000, index, np.float32), index
-
-
-class OpenOnStop:
-    """Put first in ``running``: its stop opens the gate, so the workers can end."""
-
-    def __init__(self, seq: Gated) -> None:
-        self.seq = seq
-
-    def stop(self, timeout: float) -> None:
-        self.seq.open()
-
-
 def batch_bytes() -> int:
     return layout(describe((np.zeros(1000, np.float32), 0))[1])[1]
 
@@ -148,7 +105,7 @@ class SlowCopies(NumpyBackend):
         self.gate = Gated()
 
     def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
-        self.gate[0]  # waits for a go (or for open())
+        self.gate[0]  # waits for a go (or for stop())
         super().copy_to_device(dst, src, nbytes, stream)
 
 
@@ -159,7 +116,7 @@ def test_a_slow_copy_stage_makes_the_run_deeper_within_the_budget(running: list[
         Plain(), device=backend, prefetch_depth="auto", max_device_bytes=budget, shard=None
     )
     start(running, enqueuer, workers=1, max_queue_size=4)
-    running.insert(0, OpenOnStop(backend.gate))
+    running.insert(0, backend.gate)
     assert enqueuer.stats()["prefetch_depth"] == START
     backend.gate.go()
     depths = []
@@ -180,7 +137,7 @@ def test_slow_workers_do_not_make_the_run_deeper(running: list[Any]) -> None:
     seq = Gated()
     enqueuer = OrderedEnqueuer(seq, device="cpu", prefetch_depth="auto", shard=None)
     start(running, enqueuer, workers=1, max_queue_size=2)
-    running.insert(0, OpenOnStop(seq))
+    running.insert(0, seq)
     seq.go()
     for position, batch in enumerate(islice(enqueuer.get(), WINDOW * 2)):
         assert int(batch[1]) == position % 64
@@ -194,7 +151,7 @@ def test_slow_workers_do_not_make_the_run_deeper(running: list[Any]) -> None:
 def test_the_default_budget_is_a_share_of_free_memory(running: list[Any]) -> None:
     seq = Gated()
     enqueuer = start(running, OrderedEnqueuer(seq, device="cpu", prefetch_depth="auto", shard=None))
-    running.insert(0, OpenOnStop(seq))
+    running.insert(0, seq)
     budget = enqueuer.stats()["max_device_bytes"]
     available = available_host_memory()
     # A tenth of what was available at start (the host's memory moves a little since).

@@ -21,6 +21,7 @@ import gpuqueue.backends
 from gpuqueue import BatchError, Normalize, OrderedEnqueuer
 from tests.conftest import start, wait_entered
 from tests.cuda_double import StrictCuda, install, uninstall
+from tests.seqs import Gated
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -520,38 +521,6 @@ def test_bfloat16_from_a_transform_reaching_a_numpy_output_is_a_clear_error() ->
         next(batches)
 
 
-class GatedImages(gpuqueue.Sequence):
-    """uint8 images read one per permit (a slow producer: the consumer waits for each)."""
-
-    def __init__(self, length: int = 64) -> None:
-        import threading
-
-        self.length = length
-        self._cond = threading.Condition()
-        self._permits = 0
-        self._open = False
-
-    def __len__(self) -> int:
-        return self.length
-
-    def go(self) -> None:
-        with self._cond:
-            self._permits += 1
-            self._cond.notify()
-
-    def stop(self, timeout: float) -> None:  # first in ``running``: lets the workers end
-        with self._cond:
-            self._open = True
-            self._cond.notify_all()
-
-    def __getitem__(self, index: int) -> Any:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._open or self._permits > 0, timeout=20):
-                raise TimeoutError(f"read {index} was never let go")
-            self._permits -= not self._open
-        return np.full((250, 4), index, np.uint8), index
-
-
 def test_auto_depth_counts_what_the_transform_allocates_within_the_budget(
     strict_cuda: StrictCuda, running: list[Any]
 ) -> None:
@@ -565,7 +534,7 @@ def test_auto_depth_counts_what_the_transform_allocates_within_the_budget(
     arena = int(layout(describe((np.zeros((250, 4), np.uint8), 0))[1])[1] * 1.25)
     outputs = 250 * 4 * 4
     budget = 6 * arena + 5 * outputs + outputs // 2  # depth 3: 3 ahead, 2 held, 1 free
-    seq = GatedImages()
+    seq = Gated(shape=(250, 4), dtype=np.uint8)
     enqueuer = OrderedEnqueuer(
         seq,
         device=0,
