@@ -1,14 +1,20 @@
-"""Fixtures shared by every test: a thread-leak check and gates for interleavings."""
+"""Fixtures shared by every test: a thread-leak check, gates for interleavings, and the
+strict CUDA double in place of CuPy (``strict_cuda``)."""
 
 from __future__ import annotations
 
 import copy
+import gc
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+import gpuqueue.backends
+from tests.cuda_double import StrictCuda, install, uninstall
 
 
 @pytest.fixture(autouse=True)
@@ -112,3 +118,34 @@ def received(batches: Any) -> list[Any]:
     let a test compare them without depending on that.
     """
     return [copy.deepcopy(batch) for batch in batches]
+
+
+@pytest.fixture
+def strict_cuda(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[StrictCuda]:
+    """Two double GPUs in place of CuPy; the test fails on any violation they saw.
+
+    Parametrized indirectly with False, the GPUs have no memory pools (as some
+    virtual GPUs): no stream-ordered allocation.
+    """
+    cuda = StrictCuda(devices=2, pools=getattr(request, "param", True))
+    for name, module in install(cuda).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    # gpuqueue's backend module must be imported anew, against the double.
+    monkeypatch.delitem(sys.modules, "gpuqueue.backends.cupy", raising=False)
+    monkeypatch.delattr(gpuqueue.backends, "cupy", raising=False)
+    for variable in (
+        "LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ):
+        monkeypatch.delenv(variable, raising=False)
+    yield cuda
+    gc.collect()  # batches still alive give their arenas back now, checked too
+    uninstall()
+    if hasattr(gpuqueue.backends, "cupy"):
+        delattr(gpuqueue.backends, "cupy")
+    assert cuda.violations == []
+    assert [hex(a.ptr) for a in cuda.allocations.values() if not a.freed] == []

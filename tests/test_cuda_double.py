@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import sys
 import threading
-from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
@@ -22,39 +21,8 @@ import pytest
 import gpuqueue.backends
 from gpuqueue import OrderedEnqueuer, PipelineError, Sequence
 from gpuqueue.backends import resolve
-from tests.cuda_double import StrictCuda, install, uninstall
+from tests.cuda_double import StrictCuda
 from tests.seqs import Growing, Numbered
-
-
-@pytest.fixture
-def strict_cuda(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[StrictCuda]:
-    """Two double GPUs in place of CuPy; the test fails on any violation they saw.
-
-    Parametrized indirectly with False, the GPUs have no memory pools (as some
-    virtual GPUs): no stream-ordered allocation.
-    """
-    cuda = StrictCuda(devices=2, pools=getattr(request, "param", True))
-    for name, module in install(cuda).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    # gpuqueue's backend module must be imported anew, against the double.
-    monkeypatch.delitem(sys.modules, "gpuqueue.backends.cupy", raising=False)
-    monkeypatch.delattr(gpuqueue.backends, "cupy", raising=False)
-    for variable in (
-        "LOCAL_RANK",
-        "OMPI_COMM_WORLD_LOCAL_RANK",
-        "MPI_LOCALRANKID",
-        "SLURM_LOCALID",
-    ):
-        monkeypatch.delenv(variable, raising=False)
-    yield cuda
-    gc.collect()  # batches still alive give their arenas back now, checked too
-    uninstall()
-    if hasattr(gpuqueue.backends, "cupy"):
-        delattr(gpuqueue.backends, "cupy")
-    assert cuda.violations == []
-    assert [hex(a.ptr) for a in cuda.allocations.values() if not a.freed] == []
 
 
 def in_fresh_thread(fn: Any) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ import gpuqueue
 import gpuqueue.backends
 from gpuqueue import BatchError, Normalize, OrderedEnqueuer
 from tests.conftest import start, wait_entered
-from tests.cuda_double import StrictCuda, install, uninstall
+from tests.cuda_double import StrictCuda
 from tests.seqs import Gated
 
 MEAN = (123.675, 116.28, 103.53)
@@ -481,30 +480,6 @@ def test_the_double_catches_a_kernel_off_the_copy_stream_and_a_read_before_it(
         backend.free_device(piece, None)
     backend.free_pinned(host_images)
     backend.close()
-
-
-@pytest.fixture
-def strict_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[StrictCuda]:
-    """The strict CUDA double in place of CuPy (as in test_cuda_double.py)."""
-    cuda = StrictCuda(devices=2)
-    for name, module in install(cuda).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.delitem(sys.modules, "gpuqueue.backends.cupy", raising=False)
-    monkeypatch.delattr(gpuqueue.backends, "cupy", raising=False)
-    for variable in (
-        "LOCAL_RANK",
-        "OMPI_COMM_WORLD_LOCAL_RANK",
-        "MPI_LOCALRANKID",
-        "SLURM_LOCALID",
-    ):
-        monkeypatch.delenv(variable, raising=False)
-    yield cuda
-    gc.collect()
-    uninstall()
-    if hasattr(gpuqueue.backends, "cupy"):
-        delattr(gpuqueue.backends, "cupy")
-    assert cuda.violations == []
-    assert [hex(a.ptr) for a in cuda.allocations.values() if not a.freed] == []
 
 
 def test_bfloat16_from_a_transform_reaching_a_numpy_output_is_a_clear_error() -> None:
