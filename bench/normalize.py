@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 import gpuqueue
+from bench import rounds
 from bench.machine import describe_machine
 
 MEAN = (123.675, 116.28, 103.53)
@@ -111,11 +111,30 @@ def measure(path: str, args: argparse.Namespace) -> dict[str, float]:
     }
 
 
+FIGURES = ("batches_per_s", "bytes_copied_per_batch", "host_ms_per_batch")
+
+
+def summarize_paths(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each path's figures over the rounds, median [min-max]."""
+    return {
+        path: {key: rounds.summary([float(s[key]) for s in runs]) for key in FIGURES}
+        for path, runs in samples.items()
+    }
+
+
+def path_line(path: str, figures: dict[str, Any]) -> str:
+    rate, size, cost = (figures[key] for key in FIGURES)
+    return (
+        f"{path:>6}: {rate['median']:8.1f} [{rate['min']:.1f}-{rate['max']:.1f}] batches/s, "
+        f"{size['median'] / 2**20:6.2f} MiB copied/batch, host "
+        f"{cost['median']:6.2f} [{cost['min']:.2f}-{cost['max']:.2f}] ms/batch"
+    )
+
+
 class NormalizeSection:
     """The comparison as a section of ``python -m bench``, in its interleaved rounds."""
 
     name = "normalize"
-    FIGURES = ("batches_per_s", "bytes_copied_per_batch", "host_ms_per_batch")
 
     def _args(self, ctx: Any) -> argparse.Namespace:
         smoke = ctx.args.smoke
@@ -129,31 +148,24 @@ class NormalizeSection:
         )
 
     def cases(self, ctx: Any) -> list[Any]:
-        from bench.rounds import Case
-
         args = self._args(ctx)
 
         def run(path: str) -> dict[str, float]:
             figures = measure(path, args)
-            return {key: float(figures[key]) for key in self.FIGURES}
+            return {key: float(figures[key]) for key in FIGURES}
 
         labels = {
             "device": "uint8 + Normalize on the device",
             "host": "float32 normalized on the host",
         }
         return [
-            Case(f"normalize/{path}", lambda path=path: run(path), label=label)  # type: ignore[misc]
+            rounds.Case(f"normalize/{path}", lambda path=path: run(path), label=label)  # type: ignore[misc]
             for path, label in labels.items()
         ]
 
     def summarize(self, ctx: Any, results: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
         args = self._args(ctx)
-        paths = {
-            path: {
-                key: _spread([r[key] for r in results[f"normalize/{path}"]]) for key in self.FIGURES
-            }
-            for path in ("device", "host")
-        }
+        paths = summarize_paths({path: results[f"normalize/{path}"] for path in ("device", "host")})
         within = [
             d["batches_per_s"] / h["batches_per_s"]
             for d, h in zip(results["normalize/device"], results["normalize/host"], strict=True)
@@ -161,7 +173,7 @@ class NormalizeSection:
         return {
             "images": f"{args.batch} x {args.size}x{args.size}x3 uint8",
             "paths": paths,
-            "device_over_host_batches_per_s": _spread(within),
+            "device_over_host_batches_per_s": rounds.summary(within),
         }
 
     def render(self, summary: dict[str, Any]) -> list[str]:
@@ -170,13 +182,7 @@ class NormalizeSection:
             f"Normalize on the device vs on the host ({summary['images']} per batch, "
             "median [min-max] over the rounds):",
         ]
-        for path, figures in summary["paths"].items():
-            rate, size, cost = (figures[k] for k in self.FIGURES)
-            lines.append(
-                f"  {path:>6}: {rate['median']:8.1f} [{rate['min']:.1f}-{rate['max']:.1f}] "
-                f"batches/s, {size['median'] / 2**20:6.2f} MiB copied/batch, host "
-                f"{cost['median']:6.2f} [{cost['min']:.2f}-{cost['max']:.2f}] ms/batch"
-            )
+        lines += [f"  {path_line(path, figures)}" for path, figures in summary["paths"].items()]
         ratio = summary["device_over_host_batches_per_s"]
         lines.append(
             f"  device/host batches/s within a round: {ratio['median']:.2f} "
@@ -187,10 +193,6 @@ class NormalizeSection:
 
 
 SECTION = NormalizeSection()
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
@@ -214,13 +216,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         for path in order:
             samples[path].append(measure(path, args))
     backend = str(samples["device"][0]["backend"])
-    paths = {
-        path: {
-            key: _spread([float(s[key]) for s in runs])
-            for key in ("batches_per_s", "bytes_copied_per_batch", "host_ms_per_batch")
-        }
-        for path, runs in samples.items()
-    }
+    paths = summarize_paths(samples)
     device, host = paths["device"], paths["host"]
     report: dict[str, Any] = {
         "benchmark": "uint8 + Normalize on the device vs float32 normalized on the host",
@@ -240,14 +236,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"backend {backend}, {args.rounds} interleaved rounds, median [min-max]")
     for path, figures in paths.items():
-        rate, size, cost = (
-            figures[k] for k in ("batches_per_s", "bytes_copied_per_batch", "host_ms_per_batch")
-        )
-        print(
-            f"{path:>6}: {rate['median']:8.1f} [{rate['min']:.1f}-{rate['max']:.1f}] batches/s, "
-            f"{size['median'] / 2**20:8.2f} MiB copied/batch, host "
-            f"{cost['median']:7.2f} [{cost['min']:.2f}-{cost['max']:.2f}] ms/batch"
-        )
+        print(path_line(path, figures))
     print(f"wrote {args.out}")
     return report
 
