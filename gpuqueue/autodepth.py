@@ -66,6 +66,19 @@ class DepthTuner:
         self._seen = self._starved = self._unstaged = 0
         self._warming = WARMUP
 
+    @classmethod
+    def for_run(cls, arenas: DeviceArenas, max_device_bytes: int | None) -> DepthTuner:
+        """A run's tuner: its budget is ``max_device_bytes``, or a share of what is free now."""
+        if max_device_bytes is not None:
+            return cls(arenas, max_device_bytes, "max_device_bytes")
+        free = arenas.backend.free_memory()
+        where = "host" if arenas.backend.shares_host_memory else "device"
+        return cls(
+            arenas,
+            int(free * DEFAULT_BUDGET_SHARE),
+            f"{DEFAULT_BUDGET_SHARE:.0%} of the {where} memory free at start",
+        )
+
     def observe(self, starved: bool, staged: bool) -> None:
         """One batch taken: ``starved`` if the consumer had to wait for it, ``staged``
         if batches were waiting for their copy at that moment."""

@@ -120,13 +120,12 @@ class Run:
             # kept: a loop that holds one batch at a time then cycles depth + 2
             # arenas (depth ahead, the one it holds, the one it just dropped)
             # without allocating; arenas beyond that are freed as they come back.
-            depth, capacity = config.prefetch_depth, config.prefetch_depth
-            if depth == "auto":  # the arenas bound the depth; the queue has room for the cap
-                depth, capacity = autodepth.START, autodepth.CAP
-            assert isinstance(depth, int) and isinstance(capacity, int)
+            auto = config.prefetch_depth == "auto"
+            depth = autodepth.START if auto else int(config.prefetch_depth)
             run.arenas = DeviceArenas(backend, depth=depth, keep=1, transform=config.transform)
-            if config.prefetch_depth == "auto":
-                run.tuner = _tuner(run.arenas, config.max_device_bytes)
+            if auto:  # the arenas bound the depth; the queue has room for the cap
+                run.tuner = DepthTuner.for_run(run.arenas, config.max_device_bytes)
+            capacity = autodepth.CAP if auto else depth
             if capacity > 0:
                 run.output_queue = FIFOQueue(capacity, name=f"{config.name}-device")
             if not config.use_multiprocessing:
@@ -341,15 +340,6 @@ class Run:
                     max_device_bytes=self.tuner.budget,
                 )
         return stats
-
-
-def _tuner(arenas: DeviceArenas, max_device_bytes: int | None) -> DepthTuner:
-    if max_device_bytes is not None:
-        return DepthTuner(arenas, max_device_bytes, "max_device_bytes")
-    free = arenas.backend.free_memory()
-    share = autodepth.DEFAULT_BUDGET_SHARE
-    where = "host" if arenas.backend.shares_host_memory else "device"
-    return DepthTuner(arenas, int(free * share), f"{share:.0%} of the {where} memory free at start")
 
 
 EMPTY_STATS: dict[str, Any] = {
