@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.rounds import spread
+from gpuqueue.packing import GROWTH  # every slot and arena: the largest batch times this
 
 MiB = 1 << 20
-GROWTH = 1.25  # gpuqueue/arenas.py: every arena takes the largest batch times this margin
 
 
 def human(nbytes: int) -> str:

@@ -32,12 +32,10 @@ from typing import Any
 
 from .backends.base import Backend
 from .errors import CancelledError
-from .packing import Staged, arena_view
+from .packing import GROWTH, Staged, arena_view
 from .staging import LeafMeta, TreeDef, flatten, rebuild
 
-__all__ = ["GROWTH", "Copied", "DeviceArena", "DeviceArenas"]
-
-GROWTH = 1.25  # an arena takes a margin over the largest batch, so growing batches settle
+__all__ = ["Copied", "DeviceArena", "DeviceArenas"]
 
 
 @dataclass(eq=False)

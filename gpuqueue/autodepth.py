@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import threading
 
-from .arenas import GROWTH, DeviceArenas
+from .arenas import DeviceArenas
+from .packing import GROWTH
 
 __all__ = ["CAP", "START", "STARVED", "WARMUP", "WINDOW", "DepthTuner", "device_bytes_for"]
 

@@ -31,12 +31,10 @@ from .backends.base import Backend
 from .channel import FIFOQueue
 from .coordinator import Coordinator, LooperThread
 from .errors import CancelledError, OutOfRangeError, note_thread
-from .packing import Staged, pack
+from .packing import GROWTH, Staged, pack
 from .staging import LeafMeta, TreeDef
 
 __all__ = ["CopyLooper", "PinnedPool", "PinnedSlot"]
-
-_GROWTH = 1.25  # a slot that must grow takes a margin, so slowly growing batches settle
 
 
 @dataclass
@@ -91,7 +89,7 @@ class PinnedPool:
                 if slot.buffer is not None:
                     self._backend.free_pinned(slot.buffer)
                     slot.buffer = None
-                slot.buffer = self._backend.alloc_pinned(max(1, int(largest * _GROWTH)))
+                slot.buffer = self._backend.alloc_pinned(max(1, int(largest * GROWTH)))
         except BaseException:
             self.release(slot)
             raise

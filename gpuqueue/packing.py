@@ -22,6 +22,7 @@ from .staging import LeafMeta, TreeDef, rebuild
 
 __all__ = [
     "ALIGNMENT",
+    "GROWTH",
     "Staged",
     "arena_view",
     "device_ready",
@@ -33,6 +34,10 @@ __all__ = [
 # Offsets in an arena are multiples of this, which suits every dtype and
 # the alignment CUDA copies and kernels prefer.
 ALIGNMENT = 256
+
+# A slot or arena that must grow takes this margin over the largest batch, so slowly
+# growing batches settle (pinned slots, shared-memory slots, device arenas alike).
+GROWTH = 1.25
 
 # Dtype kinds a device computes with: booleans, integers, floats, complex numbers.
 _DEVICE_KINDS = frozenset("biufc")

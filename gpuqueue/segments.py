@@ -25,11 +25,10 @@ from typing import Any
 import numpy as np
 
 from .errors import PipelineError
+from .packing import GROWTH
 
-__all__ = ["GROWTH", "create_segment", "map_segment", "receive_segment", "send_segment"]
+__all__ = ["create_segment", "map_segment", "receive_segment", "send_segment"]
 
-# Once a batch outgrows the slots, they take a margin, so a slowly growing batch size settles.
-GROWTH = 1.25
 
 # Where segments live when there is no memfd_create (tests point this elsewhere).
 SHM_DIR = "/dev/shm"

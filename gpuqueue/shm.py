@@ -34,7 +34,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import CancelledError, PipelineError
-from .segments import GROWTH as _GROWTH
+from .packing import GROWTH
 from .segments import create_segment
 
 __all__ = ["Slot", "SlotPool"]
@@ -228,7 +228,7 @@ class SlotPool:
             if self._abandoned:
                 raise CancelledError("the pipeline was abandoned")
             if nbytes > self._size:
-                self._size = nbytes if self._size == 0 else int(nbytes * _GROWTH)
+                self._size = nbytes if self._size == 0 else int(nbytes * GROWTH)
             file, array = create_segment(max(1, self._size))
             if self._backend is not None:
                 # Page-locked before any worker or copy can see it.
