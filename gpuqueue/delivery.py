@@ -24,7 +24,14 @@ import numpy as np
 from .backends.base import Backend
 from .backends.numpy import owned_view
 from .channel import FIFOQueue
-from .errors import BatchError, BatchTimeoutError, CancelledError, OutOfRangeError, note_thread
+from .errors import (
+    BatchError,
+    BatchTimeoutError,
+    CancelledError,
+    OutOfRangeError,
+    ctrl_c_in,
+    note_thread,
+)
 from .host import Item
 from .packing import unpack
 from .pipeline import DEFAULT_STOP_TIMEOUT, Run
@@ -47,16 +54,25 @@ def batches(run: Run, received: Callable[[Task], None]) -> Generator[Any, None, 
     Ends when a finite source ends (the run is stopped) or another thread
     stops the run. A worker's error is raised in its place, stops the run,
     and is raised again by every later call (``Run.fail``). Ctrl-C while it
-    waits interrupts the run (``Run.interrupt``) before going on up.
+    waits interrupts the run (``Run.interrupt``) before going on up, as the
+    ``KeyboardInterrupt`` it is, even where the wait it landed in turned it
+    into another error (``errors.ctrl_c_in``).
 
     Raises:
         BatchTimeoutError: If ``timeout`` is set and no batch arrives within it.
     """
     try:
         yield from _batches(run, received)
-    except KeyboardInterrupt:
-        run.interrupt()
+    except GeneratorExit:
         raise
+    except BaseException as error:
+        interrupt = ctrl_c_in(error)
+        if interrupt is None:
+            raise
+        run.interrupt()
+        if interrupt is error:
+            raise
+        raise interrupt from None  # the user pressed Ctrl-C: that is what they get
 
 
 def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:

@@ -14,6 +14,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
+from types import TracebackType
 from typing import Any
 
 from . import pipeline
@@ -21,8 +22,8 @@ from .adapters import check_generator, check_sequence
 from .config import PipelineConfig
 from .delivery import batches
 from .distributed import describe_shard
-from .errors import PipelineError
-from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, INTERRUPT_GRACE, Run
+from .errors import PipelineError, ctrl_c_in
+from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, Run
 from .sources import ReadingOrder
 from .tasks import GeneratorTasks, SequenceTasks, Task
 
@@ -152,13 +153,14 @@ class SequenceEnqueuer:
     def stop(self, timeout: float | None = None) -> None:
         """Stops every thread and process and frees pinned and device memory.
 
-        Returns within ``timeout`` seconds (default 60; 0.5 after Ctrl-C) even
-        while workers are blocked; a worker still inside user code then is
-        named in a ``RuntimeWarning``. Safe to call twice, from any thread.
+        Returns within ``timeout`` seconds (default 60; at once after Ctrl-C,
+        whose own stop already gave the threads their grace) even while
+        workers are blocked; a worker still inside user code then is named
+        in a ``RuntimeWarning``, once. Safe to call twice, from any thread.
         """
         run = self._run
         if run is not None:
-            default = INTERRUPT_GRACE if run.interrupted else DEFAULT_STOP_TIMEOUT
+            default = 0.0 if run.interrupted else DEFAULT_STOP_TIMEOUT
             run.stop(default if timeout is None else timeout)
 
     def __enter__(self) -> SequenceEnqueuer:
@@ -166,8 +168,13 @@ class SequenceEnqueuer:
             self.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        if isinstance(exc_info[1], KeyboardInterrupt) and self._run is not None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._run is not None and ctrl_c_in(exc) is not None:
             self._run.interrupt()  # Ctrl-C: wait for nothing user code could hold up
         self.stop()
 

@@ -96,6 +96,23 @@ class BatchError(PipelineError, ValueError):
     """
 
 
+def ctrl_c_in(error: BaseException | None) -> KeyboardInterrupt | None:
+    """The ``KeyboardInterrupt`` that ``error`` is or arose from (its context chain), if any.
+
+    A Ctrl-C can land inside the standard library's ``Condition.wait`` after
+    it released its lock and before its ``try``: the ``with`` around the wait
+    then fails to release the lock, and a ``RuntimeError`` goes up in place
+    of the ``KeyboardInterrupt``, which is left only as its context.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def add_note(error: BaseException, note: str) -> None:
     """``error.add_note(note)``, also on Python 3.10."""
     if hasattr(error, "add_note"):

@@ -81,6 +81,7 @@ class Run:
     tuner: DepthTuner | None = None  # prefetch_depth="auto"
     closed: bool = False
     interrupted: bool = False  # Ctrl-C: stop waits for nothing user code could hold up
+    named_stragglers: set[str] = field(default_factory=set)  # threads a warning named
     close_lock: threading.Lock = field(default_factory=threading.Lock)
     host: HostStage | None = None
     # The threads iterating the run's batches (delivery.py lets one at a time).
@@ -217,7 +218,9 @@ class Run:
             if error is recorded:
                 error.__traceback__ = seen_traceback
         stragglers = [t.name for t in self.threads if t.is_alive()]
-        if stragglers:
+        unnamed = [name for name in stragglers if name not in self.named_stragglers]
+        if unnamed:  # each once: a later stop() frees what has ended, and names no one twice
+            self.named_stragglers.update(unnamed)
             warnings.warn(
                 f"{self.name}.stop(): "
                 + (
@@ -225,7 +228,7 @@ class Run:
                     if self.interrupted
                     else f"threads still running after {grace} s"
                 )
-                + f", most likely inside the Sequence or generator: {', '.join(stragglers)}",
+                + f", most likely inside the Sequence or generator: {', '.join(unnamed)}",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -13,14 +13,18 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+import gpuqueue
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, threading
+    import faulthandler, signal, sys, threading
     from multiprocessing import shared_memory
     import numpy as np
     import gpuqueue
@@ -28,6 +32,8 @@ SCRIPT = textwrap.dedent(
     def say(line):  # one write per line: threads of this process print too
         sys.stdout.write(line + "\\n")
         sys.stdout.flush()
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view of a hang
 
     create_segment = shared_memory.SharedMemory.__init__
 
@@ -91,7 +97,10 @@ def test_one_ctrl_c_ends_the_program_within_two_seconds(
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            pytest.fail("the process was still alive 10 s after one Ctrl-C")
+            process.send_signal(signal.SIGUSR1)  # every thread's stack, on stderr
+            process.kill()
+            _, stderr = process.communicate(timeout=10)
+            pytest.fail(f"the process was still alive 10 s after one Ctrl-C:\n{stderr}")
         took = time.monotonic() - interrupted_at
         try:  # ends once every process the script started has let go of its pipes
             rest, stderr = process.communicate(timeout=10)
@@ -110,3 +119,62 @@ def test_one_ctrl_c_ends_the_program_within_two_seconds(
     segments = [line.split()[1] for line in seen if line.startswith("SEGMENT ")]
     left = [name for name in segments if Path("/dev/shm", name).exists()]
     assert not left, f"shared memory left behind: {left}"
+
+
+class StuckFrom2(gpuqueue.Sequence):
+    """Reads 0 and 1 at once; from 2 on, each read waits at ``gate`` (the test opens it)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.reading = threading.Semaphore(0)
+
+    def __len__(self) -> int:
+        return 100
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if index >= 2:
+            self.reading.release()
+            self.gate.wait(30)
+        return np.full(3, index)
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_inside_a_condition_wait_is_still_ctrl_c() -> None:
+    """Ctrl-C can land in ``threading.Condition.wait`` just after it released its lock and
+    before its ``try``: the queue's ``with`` then fails to release the lock, and a
+    RuntimeError ("release unlocked lock") goes up in place of the KeyboardInterrupt. The
+    run took that for an ordinary error and waited the full 60 s for the stuck readers (CI
+    saw one Ctrl-C leave the program alive 10 s later). Here the wait is replaced by that
+    exact state: its lock released, then KeyboardInterrupt."""
+    seq = StuckFrom2()
+    enqueuer = gpuqueue.OrderedEnqueuer(seq, shard=None)
+    enqueuer.start(workers=2, max_queue_size=4)
+    try:
+        cond = enqueuer._run.output_queue._not_empty  # type: ignore[union-attr]
+
+        def wait(timeout: float | None = None) -> bool:
+            cond._lock.release()  # what Condition.wait has done when the signal lands
+            raise KeyboardInterrupt
+
+        batches = enqueuer.get()
+        taken = [int(next(batches)[0]), int(next(batches)[0])]
+        for _ in range(2):  # both workers are inside a read that nothing interrupts
+            assert seq.reading.acquire(timeout=10)
+        cond.wait = wait  # type: ignore[method-assign]
+        began = time.monotonic()
+        with (
+            pytest.raises(KeyboardInterrupt) as raised,
+            pytest.warns(RuntimeWarning, match="after Ctrl-C, threads left running") as named,
+            enqueuer,
+        ):
+            for batch in batches:
+                taken.append(int(batch[0]))
+        took = time.monotonic() - began
+    finally:
+        seq.gate.set()  # the readers return, see the stop and end
+        enqueuer.stop(timeout=10)
+    assert taken == [0, 1]
+    assert raised.value.__suppress_context__  # the lock's RuntimeError is not what happened
+    assert took < 2.0, f"the run took {took:.2f} s to stop after Ctrl-C"
+    assert enqueuer._run.interrupted  # type: ignore[union-attr]
+    assert len(named) == 1, "each stuck reader is named once, not again by the enqueuer's exit"
