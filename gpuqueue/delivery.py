@@ -15,6 +15,7 @@ written against the older "valid until the next get" rule.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -156,10 +157,10 @@ def _next_item(run: Run, queue: FIFOQueue[Item]) -> Item:
         BatchTimeoutError: If ``timeout`` passed with no item; it names what is in flight.
     """
     timeout = run.config.timeout
-    # One timed wait at the user's edge (their timeout, or the warning's), not a
-    # polling loop: stop() and close wake it as they wake every wait.
+    # One timed wait at the user's edge (their timeout, or the warning's): stop()
+    # and close wake it as they wake every wait.
     try:
-        return queue.get(timeout=WARN_AFTER_S if timeout is None else timeout)
+        return _get(queue, WARN_AFTER_S if timeout is None else timeout)
     except TimeoutError:
         pass
     if timeout is not None:
@@ -172,7 +173,31 @@ def _next_item(run: Run, queue: FIFOQueue[Item]) -> Item:
         WARN_AFTER_S,
         run.in_flight(),
     )
-    return queue.get()
+    return _get(queue, None)
+
+
+# The main thread waits for a batch in slices this long. CPython runs a signal's
+# handler in the main thread only when the wait there returns, and a SIGINT that
+# lands after the wait's last check and before the thread sleeps (or that the
+# kernel hands to another thread) does not cut the sleep short: without slices,
+# one Ctrl-C could go unseen for the whole wait (WARN_AFTER_S).
+SIGNAL_CHECK_S = 0.25
+
+
+def _get(queue: FIFOQueue[Item], timeout: float | None) -> Item:
+    """``queue.get(timeout)``; in the main thread, in ``SIGNAL_CHECK_S`` slices."""
+    if threading.current_thread() is not threading.main_thread():
+        return queue.get(timeout=timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = SIGNAL_CHECK_S
+        if deadline is not None:
+            step = max(0.0, min(step, deadline - time.monotonic()))
+        try:
+            return queue.get(timeout=step)  # a pending Ctrl-C is raised as this returns
+        except TimeoutError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
 
 
 def _stop_with(run: Run, error: BaseException) -> None:

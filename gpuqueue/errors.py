@@ -22,6 +22,7 @@ their own traceback and a note naming the thread and the batch index.
 
 from __future__ import annotations
 
+import os
 import threading
 
 __all__ = [
@@ -97,20 +98,44 @@ class BatchError(PipelineError, ValueError):
 
 
 def ctrl_c_in(error: BaseException | None) -> KeyboardInterrupt | None:
-    """The ``KeyboardInterrupt`` that ``error`` is or arose from (its context chain), if any.
+    """The ``KeyboardInterrupt`` that ``error`` is, or that gpuqueue's own lock turned it into.
 
     A Ctrl-C can land inside the standard library's ``Condition.wait`` after
     it released its lock and before its ``try``: the ``with`` around the wait
     then fails to release the lock, and a ``RuntimeError`` goes up in place
-    of the ``KeyboardInterrupt``, which is left only as its context.
+    of the ``KeyboardInterrupt``, which is left only as its context. Only
+    that shape counts: any other error whose context is a
+    ``KeyboardInterrupt`` is not Ctrl-C in gpuqueue, since Python sets an
+    error's context to whatever the raising thread was handling (a worker's
+    error delivered inside the caller's ``except KeyboardInterrupt`` has
+    that ``KeyboardInterrupt`` as its context, and is still the worker's error).
     """
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, KeyboardInterrupt):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
+    if error is None or isinstance(error, KeyboardInterrupt):
+        return error
+    context = error.__context__
+    if (
+        isinstance(error, RuntimeError)
+        and isinstance(context, KeyboardInterrupt)
+        and str(error) in _UNLOCKED
+        and _raised_in_gpuqueue(error)
+    ):
+        return context
     return None
+
+
+# What releasing a lock this thread does not hold says (_thread.lock, _thread.RLock).
+_UNLOCKED = ("release unlocked lock", "cannot release un-acquired lock")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _raised_in_gpuqueue(error: BaseException) -> bool:
+    """True if ``error`` was raised in one of gpuqueue's own frames (its innermost one)."""
+    traceback = error.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return os.path.abspath(traceback.tb_frame.f_code.co_filename).startswith(_PACKAGE)
 
 
 def add_note(error: BaseException, note: str) -> None:

@@ -178,3 +178,66 @@ def test_ctrl_c_inside_a_condition_wait_is_still_ctrl_c() -> None:
     assert took < 2.0, f"the run took {took:.2f} s to stop after Ctrl-C"
     assert enqueuer._run.interrupted  # type: ignore[union-attr]
     assert len(named) == 1, "each stuck reader is named once, not again by the enqueuer's exit"
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_error_raised_while_the_caller_handles_ctrl_c_is_that_error() -> None:
+    """Code that runs a pipeline inside ``except KeyboardInterrupt`` (say, a last evaluation
+    before exiting) gets the worker's error, not the Ctrl-C it is handling: the error's
+    context is that KeyboardInterrupt only because Python chains whatever is being handled."""
+    from tests.seqs import FailsAt
+
+    enqueuer = gpuqueue.OrderedEnqueuer(FailsAt(0), shard=None)
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        with pytest.raises(KeyError, match="cannot read 0"), enqueuer:
+            for _ in enqueuer.get():
+                pass
+    assert not enqueuer._run.interrupted  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_that_the_wait_did_not_wake_for_is_seen_within_a_second() -> None:
+    """A SIGINT that lands after ``Condition.wait`` checked for signals and before the
+    thread sleeps (or that the kernel hands to another thread) does not cut the sleep
+    short: CPython runs the handler only when the wait returns. The consumer's wait for
+    a batch was 60 s (the warning's), so one Ctrl-C left the program alive a minute.
+    Here the sleep misses the signal the same way: SIGINT is blocked in this thread
+    while it sleeps, so another thread takes it."""
+    seq = StuckFrom2()
+    enqueuer = gpuqueue.OrderedEnqueuer(seq, shard=None)
+    enqueuer.start(workers=2, max_queue_size=4)
+    try:
+        cond = enqueuer._run.output_queue._not_empty  # type: ignore[union-attr]
+        real_wait = cond.wait
+        sent = []
+
+        def wait(timeout: float | None = None) -> bool:
+            if sent:
+                return real_wait(timeout)
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                sent.append(time.monotonic())
+                threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+                return real_wait(timeout)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+        batches = enqueuer.get()
+        assert [int(next(batches)[0]), int(next(batches)[0])] == [0, 1]
+        for _ in range(2):
+            assert seq.reading.acquire(timeout=10)
+        cond.wait = wait  # type: ignore[method-assign]
+        with (
+            pytest.raises(KeyboardInterrupt),
+            pytest.warns(RuntimeWarning, match="after Ctrl-C"),
+            enqueuer,
+        ):
+            for _ in batches:
+                pass
+        took = time.monotonic() - sent[0]
+    finally:
+        seq.gate.set()
+        enqueuer.stop(timeout=10)
+    assert took < 2.0, f"the Ctrl-C was seen {took:.2f} s after it was sent"
