@@ -138,6 +138,8 @@ def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
             _stop_with(run, failed.error)
             continue
         except Exception as error:
+            if ctrl_c_in(error) is not None:  # Ctrl-C in a wait of the copy (depth 0)
+                raise
             note_thread(error, f"delivering {part.task.where()}")
             _stop_with(run, error)
             continue

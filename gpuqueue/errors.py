@@ -126,16 +126,23 @@ def ctrl_c_in(error: BaseException | None) -> KeyboardInterrupt | None:
 # What releasing a lock this thread does not hold says (_thread.lock, _thread.RLock).
 _UNLOCKED = ("release unlocked lock", "cannot release un-acquired lock")
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_THREADING = os.path.abspath(threading.__file__)
 
 
 def _raised_in_gpuqueue(error: BaseException) -> bool:
-    """True if ``error`` was raised in one of gpuqueue's own frames (its innermost one)."""
+    """True if ``error`` was raised by one of gpuqueue's own frames.
+
+    That is the innermost frame outside the ``threading`` module: a
+    ``Condition``'s ``with`` exits through ``threading.py`` (a bare lock's
+    through C, with no frame of its own).
+    """
     traceback = error.__traceback__
-    if traceback is None:
-        return False
-    while traceback.tb_next is not None:
+    frames = []
+    while traceback is not None:
+        frames.append(os.path.abspath(traceback.tb_frame.f_code.co_filename))
         traceback = traceback.tb_next
-    return os.path.abspath(traceback.tb_frame.f_code.co_filename).startswith(_PACKAGE)
+    outside = [name for name in frames if name != _THREADING]
+    return bool(outside) and outside[-1].startswith(_PACKAGE)
 
 
 def add_note(error: BaseException, note: str) -> None:

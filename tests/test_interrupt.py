@@ -241,3 +241,41 @@ def test_ctrl_c_that_the_wait_did_not_wake_for_is_seen_within_a_second() -> None
         seq.gate.set()
         enqueuer.stop(timeout=10)
     assert took < 2.0, f"the Ctrl-C was seen {took:.2f} s after it was sent"
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_inside_the_copy_wait_of_depth_0_is_still_ctrl_c() -> None:
+    """With ``prefetch_depth=0`` the copy runs inside ``get()`` and may wait for an arena
+    (several consumers of one run). The same window there made ``get()`` take the lock's
+    RuntimeError for a delivery error and stop the run with its 60 s grace."""
+    seq = StuckFrom2()
+    enqueuer = gpuqueue.OrderedEnqueuer(seq, shard=None, device="cpu", prefetch_depth=0)
+    enqueuer.start(workers=2, max_queue_size=4)
+    try:
+        batches = enqueuer.get()
+        assert int(next(batches)[0]) == 0
+        arenas = enqueuer._run.arenas  # type: ignore[union-attr]
+        cond = arenas._cond
+
+        def wait(timeout: float | None = None) -> bool:
+            cond._lock.release()  # what Condition.wait has done when the signal lands
+            raise KeyboardInterrupt
+
+        for _ in range(2):
+            assert seq.reading.acquire(timeout=10)
+        with cond:
+            arenas._in_flight = arenas._depth  # another consumer holds the only copy slot
+        cond.wait = wait  # type: ignore[method-assign]
+        began = time.monotonic()
+        with (
+            pytest.raises(KeyboardInterrupt),
+            pytest.warns(RuntimeWarning, match="after Ctrl-C"),
+            enqueuer,
+        ):
+            for _ in batches:
+                pass
+        took = time.monotonic() - began
+    finally:
+        seq.gate.set()
+        enqueuer.stop(timeout=10)
+    assert took < 2.0, f"the run took {took:.2f} s to stop after Ctrl-C"
