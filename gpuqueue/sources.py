@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from .errors import PipelineError
 if TYPE_CHECKING:
     from .tasks import Task
 
-__all__ = ["ReadingOrder", "Sequence", "epoch_order", "resolve_shard"]
+__all__ = ["EpochOrder", "InOrder", "ReadingOrder", "Sequence", "epoch_order", "resolve_shard"]
 
 
 class Sequence:
@@ -59,7 +59,7 @@ def epoch_order(
     seed: int,
     shard: tuple[int, int] = (0, 1),
     drop_last: bool = False,
-) -> np.ndarray:
+) -> EpochOrder:
     """The indices one rank reads in ``epoch``, in order.
 
     The epoch's order is a permutation drawn from ``(seed, epoch)`` when
@@ -76,15 +76,55 @@ def epoch_order(
     Raises:
         PipelineError: If ``drop_last`` leaves no batch for a rank.
     """
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(length)
-    else:
-        order = np.arange(length)
     rank, world_size = shard
     total = batches_per_rank(length, world_size, drop_last) * world_size
+    if not shuffle:
+        return InOrder(range(rank, total, world_size), length)
+    order = np.random.default_rng([seed, epoch]).permutation(length)
     if total > length:
         order = np.tile(order, -(-total // length))
     return order[rank:total:world_size]
+
+
+class InOrder:
+    """An unshuffled epoch order, worked out as it is read instead of stored.
+
+    Item ``i`` is ``positions[i] % length``: the rank's positions in the
+    epoch, wrapped around for the padding. A Sequence whose ``len()`` is
+    huge (an endless sampler that says 10⁹, say) then costs no array of
+    ``len()`` indices (8 GB at 10⁹). Indexing gives an ``int``; slicing an
+    int64 array of those indices, as the stored order does.
+    """
+
+    __slots__ = ("_length", "_positions")
+
+    def __init__(self, positions: range, length: int) -> None:
+        self._positions, self._length = positions, length
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    @overload
+    def __getitem__(self, key: int) -> int: ...
+    @overload
+    def __getitem__(self, key: slice) -> np.ndarray: ...
+    def __getitem__(self, key: int | slice) -> int | np.ndarray:
+        if isinstance(key, slice):
+            part = self._positions[key]
+            return np.arange(part.start, part.stop, part.step, dtype=np.int64) % self._length
+        return self._positions[key] % self._length
+
+    def __iter__(self) -> Iterator[int]:
+        length = self._length
+        return (position % length for position in self._positions)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        indices = self[:]
+        return indices if dtype is None else indices.astype(dtype)
+
+
+# An epoch's order for one rank: drawn and stored when shuffled, worked out when not.
+EpochOrder = np.ndarray | InOrder
 
 
 @dataclass

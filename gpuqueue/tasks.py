@@ -13,10 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from .errors import CancelledError, OutOfRangeError, PipelineError, add_note
-from .sources import Sequence, epoch_order
+from .sources import EpochOrder, Sequence, epoch_order
 
 if TYPE_CHECKING:
     from .sources import ReadingOrder
@@ -141,7 +139,7 @@ class SequenceTasks(_TaskSource):
             epochs=order.epochs,
         )
 
-    def _make_order(self, epoch: int) -> np.ndarray:
+    def _make_order(self, epoch: int) -> EpochOrder:
         length = len(self._sequence)
         if length <= 0:
             raise PipelineError(f"the Sequence is empty (len() returned {length}) at epoch {epoch}")

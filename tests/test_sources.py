@@ -5,6 +5,7 @@ import threading
 import numpy as np
 import pytest
 
+import gpuqueue
 from gpuqueue.errors import CancelledError, PipelineError
 from gpuqueue.host import Sequencer
 from gpuqueue.sources import Sequence, epoch_order
@@ -179,3 +180,30 @@ def test_a_failed_commit_discards_the_item_and_the_next_one_still_commits() -> N
     assert log.items == ["a"] and log.discarded == ["b"]
     sequencer.close()
     assert log.discarded == ["b", "c"]  # what was left is discarded, once
+
+
+class Endless(Sequence):
+    """A sampler that says it is endless the way Keras code often does: a huge ``len()``."""
+
+    def __len__(self) -> int:
+        return 10**12
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.full(2, index)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("shard", [None, (1, 3)])
+def test_a_sequence_of_a_trillion_batches_costs_no_order_array(
+    shard: tuple[int, int] | None,
+) -> None:
+    """An unshuffled epoch's order is worked out as it is read: np.arange(10**12) was a
+    MemoryError (7.3 TiB) before the first batch, and 10**9 (8 GB) could be killed silently."""
+    with gpuqueue.prefetch(Endless(), workers=2, shard=shard) as batches:
+        first = [int(next(batches)[0]) for _ in range(5)]
+    rank, world = shard or (0, 1)
+    assert first == [rank + world * position for position in range(5)]
+    order = epoch_order(10**12, 0, shuffle=False, seed=0, shard=(2, 3))
+    assert len(order) == -(-(10**12) // 3)
+    assert order[-1] == (2 + 3 * (len(order) - 1)) % 10**12  # the padding wraps around
+    assert order[1:4].tolist() == [5, 8, 11]
