@@ -199,7 +199,7 @@ def test_a_sequence_of_a_trillion_batches_costs_no_order_array(
 ) -> None:
     """An unshuffled epoch's order is worked out as it is read: np.arange(10**12) was a
     MemoryError (7.3 TiB) before the first batch, and 10**9 (8 GB) could be killed silently."""
-    with gpuqueue.prefetch(Endless(), workers=2, shard=shard) as batches:
+    with gpuqueue.prefetch(Endless(), device=None, workers=2, shard=shard) as batches:
         first = [int(next(batches)[0]) for _ in range(5)]
     rank, world = shard or (0, 1)
     assert first == [rank + world * position for position in range(5)]
