@@ -231,9 +231,10 @@ class SequenceTasks(_TaskSource):
                     indices = self._order[start : start + count].tolist()
                     self._position += count
                     self._reads_in_flight += count
+                    # (positional: a keyword costs as much again, on every batch)
                     return [
-                        Task(seq_no, epoch, start + offset, index=index)
-                        for offset, index in enumerate(indices)
+                        Task(seq_no, epoch, position, index)
+                        for position, index in enumerate(indices, start)
                     ]
         return [self.claim()]
 
