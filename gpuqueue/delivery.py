@@ -62,8 +62,10 @@ def batches(run: Run, received: Callable[[Task], None]) -> Generator[Any, None, 
     Raises:
         BatchTimeoutError: If ``timeout`` is set and no batch arrives within it.
     """
+    counters = run.counters
+    delivered = counters.consumer()
     try:
-        yield from _batches(run, received)
+        yield from _batches(run, received, delivered)
     except GeneratorExit:
         raise
     except BaseException as error:
@@ -74,10 +76,13 @@ def batches(run: Run, received: Callable[[Task], None]) -> Generator[Any, None, 
         if interrupt is error:
             raise
         raise interrupt from None  # the user pressed Ctrl-C: that is what they get
+    finally:
+        counters.consumer_ended(delivered)
 
 
-def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
-    queue, parts = run.output_queue, run.parts
+def _batches(run: Run, received: Callable[[Task], None], delivered: list[int]) -> Iterator[Any]:
+    """``batches``' loop; ``delivered[0]`` counts the batches it yields (its own count)."""
+    queue, parts, coord, counters = run.output_queue, run.parts, run.coord, run.counters
     while True:
         if run.error is not None:
             raise run.error.with_traceback(run.error_traceback)
@@ -86,7 +91,7 @@ def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
             part = parts.popleft()
         except IndexError:
             part = None
-        if part is not None and run.coord.should_stop() and not run.ended:
+        if part is not None and coord.should_stop() and not run.ended:
             parts.clear()  # stop() ends the iteration, as when the queue is cancelled
             if run.coord.exception is not None:
                 run.fail(run.coord.exception)
@@ -112,10 +117,10 @@ def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
                     run.fail(run.coord.exception)
                     continue
                 return
-            with run.counters.lock:
-                run.counters.consumer_wait_s += time.monotonic() - started
-                run.counters.occupancy_sum += queue.qsize()
-                run.counters.gets += 1
+            with counters.lock:
+                counters.consumer_wait_s += time.monotonic() - started
+                counters.occupancy_sum += queue.qsize()
+                counters.gets += 1
             if item.bundle is None:
                 part = item
             else:  # (a bundle's last may hold an error)
@@ -128,27 +133,30 @@ def _batches(run: Run, received: Callable[[Task], None]) -> Iterator[Any]:
             _stop_with(run, part.error)
             continue
         received(part.task)
-        if part.described is None or part.described.skipped:
+        described = part.described
+        if described is None or described.skipped:
             continue
-        try:
-            batch = _deliver(run, part)
-        except CancelledError:  # stopped from another thread while copying (depth 0)
-            return
-        except _TransformFailed as failed:  # depth 0: the transform ran in this get()
-            _stop_with(run, failed.error)
-            continue
-        except Exception as error:
-            if ctrl_c_in(error) is not None:  # Ctrl-C in a wait of the copy (depth 0)
-                raise
-            note_thread(error, f"delivering {part.task.where()}")
-            _stop_with(run, error)
-            continue
-        with run.counters.lock:
-            run.counters.consumed += 1
+        if described.staged is None and run.arenas is None:
+            batch = part.batch  # a worker thread's batch, handed over as it is
+        else:
+            try:
+                batch = _deliver(run, part)
+            except CancelledError:  # stopped from another thread while copying (depth 0)
+                return
+            except _TransformFailed as failed:  # depth 0: the transform ran in this get()
+                _stop_with(run, failed.error)
+                continue
+            except Exception as error:
+                if ctrl_c_in(error) is not None:  # Ctrl-C in a wait of the copy (depth 0)
+                    raise
+                note_thread(error, f"delivering {part.task.where()}")
+                _stop_with(run, error)
+                continue
+        delivered[0] += 1  # before the yield: stats() is exact while the consumer holds it
         # The batch is the consumer's: this frame must not keep it (and its arena)
         # alive while it waits here for the next call.
         handed = [batch]
-        del batch, part
+        del batch, part, described
         yield handed.pop()
 
 
@@ -227,7 +235,7 @@ def _deliver(run: Run, item: Item) -> Any:
     staged = described.staged
     if run.arenas is None:
         if staged is None:
-            return described.batch
+            return item.batch
         # From a worker process: the batch is the shared-memory slot itself,
         # lent to the consumer (no copy: the worker's write into the slot was
         # the one). Every view keeps the lease; the slot goes back to the pool

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import threading
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any
 
@@ -30,6 +30,10 @@ from .tasks import GeneratorTasks, SequenceTasks, Task
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]
 
 logger = logging.getLogger(__name__)
+
+
+def _ignore_task(task: Task) -> None:
+    """A generator's enqueuer keeps no reading position."""
 
 
 class SequenceEnqueuer:
@@ -194,13 +198,14 @@ class SequenceEnqueuer:
         """
         if self._run is None:
             raise PipelineError(f"{self._name}.get() called before start()")
-        return batches(self._run, self._received)
+        return batches(self._run, self._receiver())
 
     def release(self) -> None:
         """Kept for older code: a batch's memory goes back when it is dropped, not before."""
 
-    def _received(self, task: Task) -> None:
-        """Records that the consumer received ``task`` (for ``state_dict``)."""
+    def _receiver(self) -> Callable[[Task], None]:
+        """What records each task the consumer received (for ``state_dict``)."""
+        return _ignore_task
 
     def stats(self) -> dict[str, Any]:
         """Counters of the current (or last) run.
@@ -292,8 +297,8 @@ class OrderedEnqueuer(SequenceEnqueuer):
         logger.info(describe_shard(self._name, order.shard, len(self.sequence), order.drop_last))
         return SequenceTasks.resuming(order, self.sequence)
 
-    def _received(self, task: Task) -> None:
-        self._order.received(task)
+    def _receiver(self) -> Callable[[Task], None]:
+        return self._order.received  # called on every batch: no call in between
 
     def state_dict(self) -> dict[str, Any]:
         """What the consumer has received so far, to resume exactly after it.

@@ -41,11 +41,14 @@ T = TypeVar("T")
 
 @dataclass
 class Described:
-    """A batch a worker read: its structure, and the batch itself or its staged copy."""
+    """A batch a worker read: its structure, and its staged copy if it has one.
+
+    Batches a thread hands over as they are travel in their ``Item``; those
+    shaped like the plan share one ``Described``, the plan's.
+    """
 
     treedef: TreeDef
     metas: list[LeafMeta]
-    batch: Any = None  # the user's own batch (device=None, threads)
     staged: Staged | None = None  # packed in a pinned or shared-memory slot
     skipped: bool = False  # the source returned None
 
@@ -67,6 +70,7 @@ class Item:
 
     task: Task
     described: Described | None = None
+    batch: Any = None  # the user's own batch, handed over as it is (device=None, threads)
     error: BaseException | None = None
     copied: Copied | None = None  # its device copy, once the copy stage made it
     # Several batches claimed and read together (this item first), as one queue item.
@@ -85,15 +89,40 @@ class Item:
 
 @dataclass
 class Counters:
-    """What ``stats()`` reports of the host stage and the consumer; change under ``lock``."""
+    """What ``stats()`` reports of the host stage and the consumer; change under ``lock``.
+
+    ``consumed`` is the exception: each consumer counts its batches in a cell
+    of its own (``consumer``), read under ``lock`` by whoever sums them.
+    """
 
     produced: int = 0
-    consumed: int = 0
     consumer_wait_s: float = 0.0
     producer_blocked_s: float = 0.0
     occupancy_sum: int = 0  # batches queued, summed over the consumer's gets
     gets: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Batches delivered: by consumers that have ended, and by each live one in a
+    # cell of its own that only it adds to, so a batch costs it no lock.
+    consumed_before: int = 0
+    consumer_cells: list[list[int]] = field(default_factory=list)
+
+    @property
+    def consumed(self) -> int:
+        """Batches delivered to the consumers, up to the last one each received."""
+        return self.consumed_before + sum(cell[0] for cell in self.consumer_cells)
+
+    def consumer(self) -> list[int]:
+        """A new consumer's cell: it adds 1 to ``cell[0]`` for each batch it delivers."""
+        cell = [0]
+        with self.lock:
+            self.consumer_cells.append(cell)
+        return cell
+
+    def consumer_ended(self, cell: list[int]) -> None:
+        """Folds an ended consumer's cell into ``consumed_before``."""
+        with self.lock:
+            self.consumer_cells.remove(cell)
+            self.consumed_before += cell[0]
 
 
 class HostStage:
@@ -131,6 +160,8 @@ class HostStage:
         self._pinned, self._processes, self._device = pinned, processes, device
         self._spec: BatchSpec | None = None  # the first batch's structure, dtypes and ranks
         self._plan: Plan | None = None  # splits batches shaped like one read earlier
+        # Without staging: the plan, and the structure of every batch it matches.
+        self._as_is: tuple[Plan, Described] | None = None
         self._checked: list[LeafMeta] | None = None  # a layout whose batches pass the check
         self.sequencer: Sequencer[Item] = Sequencer(
             self._commit, Item.release_staging, limit=workers
@@ -147,7 +178,7 @@ class HostStage:
     def enqueue_op(self, number: int) -> Callable[[], None]:
         """Worker ``number``'s enqueue op: claim, read, then hand the item in to be committed."""
         tasks, sequencer, reading = self._tasks, self.sequencer, self._reading
-        read_one = self._read_one
+        read, failed_read = self._read, self._failed_read
 
         def enqueue_one() -> None:
             started = time.monotonic()
@@ -161,24 +192,36 @@ class HostStage:
                 reading.pop(me, None)
                 sequencer.unreserve()
                 raise
-            head = Item(claimed[0], claim_wait_s=time.monotonic() - started)
-            items = [head, *[Item(task) for task in claimed[1:]]]
+            claim_wait_s = time.monotonic() - started
+            items: list[Item] = []
             began = time.perf_counter()
-            batches = 0
+            batches = failed = 0
             try:
-                for read_count, item in enumerate(items, 1):
-                    read_one(item, me)
+                for task in claimed:
+                    # Inline, not a method: this runs for every batch.
+                    reading[me] = task
+                    try:
+                        if task.failure is not None:
+                            raise task.failure
+                        item = read(task)
+                    except (CancelledError, GeneratorExit):
+                        raise
+                    except BaseException as error:  # SystemExit too: it belongs in its place
+                        item = failed_read(task, error)
+                    items.append(item)
                     if item.error is not None:
-                        del items[read_count:]  # an error ends the bundle (and the run)
-                        break
+                        failed = 1
+                        break  # an error ends the bundle (and the run)
                     if not item.described.skipped:  # type: ignore[union-attr]
                         batches += 1
             finally:
                 reading.pop(me, None)
-                tasks.done_reading(len(claimed), batches + (items[-1].error is not None))
+                tasks.done_reading(len(claimed), batches + failed)
             if self._bundles:
                 per_read = (time.perf_counter() - began) / len(items)
                 self.bundle = max(1, min(_BUNDLE_MOST, int(_BUNDLE_BUDGET_S / max(per_read, 1e-7))))
+            head = items[0]
+            head.claim_wait_s = claim_wait_s
             if len(items) > 1:
                 head.bundle = items
             sequencer.submit(head.task.seq_no, head)
@@ -186,20 +229,11 @@ class HostStage:
         enqueue_one.__name__ = f"worker{number}"
         return enqueue_one
 
-    def _read_one(self, item: Item, me: str) -> None:
-        """Reads ``item``'s task into it, or puts the read's error in it."""
-        task = item.task
-        self._reading[me] = task
-        try:
-            if task.failure is not None:
-                raise task.failure
-            item.described = self._read(task)
-        except (CancelledError, GeneratorExit):
-            raise
-        except BaseException as error:  # SystemExit too: it belongs in its place
-            self._tasks.close()
-            note_thread(error, f"reading {task.where()}")
-            item.error = error
+    def _failed_read(self, task: Task, error: BaseException) -> Item:
+        """The item of a read that raised: the error in the batch's place; the stream ends."""
+        self._tasks.close()
+        note_thread(error, f"reading {task.where()}")
+        return Item(task, error=error)
 
     def reading(self) -> list[str]:
         """What each worker thread is reading now, as ``"thread: batch index ..."``."""
@@ -208,23 +242,24 @@ class HostStage:
             for thread, what in dict(self._reading).items()
         ]
 
-    def _read_in_process(self, task: Task) -> Described:
+    def _read_in_process(self, task: Task) -> Item:
         # A generator's item was read by the process while claiming it.
         staged = (
             task.batch if task.index is None else self._processes.read(task.index, task.where())
         )
         if staged is None:
-            return _SKIPPED
-        return self._staged(staged, task)
+            return Item(task, _SKIPPED)
+        return Item(task, self._staged(staged, task))
 
-    def _read_in_thread(self, task: Task) -> Described:
+    def _read_in_thread(self, task: Task) -> Item:
         batch = self._tasks.read(task)
         if batch is None:
-            return _SKIPPED
-        plan = self._plan
-        if plan is not None and self._pinned is None and plan.matches(batch):
+            return Item(task, _SKIPPED)
+        as_is = self._as_is
+        if as_is is not None and as_is[0].matches(batch):
             # Handed over as it is: its structure is all there is to check.
-            return Described(plan.treedef, plan.metas, batch=batch)
+            return Item(task, as_is[1], batch)
+        plan = self._plan
         split = None if plan is None or self._pinned is None else plan.split(batch)
         if split is not None:
             assert plan is not None
@@ -233,10 +268,12 @@ class HostStage:
             treedef, leaves = describe(batch)
             metas, nbytes = layout(leaves)
             if plan is None:  # (two workers may both make one: either will do)
-                self._plan = Plan.of(batch, treedef, leaves, metas, nbytes)
+                plan = self._plan = Plan.of(batch, treedef, leaves, metas, nbytes)
+                if plan is not None and self._pinned is None:
+                    self._as_is = (plan, Described(plan.treedef, plan.metas))
         if self._pinned is None:
-            return Described(treedef, metas, batch=batch)
-        return self._staged(self._pinned.stage(treedef, metas, nbytes, leaves), task)
+            return Item(task, Described(treedef, metas), batch)
+        return Item(task, self._staged(self._pinned.stage(treedef, metas, nbytes, leaves), task))
 
     def _staged(self, staged: Staged, task: Task) -> Described:
         if self._device:
@@ -251,6 +288,10 @@ class HostStage:
         """Checks an item (each of a bundle's) against the first batch, then queues it, in order."""
         parts = item.bundle or [item]
         for count, part in enumerate(parts, 1):
+            # A batch with a layout that passed needs no call (most of them).
+            described = part.described
+            if described is not None and described.metas is self._checked and part.error is None:
+                continue
             if not self._check(part):
                 del parts[count:]  # the error ends the bundle
                 break

@@ -15,6 +15,7 @@ another leaf type, a different nesting.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,10 @@ __all__ = ["Plan"]
 _Check = Callable[[Any, list[np.ndarray], list[str]], bool]
 
 _SCALAR_KINDS = ("number", "scalar")  # made arrays with np.asarray
+
+# Where matches() has the checks put the leaves it does not keep: appending to it
+# keeps nothing (and needs no lock), so a match costs no new lists.
+_DISCARD: Any = deque(maxlen=0)
 
 
 class Plan:
@@ -76,7 +81,7 @@ class Plan:
         Raises:
             BatchError: As ``describe`` would, for a tensor NumPy cannot view.
         """
-        return self._check(batch, [], [])
+        return self._check(batch, _DISCARD, _DISCARD)
 
     def split(self, batch: Any) -> tuple[Leaves, list[LeafMeta], int] | None:
         """``batch``'s array leaves, their layout and size, if it is shaped as the plan.

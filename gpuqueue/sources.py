@@ -114,6 +114,13 @@ class InOrder:
             return np.arange(part.start, part.stop, part.step, dtype=np.int64) % self._length
         return self._positions[key] % self._length
 
+    def run(self, start: int, stop: int) -> list[int]:
+        """Items ``start .. stop - 1`` as a list (a bundle's indices): no array on the way."""
+        part = self._positions[start:stop]
+        if not part or part[-1] < self._length:  # no wrap-around in it
+            return list(part)
+        return [position % self._length for position in part]
+
     def __iter__(self) -> Iterator[int]:
         length = self._length
         return (position % length for position in self._positions)

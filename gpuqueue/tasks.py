@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import CancelledError, OutOfRangeError, PipelineError, add_note
-from .sources import EpochOrder, Sequence, epoch_order
+from .sources import EpochOrder, InOrder, Sequence, epoch_order
 
 if TYPE_CHECKING:
     from .sources import ReadingOrder
@@ -226,12 +226,18 @@ class SequenceTasks(_TaskSource):
                 if not self._ended and left > 1:
                     count = min(most, left)
                     seq_no, epoch = self._next_seq_no(), self._epoch
-                    indices = self._order[start : start + count].tolist()
+                    order = self._order
+                    indices = (
+                        order.run(start, start + count)
+                        if isinstance(order, InOrder)
+                        else order[start : start + count].tolist()
+                    )
                     self._position += count
                     self._reads_in_flight += count
+                    # (positional: a keyword costs as much again, on every batch)
                     return [
-                        Task(seq_no, epoch, start + offset, index=index)
-                        for offset, index in enumerate(indices)
+                        Task(seq_no, epoch, position, index)
+                        for position, index in enumerate(indices, start)
                     ]
         return [self.claim()]
 

@@ -207,3 +207,21 @@ def test_a_sequence_of_a_trillion_batches_costs_no_order_array(
     assert len(order) == -(-(10**12) // 3)
     assert order[-1] == (2 + 3 * (len(order) - 1)) % 10**12  # the padding wraps around
     assert order[1:4].tolist() == [5, 8, 11]
+
+
+@pytest.mark.parametrize(
+    ("length", "shard"), [(10, (0, 1)), (10, (1, 3)), (2, (2, 5)), (7, (0, 4))]
+)
+def test_an_unshuffled_order_reads_the_same_whichever_way(
+    length: int, shard: tuple[int, int]
+) -> None:
+    """Indexing, slicing, iterating and a bundle's run give the indices the stored order gave:
+    the positions rank, rank + world, ... of 0 .. length - 1 wrapped around for the padding."""
+    order = epoch_order(length, 0, shuffle=False, seed=0, shard=shard)
+    rank, world = shard
+    expected = [p % length for p in range(rank, -(-length // world) * world, world)]
+    assert list(order) == [order[i] for i in range(len(order))] == expected
+    assert np.asarray(order).tolist() == order[:].tolist() == expected
+    for start in range(len(order)):
+        for stop in range(start, len(order) + 1):
+            assert order.run(start, stop) == expected[start:stop]  # type: ignore[union-attr]
