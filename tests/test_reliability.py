@@ -163,7 +163,10 @@ def test_ctrl_c_while_blocked_in_get_raises_and_stop_still_cleans_up() -> None:
     interrupter = Worker(press_ctrl_c_once, name="interrupter")
     interrupter.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with (
+            pytest.raises(KeyboardInterrupt),
+            pytest.warns(RuntimeWarning, match="after Ctrl-C, threads left running.*worker0"),
+        ):
             next(batches)
         seen = time.monotonic()
     finally:
