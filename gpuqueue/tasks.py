@@ -124,6 +124,9 @@ class SequenceTasks(_TaskSource):
         self._whole_epoch = position == 0
         # Called after on_epoch_end(), before the next epoch's first read.
         self.epoch_ended: Callable[[], None] | None = None
+        # Whether the epoch's reads must all end before the next epoch's start: only
+        # for an on_epoch_end() of the source's own, which may change what they read.
+        self._drains_at_boundary = overrides_on_epoch_end(sequence)
 
     @classmethod
     def resuming(cls, order: ReadingOrder, sequence: Any) -> SequenceTasks:
@@ -171,7 +174,9 @@ class SequenceTasks(_TaskSource):
                     self._position += 1
                     self._reads_in_flight += 1
                     return task
-                if self._reads_in_flight == 0 and not self._epoch_end_running:
+                if not self._epoch_end_running and (
+                    self._reads_in_flight == 0 or self._may_cross_early()
+                ):
                     self._epoch_end_running = True
                     break
                 self._boundary_waiters += 1
@@ -217,6 +222,19 @@ class SequenceTasks(_TaskSource):
                 return Task(self._next_seq_no(), self._epoch, 0, failure=failure, boundary=True)
             self._order = order
         return self.claim()
+
+    def _may_cross_early(self) -> bool:
+        """Whether the next epoch may start while this one's last reads are still running.
+
+        So when nothing runs between epochs that could change what a read returns
+        (no ``on_epoch_end`` of the source's own, no worker processes to tell),
+        and this epoch already gave a batch (so it is not the all-``None`` epoch
+        that must be an error): waiting for the other workers' last reads would
+        cost a thread hand-off per epoch and buy nothing. Called under the lock.
+        """
+        return (
+            not self._drains_at_boundary and self.epoch_ended is None and self._batches_in_epoch > 0
+        )
 
     def claim_several(self, most: int) -> list[Task]:
         """Up to ``most`` tasks of this epoch (the end of an epoch is claimed alone)."""

@@ -414,3 +414,42 @@ def test_generator_enqueuer_arguments() -> None:
         assert len(list(enqueuer.get())) == 1
     with pytest.raises(PipelineError, match=r"generator is consumed"):
         enqueuer.start()
+
+
+class LastReadWaitsForTheNextEpoch(gpuqueue.Sequence):
+    """No on_epoch_end of its own. The first read of index 3 (epoch 0's last) waits until a
+    read of the next epoch has begun, and its batch says whether one did."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.lock = threading.Lock()
+        self.next_epoch_began = threading.Event()
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        with self.lock:
+            self.reads += 1
+            first_epoch = self.reads <= 4
+        if not first_epoch:
+            self.next_epoch_began.set()
+        elif index == 3:
+            return np.array([index, self.next_epoch_began.wait(10)])
+        return np.array([index, True])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_without_on_epoch_end_the_next_epoch_does_not_wait_for_the_last_reads(
+    running: list[Any], device: str | None
+) -> None:
+    """Only an on_epoch_end() of the source's own needs the epoch's reads all ended before
+    the next epoch's start; without one, a worker that finds the epoch claimed goes on into
+    the next at once (it waited for the other workers' last reads: a thread hand-off per
+    epoch, 1.27x the time per batch over 10 epochs of 100 trivial batches). Order holds."""
+    seq = LastReadWaitsForTheNextEpoch()
+    enqueuer = start(running, OrderedEnqueuer(seq, shard=None, epochs=2, device=device), workers=2)
+    got = [tuple(int(v) for v in batch) for batch in enqueuer.get()]
+    assert [index for index, _ in got] == [0, 1, 2, 3] * 2
+    assert got[3] == (3, 1), "epoch 0's last read ended before epoch 1's first began"
