@@ -160,20 +160,35 @@ class SequenceTasks(_TaskSource):
             raise
 
     def claim(self) -> Task:
+        return self._claim(1)[0]
+
+    def claim_several(self, most: int) -> list[Task]:
+        """Up to ``most`` tasks in a row of one epoch; the first of an epoch may open a bundle."""
+        return self._claim(most)
+
+    def _claim(self, most: int) -> list[Task]:
         with self._cond:
             while True:
                 if self._ended:
                     raise OutOfRangeError("the stream has ended")
-                if self._position < len(self._order):
-                    task = Task(
-                        self._next_seq_no(),
-                        self._epoch,
-                        self._position,
-                        index=int(self._order[self._position]),
+                start = self._position
+                count = min(most, len(self._order) - start)
+                if count > 0:
+                    seq_no, epoch, order = self._next_seq_no(), self._epoch, self._order
+                    self._position += count
+                    self._reads_in_flight += count
+                    if count == 1:
+                        return [Task(seq_no, epoch, start, int(order[start]))]
+                    indices = (
+                        order.run(start, start + count)
+                        if isinstance(order, InOrder)
+                        else order[start : start + count].tolist()
                     )
-                    self._position += 1
-                    self._reads_in_flight += 1
-                    return task
+                    # (positional: a keyword costs as much again, on every batch)
+                    return [
+                        Task(seq_no, epoch, position, index)
+                        for position, index in enumerate(indices, start)
+                    ]
                 if not self._epoch_end_running and (
                     self._reads_in_flight == 0 or self._may_cross_early()
                 ):
@@ -219,9 +234,9 @@ class SequenceTasks(_TaskSource):
                 raise OutOfRangeError(f"all {self._epochs} epochs were read")
             if failure is not None:
                 self._ended = True
-                return Task(self._next_seq_no(), self._epoch, 0, failure=failure, boundary=True)
+                return [Task(self._next_seq_no(), self._epoch, 0, failure=failure, boundary=True)]
             self._order = order
-        return self.claim()
+        return self._claim(most)
 
     def _may_cross_early(self) -> bool:
         """Whether the next epoch may start while this one's last reads are still running.
@@ -235,29 +250,6 @@ class SequenceTasks(_TaskSource):
         return (
             not self._drains_at_boundary and self.epoch_ended is None and self._batches_in_epoch > 0
         )
-
-    def claim_several(self, most: int) -> list[Task]:
-        """Up to ``most`` tasks of this epoch (the end of an epoch is claimed alone)."""
-        if most > 1:
-            with self._cond:
-                start, left = self._position, len(self._order) - self._position
-                if not self._ended and left > 1:
-                    count = min(most, left)
-                    seq_no, epoch = self._next_seq_no(), self._epoch
-                    order = self._order
-                    indices = (
-                        order.run(start, start + count)
-                        if isinstance(order, InOrder)
-                        else order[start : start + count].tolist()
-                    )
-                    self._position += count
-                    self._reads_in_flight += count
-                    # (positional: a keyword costs as much again, on every batch)
-                    return [
-                        Task(seq_no, epoch, position, index)
-                        for position, index in enumerate(indices, start)
-                    ]
-        return [self.claim()]
 
     def read(self, task: Task) -> Any:
         return self._sequence[task.index]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import gpuqueue
-from gpuqueue.errors import CancelledError, PipelineError
+from gpuqueue.errors import CancelledError, OutOfRangeError, PipelineError
 from gpuqueue.host import Sequencer
 from gpuqueue.sources import Sequence, epoch_order
 from tests.conftest import Worker, wait_entered
@@ -225,3 +225,40 @@ def test_an_unshuffled_order_reads_the_same_whichever_way(
     for start in range(len(order)):
         for stop in range(start, len(order) + 1):
             assert order.run(start, stop) == expected[start:stop]  # type: ignore[union-attr]
+
+
+def test_a_bundle_opens_the_next_epoch_and_on_epoch_end_still_comes_between() -> None:
+    """After an epoch's end the worker that crossed it claims a whole bundle of the next epoch
+    (it got one batch, and every other read of the new epoch its own queue item: a short epoch
+    cost several more hand-offs than its batches needed). on_epoch_end still runs between."""
+    from gpuqueue.tasks import SequenceTasks
+
+    ends: list[int] = []
+
+    class Ten(Sequence):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, index: int) -> int:
+            return index
+
+        def on_epoch_end(self) -> None:
+            ends.append(len(ends))
+
+    tasks = SequenceTasks(Ten(), shuffle=False, seed=0, shard=(0, 1), epochs=2)
+    claimed = []
+    for _ in range(4):
+        bundle = tasks.claim_several(8)
+        claimed.append([(task.epoch, task.index) for task in bundle])
+        assert len({task.seq_no for task in bundle}) == 1  # one queue item
+        tasks.done_reading(len(bundle), len(bundle))
+    assert claimed == [
+        [(0, i) for i in range(8)],
+        [(0, 8), (0, 9)],
+        [(1, i) for i in range(8)],  # was [(1, 0)] alone
+        [(1, 8), (1, 9)],
+    ]
+    assert ends == [0]
+    with pytest.raises(OutOfRangeError):
+        tasks.claim_several(8)
+    assert ends == [0, 1]
