@@ -1,9 +1,11 @@
 """Ctrl-C in the consumer ends the program within 2 s, even with workers stuck in a read.
 
 Each test runs a real script in a subprocess whose ``__getitem__`` blocks for
-a minute from index 2 on, waits until the consumer has taken batches 0 and 1
-and the workers are inside the blocking read (the script says so on
-stdout), then sends one real SIGINT and times the exit.
+a minute from index 1 on, waits until the consumer has taken batch 0 and the
+workers are inside the blocking read (the script says so on stdout), then
+sends one real SIGINT and times the exit. (Only batch 0 is awaited: fast
+reads travel in bundles, and a bundle that holds batch 1 and a blocked read
+of batch 2 would never deliver batch 1. Batch 0 is always claimed alone.)
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ SCRIPT = textwrap.dedent(
             return 100
 
         def __getitem__(self, index):
-            if index >= 2:
+            if index >= 1:
                 say("READING")
                 threading.Event().wait(60)  # a read that nothing can interrupt
             return np.full(3, index)
@@ -60,7 +62,7 @@ SCRIPT = textwrap.dedent(
             Stuck(), device=device, workers=2, use_multiprocessing=mode == "processes"
         ) as batches:
             for batch in batches:
-                if int(batch[0]) == 1:
+                if int(batch[0]) == 0:
                     say("BLOCKED")  # the next step waits in get()
     """
 )
@@ -121,10 +123,16 @@ def test_one_ctrl_c_ends_the_program_within_two_seconds(
     assert not left, f"shared memory left behind: {left}"
 
 
-class StuckFrom2(gpuqueue.Sequence):
-    """Reads 0 and 1 at once; from 2 on, each read waits at ``gate`` (the test opens it)."""
+class StuckFrom1(gpuqueue.Sequence):
+    """Reads 0 at once; from ``first_stuck`` (1) on, each read waits at ``gate``; the test opens it.
 
-    def __init__(self) -> None:
+    Only batch 0 can be awaited: a worker's first claim is always one batch, but
+    a later one may be a bundle, and a bundle holding batch 1 and a blocked read
+    would never deliver batch 1.
+    """
+
+    def __init__(self, first_stuck: int = 1) -> None:
+        self.first_stuck = first_stuck
         self.gate = threading.Event()
         self.reading = threading.Semaphore(0)
 
@@ -132,7 +140,7 @@ class StuckFrom2(gpuqueue.Sequence):
         return 100
 
     def __getitem__(self, index: int) -> np.ndarray:
-        if index >= 2:
+        if index >= self.first_stuck:
             self.reading.release()
             self.gate.wait(30)
         return np.full(3, index)
@@ -146,7 +154,7 @@ def test_ctrl_c_inside_a_condition_wait_is_still_ctrl_c() -> None:
     run took that for an ordinary error and waited the full 60 s for the stuck readers (CI
     saw one Ctrl-C leave the program alive 10 s later). Here the wait is replaced by that
     exact state: its lock released, then KeyboardInterrupt."""
-    seq = StuckFrom2()
+    seq = StuckFrom1()
     enqueuer = gpuqueue.OrderedEnqueuer(seq, shard=None)
     enqueuer.start(workers=2, max_queue_size=4)
     try:
@@ -157,7 +165,7 @@ def test_ctrl_c_inside_a_condition_wait_is_still_ctrl_c() -> None:
             raise KeyboardInterrupt
 
         batches = enqueuer.get()
-        taken = [int(next(batches)[0]), int(next(batches)[0])]
+        taken = [int(next(batches)[0])]
         for _ in range(2):  # both workers are inside a read that nothing interrupts
             assert seq.reading.acquire(timeout=10)
         cond.wait = wait  # type: ignore[method-assign]
@@ -173,7 +181,7 @@ def test_ctrl_c_inside_a_condition_wait_is_still_ctrl_c() -> None:
     finally:
         seq.gate.set()  # the readers return, see the stop and end
         enqueuer.stop(timeout=10)
-    assert taken == [0, 1]
+    assert taken == [0]
     assert raised.value.__suppress_context__  # the lock's RuntimeError is not what happened
     assert took < 2.0, f"the run took {took:.2f} s to stop after Ctrl-C"
     assert enqueuer._run.interrupted  # type: ignore[union-attr]
@@ -205,7 +213,7 @@ def test_ctrl_c_that_the_wait_did_not_wake_for_is_seen_within_a_second() -> None
     a batch was 60 s (the warning's), so one Ctrl-C left the program alive a minute.
     Here the sleep misses the signal the same way: SIGINT is blocked in this thread
     while it sleeps, so another thread takes it."""
-    seq = StuckFrom2()
+    seq = StuckFrom1()
     enqueuer = gpuqueue.OrderedEnqueuer(seq, shard=None)
     enqueuer.start(workers=2, max_queue_size=4)
     try:
@@ -225,7 +233,7 @@ def test_ctrl_c_that_the_wait_did_not_wake_for_is_seen_within_a_second() -> None
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
         batches = enqueuer.get()
-        assert [int(next(batches)[0]), int(next(batches)[0])] == [0, 1]
+        assert int(next(batches)[0]) == 0
         for _ in range(2):
             assert seq.reading.acquire(timeout=10)
         cond.wait = wait  # type: ignore[method-assign]
@@ -248,7 +256,7 @@ def test_ctrl_c_inside_the_copy_wait_of_depth_0_is_still_ctrl_c() -> None:
     """With ``prefetch_depth=0`` the copy runs inside ``get()`` and may wait for an arena
     (several consumers of one run). The same window there made ``get()`` take the lock's
     RuntimeError for a delivery error and stop the run with its 60 s grace."""
-    seq = StuckFrom2()
+    seq = StuckFrom1(first_stuck=2)  # a device path claims one batch at a time: no bundles
     enqueuer = gpuqueue.OrderedEnqueuer(seq, shard=None, device="cpu", prefetch_depth=0)
     enqueuer.start(workers=2, max_queue_size=4)
     try:
