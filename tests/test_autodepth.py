@@ -119,18 +119,23 @@ def test_a_slow_copy_stage_makes_the_run_deeper_within_the_budget(running: list[
     running.insert(0, backend.gate)
     assert enqueuer.stats()["prefetch_depth"] == START
     backend.gate.go()
-    depths = []
-    for position, batch in enumerate(islice(enqueuer.get(), WINDOW * 2)):
+    depths, reasons = [], []
+    # Until the budget has stopped it once (a machine under load may also see windows
+    # where the single worker was behind, which the tuner rightly reports instead).
+    for position, batch in enumerate(islice(enqueuer.get(), WINDOW * 8)):
         assert int(batch[1]) == position % 64 and np.all(batch[0] == position % 64)
         stats = enqueuer.stats()
         assert stats["device_bytes"] <= budget
         depths.append(stats["prefetch_depth"])
+        reasons.append(stats["prefetch_depth_reason"])
+        if "depth 6 may need" in reasons[-1]:
+            break
         backend.gate.go()
     assert depths[0] == START and depths[-1] == 5, depths
     assert depths == sorted(depths)  # never shallower
-    stats = enqueuer.stats()
-    assert stats["max_device_bytes"] == budget
-    assert "depth 6 may need" in stats["prefetch_depth_reason"]
+    assert "depth 6 may need" in reasons[-1], reasons[-3:]
+    assert f"over the budget of {budget} (max_device_bytes)" in reasons[-1]
+    assert enqueuer.stats()["max_device_bytes"] == budget
 
 
 def test_slow_workers_do_not_make_the_run_deeper(running: list[Any]) -> None:
