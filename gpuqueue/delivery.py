@@ -93,8 +93,8 @@ def _batches(run: Run, received: Callable[[Task], None], delivered: list[int]) -
             part = None
         if part is not None and coord.should_stop() and not run.ended:
             parts.clear()  # stop() ends the iteration, as when the queue is cancelled
-            if run.coord.exception is not None:
-                run.fail(run.coord.exception)
+            if coord.exception is not None:
+                run.fail(coord.exception)
                 continue
             return
         if part is None:
@@ -106,15 +106,15 @@ def _batches(run: Run, received: Callable[[Task], None], delivered: list[int]) -
                 item = _next_item(run, queue)
             except BatchTimeoutError as error:
                 run.fail(error)
-                run.coord.request_stop(error)  # stop() then ends (or kills) what is stuck
+                coord.request_stop(error)  # stop() then ends (or kills) what is stuck
                 raise
             except OutOfRangeError:  # a finite source ended
                 run.ended = True
                 run.stop(DEFAULT_STOP_TIMEOUT)
                 return
             except CancelledError:  # stop() from another thread, or an internal failure
-                if run.coord.exception is not None:
-                    run.fail(run.coord.exception)
+                if coord.exception is not None:
+                    run.fail(coord.exception)
                     continue
                 return
             with counters.lock:
@@ -197,6 +197,7 @@ SIGNAL_CHECK_S = 0.25
 def _get(queue: FIFOQueue[Item], timeout: float | None) -> Item:
     """``queue.get(timeout)``; in the main thread, in ``SIGNAL_CHECK_S`` slices."""
     if threading.current_thread() is not threading.main_thread():
+        # One wait at the user's edge; a batch, stop() and close wake it at once.
         return queue.get(timeout=timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
@@ -204,7 +205,9 @@ def _get(queue: FIFOQueue[Item], timeout: float | None) -> Item:
         if deadline is not None:
             step = max(0.0, min(step, deadline - time.monotonic()))
         try:
-            return queue.get(timeout=step)  # a pending Ctrl-C is raised as this returns
+            # Not polling for batches: a batch, stop() and close wake this wait at once.
+            # The slice is only for a Ctrl-C the sleep missed, raised as the wait returns.
+            return queue.get(timeout=step)
         except TimeoutError:
             if deadline is not None and time.monotonic() >= deadline:
                 raise

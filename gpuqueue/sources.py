@@ -20,7 +20,15 @@ from .errors import PipelineError
 if TYPE_CHECKING:
     from .tasks import Task
 
-__all__ = ["EpochOrder", "InOrder", "ReadingOrder", "Sequence", "epoch_order", "resolve_shard"]
+__all__ = [
+    "EpochOrder",
+    "InOrder",
+    "ReadingOrder",
+    "Sequence",
+    "epoch_order",
+    "indices",
+    "resolve_shard",
+]
 
 
 class Sequence:
@@ -132,6 +140,13 @@ class InOrder:
 
 # An epoch's order for one rank: drawn and stored when shuffled, worked out when not.
 EpochOrder = np.ndarray | InOrder
+
+
+def indices(order: EpochOrder, start: int, stop: int) -> list[int]:
+    """Items ``start .. stop - 1`` of ``order`` as a list of ints (a bundle's indices)."""
+    if isinstance(order, InOrder):
+        return order.run(start, stop)
+    return order[start:stop].tolist()  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import CancelledError, OutOfRangeError, PipelineError, add_note
-from .sources import EpochOrder, InOrder, Sequence, epoch_order
+from .sources import EpochOrder, Sequence, epoch_order, indices
 
 if TYPE_CHECKING:
     from .sources import ReadingOrder
@@ -179,15 +179,12 @@ class SequenceTasks(_TaskSource):
                     self._reads_in_flight += count
                     if count == 1:
                         return [Task(seq_no, epoch, start, int(order[start]))]
-                    indices = (
-                        order.run(start, start + count)
-                        if isinstance(order, InOrder)
-                        else order[start : start + count].tolist()
-                    )
                     # (positional: a keyword costs as much again, on every batch)
                     return [
                         Task(seq_no, epoch, position, index)
-                        for position, index in enumerate(indices, start)
+                        for position, index in enumerate(
+                            indices(order, start, start + count), start
+                        )
                     ]
                 if not self._epoch_end_running and (
                     self._reads_in_flight == 0 or self._may_cross_early()
