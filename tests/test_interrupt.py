@@ -139,11 +139,26 @@ class StuckFrom1(gpuqueue.Sequence):
     def __len__(self) -> int:
         return 100
 
+    def wait_until_both_workers_are_stuck(self) -> None:
+        for _ in range(2):
+            assert self.reading.acquire(timeout=10)
+
     def __getitem__(self, index: int) -> np.ndarray:
         if index >= self.first_stuck:
             self.reading.release()
             self.gate.wait(30)
         return np.full(3, index)
+
+
+def ctrl_c_lands_in_the_window(cond: threading.Condition) -> None:
+    """From now on ``cond.wait`` ends as a Ctrl-C that lands just after ``Condition.wait``
+    released its lock and before its ``try`` does: the lock released, KeyboardInterrupt."""
+
+    def wait(timeout: float | None = None) -> bool:
+        cond._lock.release()  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    cond.wait = wait  # type: ignore[method-assign]
 
 
 @pytest.mark.timeout(30)
@@ -158,17 +173,10 @@ def test_ctrl_c_inside_a_condition_wait_is_still_ctrl_c() -> None:
     enqueuer = gpuqueue.OrderedEnqueuer(seq, shard=None)
     enqueuer.start(workers=2, max_queue_size=4)
     try:
-        cond = enqueuer._run.output_queue._not_empty  # type: ignore[union-attr]
-
-        def wait(timeout: float | None = None) -> bool:
-            cond._lock.release()  # what Condition.wait has done when the signal lands
-            raise KeyboardInterrupt
-
         batches = enqueuer.get()
         taken = [int(next(batches)[0])]
-        for _ in range(2):  # both workers are inside a read that nothing interrupts
-            assert seq.reading.acquire(timeout=10)
-        cond.wait = wait  # type: ignore[method-assign]
+        seq.wait_until_both_workers_are_stuck()  # inside a read that nothing interrupts
+        ctrl_c_lands_in_the_window(enqueuer._run.output_queue._not_empty)  # type: ignore[union-attr]
         began = time.monotonic()
         with (
             pytest.raises(KeyboardInterrupt) as raised,
@@ -234,8 +242,7 @@ def test_ctrl_c_that_the_wait_did_not_wake_for_is_seen_within_a_second() -> None
 
         batches = enqueuer.get()
         assert int(next(batches)[0]) == 0
-        for _ in range(2):
-            assert seq.reading.acquire(timeout=10)
+        seq.wait_until_both_workers_are_stuck()
         cond.wait = wait  # type: ignore[method-assign]
         with (
             pytest.raises(KeyboardInterrupt),
@@ -263,17 +270,10 @@ def test_ctrl_c_inside_the_copy_wait_of_depth_0_is_still_ctrl_c() -> None:
         batches = enqueuer.get()
         assert int(next(batches)[0]) == 0
         arenas = enqueuer._run.arenas  # type: ignore[union-attr]
-        cond = arenas._cond
-
-        def wait(timeout: float | None = None) -> bool:
-            cond._lock.release()  # what Condition.wait has done when the signal lands
-            raise KeyboardInterrupt
-
-        for _ in range(2):
-            assert seq.reading.acquire(timeout=10)
-        with cond:
+        seq.wait_until_both_workers_are_stuck()
+        with arenas._cond:
             arenas._in_flight = arenas._depth  # another consumer holds the only copy slot
-        cond.wait = wait  # type: ignore[method-assign]
+        ctrl_c_lands_in_the_window(arenas._cond)
         began = time.monotonic()
         with (
             pytest.raises(KeyboardInterrupt),
