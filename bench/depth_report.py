@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.rounds import spread
-from gpuqueue.packing import GROWTH  # every slot and arena: the largest batch times this
+from gpuqueue.batch.layout import GROWTH  # every slot and arena: the largest batch times this
 
 MiB = 1 << 20
 
@@ -54,7 +54,7 @@ def columns(report: dict[str, Any]) -> list[tuple[str, int, str]]:
          f"(workers + max_queue_size + 1) = ({workers} + {queue} + 1) slots, each "
          f"{GROWTH} x the largest batch"),
         ("dev MiB", 8, "peak of stats()['device_bytes'] sampled at every batch, highest "
-         f"round: arenas, each {GROWTH} x the largest batch (growth margin, gpuqueue/arenas.py), "
+         f"round: arenas, each {GROWTH} x the largest batch (growth margin, device/arenas.py), "
          "one per batch copied ahead (up to max(depth, 1)), per batch the loop still holds, "
          f"and 1 kept free for reuse; at most (max(depth, 1) + 3) x {GROWTH} x batch for a "
          "loop that holds one batch at a time"),

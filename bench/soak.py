@@ -31,7 +31,7 @@ import numpy as np
 
 import gpuqueue
 from bench.machine import describe_machine
-from gpuqueue.sources import epoch_order
+from gpuqueue.source.order import epoch_order
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

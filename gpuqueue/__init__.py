@@ -5,10 +5,8 @@ The public names follow TensorFlow's ``Coordinator``, ``LooperThread``,
 code written for those runs after changing the import.
 """
 
-from .adapters import keras_dataset
-from .channel import FIFOQueue
-from .coordinator import Coordinator, LooperThread
-from .delivery import keep
+from .consumer.outputs import keep
+from .device.transforms import Normalize
 from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
 from .errors import (
     BatchError,
@@ -20,10 +18,12 @@ from .errors import (
     QueueClosedError,
     WorkerDiedError,
 )
-from .oneshot import prefetch
-from .runner import QueueRunner
-from .sources import Sequence
-from .transforms import Normalize
+from .prefetch import prefetch
+from .source.keras import keras_dataset
+from .source.order import Sequence
+from .sync.channel import FIFOQueue
+from .sync.coordinator import Coordinator, LooperThread
+from .sync.runner import QueueRunner
 
 __version__ = "0.1.0"
 

@@ -1,47 +1,27 @@
-"""``PipelineConfig``: every setting of one run, typed, frozen, and checked where it is made.
+"""Config: the settings of one run, ``PipelineConfig`` and ``Workers``, frozen, checked once.
 
-The enqueuers build one from their arguments (so a bad keyword fails in the
-constructor, before anything starts) and ``Run.start`` builds the run from
-it; each stage reads the settings it needs by name.
+The public entry points (the enqueuers, ``prefetch()``) spell out every
+keyword in their signatures, so ``help()`` and IDEs show them, and build one
+``PipelineConfig`` from their arguments by name (``PipelineConfig.of``):
+adding a setting is one field here plus the public signatures, and nothing
+relays keywords from one function to the next. It is checked once, where it
+is made (a bad keyword fails in the constructor, before anything starts).
+``start(workers, max_queue_size)`` adds a ``Workers``, checked on its own.
+``Run.start`` builds the run from both; each stage reads what it needs by name.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .backends import check_device
-from .errors import PipelineError
-from .transforms import BatchTransform, as_transform
+from .consumer.outputs import OUTPUTS, check_installed
+from .device.transforms import BatchTransform, as_transform
 
-__all__ = ["OUTPUTS", "PipelineConfig"]
-
-OUTPUTS = (None, "cupy", "numpy", "torch", "jax")
-
-# The module each output needs, what it is called, and how to install it.
-_OUTPUT_NEEDS = {
-    "torch": ("torch", "PyTorch", "install gpuqueue[torch] (or torch itself)"),
-    "jax": ("jax", "JAX", "install gpuqueue[jax] (or jax[cpu], jax[cuda12])"),
-    "cupy": ("cupy", "CuPy", "install gpuqueue[cuda12] or gpuqueue[cuda13]"),
-}
-
-
-def _check_output_installed(output: str | None) -> None:
-    """Raises ``PipelineError`` naming the extra if ``output``'s library is missing.
-
-    Looks the module up without importing it, so that building an enqueuer
-    stays cheap and ``import gpuqueue`` imports none of them.
-    """
-    if output not in _OUTPUT_NEEDS:
-        return
-    module, library, hint = _OUTPUT_NEEDS[output]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        raise PipelineError(f"output={output!r} needs {library}, which is not installed: {hint}")
+__all__ = ["PipelineConfig", "Workers"]
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:
@@ -51,51 +31,85 @@ def _check_count(name: str, value: Any, minimum: int) -> None:
 
 
 @dataclass(frozen=True)
+class Workers:
+    """How many read, and how much waits: the arguments of ``start()``.
+
+    Args:
+        workers: Number of worker threads (or processes).
+        max_queue_size: The most finished batches waiting in host memory.
+
+    Raises:
+        ValueError: If either is not a positive int.
+    """
+
+    workers: int = 1
+    max_queue_size: int = 10
+
+    def __post_init__(self) -> None:
+        _check_count("workers", self.workers, 1)
+        _check_count("max_queue_size", self.max_queue_size, 1)
+
+    @property
+    def staging_slots(self) -> int:
+        """Host slots a run can fill at once: one per worker, the queue, one being copied."""
+        return self.workers + self.max_queue_size + 1
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
-    """Every setting of one run, checked once when it is made.
+    """Every setting of one run but the worker counts, checked once when it is made.
 
     Args:
         name: Names the run's threads, queues and messages.
         use_multiprocessing: Read in worker processes instead of threads.
-        workers: Number of worker threads (or processes).
-        max_queue_size: The most finished batches waiting in host memory.
         device: ``None`` (host batches as the source made them), ``"auto"``,
             ``"cpu"``, an int or ``"cuda:N"``, or a backend object.
         prefetch_depth: Batches copied ahead of the consumer (0 = copy in
             ``get()``), or ``"auto"``: from 2, one deeper while the consumer
-            waits for data, within ``max_device_bytes`` (``autodepth.py``).
+            waits for data, within ``max_device_bytes`` (``device/autodepth.py``).
         max_device_bytes: The device memory ``prefetch_depth="auto"`` may
             use for batches; None: a tenth of what is free at start.
-        output: ``None``, ``"cupy"``, ``"numpy"``, ``"torch"`` or ``"jax"``.
+        output: ``None``, ``"cupy"``, ``"numpy"``, ``"torch"`` or ``"jax"``
+            (``consumer/outputs.py``).
         stream: The consumer's stream; None for the current one at each get.
-        process_seed: Seeds NumPy in a generator's worker process.
         timeout: Seconds ``get()`` waits for one batch before it raises
             ``BatchTimeoutError``; None waits as long as it takes (with a
             warning once a minute has passed).
         transform: Applied to each batch on the device after its copy
-            (``transforms.py``); a callable or a mapping from field to
+            (``device/transforms.py``); a callable or a mapping from field to
             callable, kept as a ``BatchTransform``.
+        random_seed: Seeds NumPy in a generator's worker process.
 
     Raises:
         ValueError: If a setting is out of range or settings contradict
             each other.
+        TypeError: If ``transform`` is neither a callable nor a mapping to callables.
         PipelineError: If ``output`` names a library that is not installed.
     """
 
     name: str
     use_multiprocessing: bool = False
-    workers: int = 1
-    max_queue_size: int = 10
     device: Any = None
     prefetch_depth: int | str = 2
     max_device_bytes: int | None = None
     output: str | None = None
     stream: Any = None
-    process_seed: int | None = None
     timeout: float | None = None
     transform: BatchTransform | None = None
+    random_seed: int | None = None
+
+    @classmethod
+    def of(cls, name: str, arguments: Mapping[str, Any]) -> PipelineConfig:
+        """The config of a public call, from its arguments by name (``locals()``).
+
+        Takes every field the mapping has, so a public signature hands over
+        its settings without naming each a second time.
+        """
+        fields = {field.name for field in dataclasses.fields(cls)} - {"name"}
+        return cls(name, **{key: arguments[key] for key in fields if key in arguments})
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "use_multiprocessing", bool(self.use_multiprocessing))
         timeout = self.timeout
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
@@ -103,8 +117,6 @@ class PipelineConfig:
             raise ValueError(
                 f"timeout must be None or a positive number of seconds, not {timeout!r}"
             )
-        _check_count("workers", self.workers, 1)
-        _check_count("max_queue_size", self.max_queue_size, 1)
         if self.prefetch_depth != "auto":
             if isinstance(self.prefetch_depth, str):
                 raise ValueError(
@@ -119,19 +131,19 @@ class PipelineConfig:
                     f"prefetch_depth={self.prefetch_depth!r} the memory follows from the depth"
                 )
         if self.output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+            raise ValueError(f"output must be one of {tuple(OUTPUTS)}, got {self.output!r}")
         if self.device is None:
             if self.prefetch_depth == "auto" and self.max_device_bytes is not None:
                 raise ValueError("max_device_bytes needs a device (device='auto', 0, ...)")
-            if self.output in ("torch", "jax") or self.stream is not None:
+            if OUTPUTS[self.output].needs_device:
                 raise ValueError(
                     f"output={self.output!r} and stream need a device (device='auto', 0, ...)"
-                    if self.output in ("torch", "jax")
-                    else "stream needs a device (device='auto', 0, ...)"
                 )
+            if self.stream is not None:
+                raise ValueError("stream needs a device (device='auto', 0, ...)")
         else:
             check_device(self.device)
-        _check_output_installed(self.output)
+        check_installed(self.output)
         transform = as_transform(self.transform)  # TypeError for what is not one
         object.__setattr__(self, "transform", transform)
         if transform is not None:
@@ -140,4 +152,9 @@ class PipelineConfig:
                     "transform= runs on the device after the copy and needs one "
                     "(device='auto', 'cpu', 0, ...); with device=None, transform in the Sequence"
                 )
-            transform.check_output(self.output)
+            made = transform.bfloat16_maker()
+            if made is not None and not OUTPUTS[self.output].bfloat16:
+                raise ValueError(
+                    f"transform= has {made!r}, and bfloat16 needs output='torch' or "
+                    f"output='jax' (NumPy and CuPy have no bfloat16), got output={self.output!r}"
+                )

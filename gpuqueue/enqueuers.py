@@ -1,39 +1,35 @@
-"""The Keras surface: ``SequenceEnqueuer``, ``OrderedEnqueuer`` and ``GeneratorEnqueuer``.
+"""The Keras surface: ``SequenceEnqueuer``, ``OrderedEnqueuer``, ``GeneratorEnqueuer``.
 
-Each class spells out every keyword, turns its arguments into one
-``PipelineConfig`` (``config.py``), and delegates: ``start()`` starts a
-``Run``, ``get()`` returns the consumer's side of it (``delivery.py``),
-``stop()`` stops it. What is Keras's own here is the call forms and the
-state a Keras user reads back (``sequence``, ``workers``, ``state_dict``).
+Each class spells out every keyword, makes one ``PipelineConfig`` of them by
+name (``config.py``), and delegates to a ``Run`` (``run.py``) and its consumer
+(``consumer/deliver.py``). The device defaults to ``None``, as Keras hands over
+host batches: swapping the import changes nothing until a device is asked for
+(``prefetch()``, gpuqueue's own form, defaults to ``"auto"``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator
-from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
-from . import pipeline
-from .adapters import check_generator, check_sequence
-from .config import PipelineConfig
-from .delivery import batches
-from .distributed import describe_shard
+from .config import PipelineConfig, Workers
+from .consumer.deliver import batches
 from .errors import PipelineError, ctrl_c_in
-from .pipeline import DEFAULT_STOP_TIMEOUT, EMPTY_STATS, Run
-from .sources import ReadingOrder
-from .tasks import GeneratorTasks, SequenceTasks, Task
+from .host.pickling import check_picklable
+from .run import EMPTY_STATS, Run
+from .source.kinds import check_iterable_source, check_sequence
+from .source.order import ReadingOrder, Task
+from .source.shard import describe_shard
+from .source.tasks import GeneratorTasks, SequenceTasks
+from .sync.coordinator import DEFAULT_STOP_TIMEOUT
 
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]
 
 logger = logging.getLogger(__name__)
 
-
-def _ignore_task(task: Task) -> None:
-    """A generator's enqueuer keeps no reading position."""
+_E = TypeVar("_E", bound="SequenceEnqueuer")
 
 
 class SequenceEnqueuer:
@@ -52,28 +48,22 @@ class SequenceEnqueuer:
             usable, else NumPy. ``"cpu"``: the NumPy fallback of the device
             pipeline. An int or ``"cuda:N"``: that GPU, or a clear error.
         prefetch_depth: Batches copied ahead of the consumer (0 = copy in
-            ``get()``, no prefetch), or ``"auto"``: from 2, one deeper each
-            time the consumer waited for data on more than 5 % of 32 batches,
-            up to 8 and within ``max_device_bytes``; never shallower.
-            ``stats()`` says which depth and why.
-        max_device_bytes: For ``prefetch_depth="auto"``: the device memory
-            its batches may take (``(depth + 3) x largest batch x 1.25``,
-            plus ``(depth + 2) x`` a transform's outputs); None: a tenth of
-            the device's free memory at start (on NumPy, of the host's).
+            ``get()``), or ``"auto"``: from 2, one deeper while the consumer
+            waits for data, up to 8, within ``max_device_bytes``; ``stats()``
+            says which depth and why.
+        max_device_bytes: The device memory ``prefetch_depth="auto"`` may use
+            (None: a tenth of what is free at start).
         output: ``None`` (or ``"cupy"``, ``"numpy"``) for the backend's arrays,
             ``"torch"`` or ``"jax"`` for that library's, on the same memory.
         stream: The stream the consumer's work runs on; by default the
             current one (PyTorch's with ``output="torch"``) at each ``get``.
-        timeout: Seconds ``get()`` waits for a batch (as DataLoader's), then
-            raises ``BatchTimeoutError`` naming what is in flight. None waits,
-            with a warning after a minute.
-        transform: Applied to each batch on the device, after its copy, on
-            the copy stream (current for CuPy, and PyTorch if imported)
-            before the consumer can see it: a callable taking and returning
-            the batch as the backend's arrays (CuPy, or NumPy on the CPU),
-            or a mapping from field (index or key) to a callable, which
-            leaves the other fields alone; ``Normalize`` is the ready-made
-            one. Its error reaches ``get()`` in the batch's place.
+        timeout: Seconds ``get()`` waits for a batch, then raises
+            ``BatchTimeoutError`` naming what is in flight; None waits.
+        transform: Applied to each batch on the device right after its copy,
+            on the copy stream, before the consumer sees it: a callable on
+            the batch as the backend's arrays, or a mapping from field to a
+            callable (``{0: Normalize(mean, std)}``). Its error reaches
+            ``get()`` in the batch's place.
 
     A batch is its taker's for as long as it is held; its device memory is
     reused once it is dropped, after the work queued on it is done.
@@ -98,29 +88,23 @@ class SequenceEnqueuer:
         timeout: float | None = None,
         transform: Any = None,
     ) -> None:
-        self._config = PipelineConfig(
-            self._name,
-            use_multiprocessing=bool(use_multiprocessing),
-            device=device,
-            prefetch_depth=prefetch_depth,
-            max_device_bytes=max_device_bytes,
-            output=output,
-            stream=stream,
-            timeout=timeout,
-            transform=transform,
-        )
+        self._setup(sequence, PipelineConfig.of(self._name, locals()))
+
+    @classmethod
+    def _configured(cls: type[_E], sequence: Any, config: PipelineConfig, *more: Any) -> _E:
+        """An enqueuer of a config already made (by ``prefetch()``), checked once."""
+        enqueuer = cls.__new__(cls)
+        enqueuer._setup(sequence, config, *more)
+        return enqueuer
+
+    def _setup(self, sequence: Any, config: PipelineConfig, order: Any = None) -> None:
+        self._config, self._order = config, order
         self.sequence = sequence
-        self.use_multiprocessing = self._config.use_multiprocessing
+        self.use_multiprocessing = config.use_multiprocessing
         self.workers = 0
         self.max_queue_size = 0
         self._lock = threading.Lock()
         self._run: Run | None = None
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-
-    @property
-    def config(self) -> PipelineConfig:
-        """The settings the next ``start()`` runs with (``workers`` and queue size aside)."""
-        return self._config
 
     def is_running(self) -> bool:
         """True between ``start()`` and the end of the stream or ``stop()``."""
@@ -139,17 +123,14 @@ class SequenceEnqueuer:
             PipelineError: If the enqueuer is already running, the Sequence
                 cannot be pickled for processes, or the device is unusable.
         """
-        config = dataclasses.replace(self._config, workers=workers, max_queue_size=max_queue_size)
+        counts = Workers(workers, max_queue_size)
         with self._lock:
             if self.is_running():
                 raise PipelineError(f"{self._name} is already running; call stop() first")
             if self._run is not None and not self._run.closed:
                 self._run.stop(DEFAULT_STOP_TIMEOUT)
             self.workers, self.max_queue_size = workers, max_queue_size
-            self._run = run = Run.start(config, self.sequence, self._make_tasks)
-            if self._finalizer is not None:
-                self._finalizer.detach()  # the previous run was stopped above
-            self._finalizer = weakref.finalize(self, run.abandon)
+            self._run = Run.start(self._config, counts, self.sequence, self._make_tasks, self)
 
     def _make_tasks(self) -> SequenceTasks | GeneratorTasks:
         raise NotImplementedError
@@ -172,13 +153,8 @@ class SequenceEnqueuer:
             self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self._run is not None and ctrl_c_in(exc) is not None:
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._run is not None and ctrl_c_in(exc_info[1]) is not None:
             self._run.interrupt()  # Ctrl-C: wait for nothing user code could hold up
         self.stop()
 
@@ -186,11 +162,10 @@ class SequenceEnqueuer:
         """Returns a generator of batches, in order (each thread may have one).
 
         Endless for a Sequence unless ``epochs`` was given; for a generator,
-        until it is exhausted. ``None`` items are skipped. A worker's (or the
-        copy's) error is raised after every batch before it, as itself with
-        a note naming the thread and the batch index; the enqueuer stops and
-        every later ``get()`` raises it again. ``stop()`` from another thread
-        ends the iteration.
+        until it ends. ``None`` items are skipped. A worker's (or the copy's)
+        error is raised after every batch before it, as itself with a note
+        naming the thread and the batch, and again by every later ``get()``;
+        ``stop()`` from another thread ends the iteration.
 
         Raises:
             PipelineError: If ``start()`` was not called.
@@ -204,23 +179,19 @@ class SequenceEnqueuer:
         """Kept for older code: a batch's memory goes back when it is dropped, not before."""
 
     def _receiver(self) -> Callable[[Task], None]:
-        """What records each task the consumer received (for ``state_dict``)."""
-        return _ignore_task
+        """What records each task the consumer received (a generator's: nothing)."""
+        return lambda task: None
 
     def stats(self) -> dict[str, Any]:
         """Counters of the current (or last) run.
 
         Returns:
-            ``batches_produced``, ``batches_consumed``, ``consumer_wait_s`` (time
-            ``get()`` waited), ``producer_blocked_s`` (time workers waited for
-            room), ``queue_size``, ``queue_capacity``, ``mean_queue_occupancy``
-            (batches queued at each ``get``); with a device ``backend``,
-            ``prefetch_depth``, ``bytes_copied``, ``h2d_gbps`` (one copy in 16,
-            timed by device events), ``copy_wait_for_host_s``, ``pinned_bytes``
-            and ``device_bytes``; with processes ``shared_memory_bytes``. With
-            ``prefetch_depth="auto"``, ``prefetch_depth`` is the depth now,
-            ``prefetch_depth_reason`` says why, and ``max_device_bytes`` is
-            the budget.
+            Batches produced and consumed, time ``get()`` waited
+            (``consumer_wait_s``) and workers waited for room
+            (``producer_blocked_s``), queue occupancy; on a device the
+            backend, depth (and with ``"auto"``, why), bytes copied,
+            ``h2d_gbps``, pinned and device bytes; with processes
+            ``shared_memory_bytes``.
         """
         return dict(EMPTY_STATS) if self._run is None else self._run.stats()
 
@@ -245,8 +216,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
             padding it by wrapping around the epoch's order.
         epochs: Stop after this many epochs (counted from epoch 0); None
             (the default, as Keras) is endless.
-        device, prefetch_depth, max_device_bytes, output, stream, timeout, transform: As in
-            ``SequenceEnqueuer``.
+        device, prefetch_depth, ...: The device keywords of ``SequenceEnqueuer``.
 
     Raises:
         ValueError: If ``shard`` (or a launcher's variable) is malformed, or
@@ -256,6 +226,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
     """
 
     _name = "OrderedEnqueuer"
+    _order: ReadingOrder
 
     def __init__(
         self,
@@ -276,21 +247,15 @@ class OrderedEnqueuer(SequenceEnqueuer):
         transform: Any = None,
     ) -> None:
         check_sequence(sequence)
-        self.shuffle = bool(shuffle)
-        self._order = ReadingOrder.of(
+        order = ReadingOrder.of(
             sequence, shuffle=shuffle, seed=seed, shard=shard, drop_last=drop_last, epochs=epochs
         )
-        super().__init__(
-            sequence,
-            use_multiprocessing,
-            device=device,
-            prefetch_depth=prefetch_depth,
-            max_device_bytes=max_device_bytes,
-            output=output,
-            stream=stream,
-            timeout=timeout,
-            transform=transform,
-        )
+        self._setup(sequence, PipelineConfig.of(self._name, locals()), order)
+
+    @property
+    def shuffle(self) -> bool:
+        """Whether each epoch is read in a seeded permutation."""
+        return bool(self._order.shuffle)
 
     def _make_tasks(self) -> SequenceTasks:
         order = self._order
@@ -323,8 +288,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
         self._order.load_state_dict(state)
 
     def stats(self) -> dict[str, Any]:
-        """``SequenceEnqueuer.stats()``, plus ``shard_rank``, ``shard_world_size`` and
-        ``shard_source``: which rank of how many reads, and where that was learned."""
+        """``SequenceEnqueuer.stats()``, plus which rank of how many reads (``shard_*``)."""
         return {**super().stats(), **self._order.shard.stats()}
 
 
@@ -339,14 +303,12 @@ class GeneratorEnqueuer(SequenceEnqueuer):
     Args:
         generator: Any iterable.
         use_multiprocessing: Run the generator in one worker process, whatever
-            ``workers`` is (Keras runs a copy in every process and repeats the
-            data), writing items into shared memory; pass the generator
-            function (``make_batches``, not ``make_batches()``) or a picklable
-            iterable.
+            ``workers`` is (Keras runs a copy in each and repeats the data):
+            pass the generator function (``make_batches``, not
+            ``make_batches()``) or a picklable iterable.
         random_seed: Seeds NumPy's global random state in that process, as
             Keras does; unused with threads.
-        device, prefetch_depth, max_device_bytes, output, stream, timeout, transform: As in
-            ``SequenceEnqueuer``.
+        device, prefetch_depth, ...: The device keywords of ``SequenceEnqueuer``.
 
     Raises:
         TypeError: If ``generator`` is not iterable (or, with processes, a
@@ -371,23 +333,17 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         timeout: float | None = None,
         transform: Any = None,
     ) -> None:
-        check_generator(generator, use_multiprocessing)
-        super().__init__(
-            generator,
-            use_multiprocessing,
-            device=device,
-            prefetch_depth=prefetch_depth,
-            max_device_bytes=max_device_bytes,
-            output=output,
-            stream=stream,
-            timeout=timeout,
-            transform=transform,
-        )
-        self._config = dataclasses.replace(self._config, process_seed=random_seed)
-        self.random_seed = random_seed
+        check_iterable_source(generator, epochs=None, use_multiprocessing=use_multiprocessing)
+        if use_multiprocessing:
+            check_picklable(generator, "the generator function or a picklable iterable")
+        self._setup(generator, PipelineConfig.of(self._name, locals()))
+
+    def _setup(self, generator: Any, config: PipelineConfig, order: Any = None) -> None:
+        super()._setup(generator, config)
+        self.random_seed = config.random_seed
         self._used = False
 
     def _make_tasks(self) -> GeneratorTasks:
-        tasks = pipeline.generator_tasks(self.sequence, self.use_multiprocessing, used=self._used)
+        tasks = GeneratorTasks.for_run(self.sequence, self.use_multiprocessing, used=self._used)
         self._used = True
         return tasks

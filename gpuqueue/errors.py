@@ -1,4 +1,4 @@
-"""The exceptions gpuqueue raises.
+"""Errors: the exceptions gpuqueue raises, and the notes that say where they came from.
 
 Every error of gpuqueue's own shares one base class, and each way a pipeline
 can end has its own type, so callers never tell endings apart by message

@@ -10,10 +10,10 @@ import pytest
 
 import gpuqueue
 from gpuqueue import OrderedEnqueuer
-from gpuqueue.autodepth import CAP, START, WARMUP, WINDOW, DepthTuner, device_bytes_for
 from gpuqueue.backends.numpy import NumpyBackend, available_host_memory
-from gpuqueue.packing import layout
-from gpuqueue.staging import describe
+from gpuqueue.batch.layout import layout
+from gpuqueue.batch.tree import describe
+from gpuqueue.device.autodepth import CAP, START, WARMUP, WINDOW, DepthTuner, device_bytes_for
 from tests.conftest import start
 from tests.seqs import Gated
 

@@ -176,7 +176,7 @@ def test_a_failing_stop_callback_is_logged_and_others_run(
     calls: list[str] = []
     coord.add_stop_callback(raise_boom)
     coord.add_stop_callback(lambda: calls.append("ran"))
-    with caplog.at_level(logging.ERROR, logger="gpuqueue.coordinator"):
+    with caplog.at_level(logging.ERROR, logger="gpuqueue.sync.coordinator"):
         coord.request_stop()
     assert calls == ["ran"]
     assert "stop callback" in caplog.text and "BoomError" in caplog.text
@@ -275,7 +275,7 @@ def test_join_ignore_live_threads_logs_them(caplog: pytest.LogCaptureFixture) ->
     straggler.start()
     coord.request_stop()
     try:
-        with caplog.at_level(logging.INFO, logger="gpuqueue.coordinator"):
+        with caplog.at_level(logging.INFO, logger="gpuqueue.sync.coordinator"):
             coord.join([straggler], stop_grace_period_secs=0.01, ignore_live_threads=True)
     finally:
         release.set()

@@ -14,13 +14,13 @@ import pytest
 
 import gpuqueue
 from gpuqueue import GeneratorEnqueuer, OrderedEnqueuer, PipelineError
-from gpuqueue.arenas import DeviceArenas
 from gpuqueue.backends import resolve
 from gpuqueue.backends.numpy import NumpyBackend
 from gpuqueue.backends.simulated import SimulatedBackend
-from gpuqueue.looper import PinnedPool
-from gpuqueue.packing import layout
-from gpuqueue.staging import describe
+from gpuqueue.batch.layout import layout
+from gpuqueue.batch.tree import describe
+from gpuqueue.device.arenas import DeviceArenas
+from gpuqueue.host.pinned import PinnedPool
 from tests.conftest import start, wait_entered
 from tests.faults import failing
 from tests.seqs import FailsAt, Growing, Numbered
@@ -279,7 +279,7 @@ def test_stop_from_another_thread_with_every_stage_blocked(
             if name is not None and name.endswith("-host"):
                 self._not_full = wait_entered(self._not_full, host_full)
 
-    monkeypatch.setattr(gpuqueue.pipeline, "FIFOQueue", WatchedQueue)
+    monkeypatch.setattr(gpuqueue.run, "FIFOQueue", WatchedQueue)
     enqueuer = start(running, OrderedEnqueuer(Numbered(), device="simulated", prefetch_depth=2))
     batches = enqueuer.get()
     check_numbered(next(batches), enqueuer)

@@ -27,15 +27,10 @@ import pytest
 
 import gpuqueue
 from gpuqueue import OrderedEnqueuer, PipelineError, backends
-from gpuqueue.distributed import (
-    LOCAL_RANK_VARIABLES,
-    RANK_VARIABLES,
-    Shard,
-    local_rank,
-    reads_by_index,
-    resolve_shard,
-)
-from gpuqueue.sources import epoch_order
+from gpuqueue.backends import LOCAL_RANK_VARIABLES, local_rank
+from gpuqueue.source.kinds import reads_by_index
+from gpuqueue.source.order import epoch_order
+from gpuqueue.source.shard import RANK_VARIABLES, Shard, resolve_shard
 from tests.conftest import start
 from tests.seqs import Numbered
 

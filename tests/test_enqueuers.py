@@ -219,7 +219,7 @@ def test_stop_returns_while_workers_are_blocked_on_a_full_queue(
             super().__init__(*args, **kwargs)
             self._not_full = wait_entered(self._not_full, blocked)
 
-    monkeypatch.setattr(gpuqueue.pipeline, "FIFOQueue", WatchedQueue)
+    monkeypatch.setattr(gpuqueue.run, "FIFOQueue", WatchedQueue)
     enqueuer = start(running, OrderedEnqueuer(Numbered()), workers=4, max_queue_size=1)
     assert blocked.wait(5)
     enqueuer.stop(timeout=5)

@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 
 import gpuqueue
-from gpuqueue import BatchError, BatchTimeoutError, OrderedEnqueuer, PipelineError, delivery
+from gpuqueue import BatchError, BatchTimeoutError, OrderedEnqueuer, PipelineError
 from gpuqueue.backends.simulated import SimulatedBackend
+from gpuqueue.consumer import deliver as delivery
 from tests.conftest import Worker
 from tests.seqs import Numbered
 
@@ -400,9 +401,8 @@ def test_a_dev_shm_too_small_is_a_clear_error_naming_it_and_the_shm_size() -> No
     )
     if probe is None or probe.returncode != 0:
         pytest.skip("needs unshare -m and mount (root) to give the script a 4 MiB /dev/shm")
-    setup = (
-        "import gpuqueue.segments; gpuqueue.segments.USE_MEMFD = False  # as without memfd_create"
-    )
+    # as without memfd_create
+    setup = "import gpuqueue.host.segments as segments; segments.USE_MEMFD = False"
     script = SHARED_MEMORY_PROBE + textwrap.dedent(NO_ROOM_SCRIPT.replace("{setup}", setup))
     code = 'mount -t tmpfs -o size=4m tmpfs /dev/shm && exec "$0" -c "$1"'
     done = subprocess.run(

@@ -13,10 +13,10 @@ import pytest
 import gpuqueue
 from gpuqueue import OrderedEnqueuer
 from gpuqueue.backends.numpy import NumpyBackend
+from gpuqueue.batch.layout import layout
+from gpuqueue.batch.plan import Plan
+from gpuqueue.batch.tree import describe
 from gpuqueue.errors import BatchError
-from gpuqueue.packing import layout
-from gpuqueue.plan import Plan
-from gpuqueue.staging import describe
 from tests.conftest import start
 
 
@@ -83,7 +83,7 @@ def test_batches_with_host_leaves_keep_the_general_path() -> None:
 def test_the_general_walk_runs_for_the_first_batch_only(
     running: list[Any], device: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gpuqueue.host as host
+    import gpuqueue.host.stage as host
 
     walks = []
     real = host.describe
@@ -231,7 +231,7 @@ def test_torch_tensors_take_the_plan_and_come_back_as_tensors(
     running: list[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     torch = pytest.importorskip("torch")
-    import gpuqueue.host as host
+    import gpuqueue.host.stage as host
     from tests.user_sources import TorchImages
 
     walks = []

@@ -2,7 +2,7 @@
 
 Each test runs threads and processes, on the host (``device=None``) and on
 the NumPy device path (``device="cpu"``), and checks the leaf types each
-gives back (documented in ``staging.py``).
+gives back (documented in ``batch/tree.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gpuqueue import BatchError, OrderedEnqueuer, prefetch
-from gpuqueue.staging import describe
+from gpuqueue.batch.tree import describe
 from tests.conftest import received
 
 from .seqs import KerasLoose, MixedLeaves, StructureChangesAt3, TorchBatches

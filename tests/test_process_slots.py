@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from gpuqueue import OrderedEnqueuer
-from gpuqueue import workers as workers_module
+from gpuqueue.host import processes as workers_module
 from tests.conftest import shared_memory
 from tests.seqs import FailsAt, Numbered
 

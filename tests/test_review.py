@@ -29,7 +29,7 @@ class Tiny(gpuqueue.Sequence):
 @pytest.fixture
 def bundles_of_eight(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every read counts as fast: after the first read, tasks are claimed eight at a time."""
-    import gpuqueue.host as host
+    import gpuqueue.host.stage as host
 
     monkeypatch.setattr(host, "_BUNDLE_BUDGET_S", 10.0)
 
@@ -72,9 +72,9 @@ def test_plan_split_in_two_threads_never_pairs_leaves_with_another_layout() -> N
     # layout is broadcast into it (rows repeated), silently.
     import threading
 
-    from gpuqueue.packing import layout
-    from gpuqueue.plan import Plan
-    from gpuqueue.staging import describe
+    from gpuqueue.batch.layout import layout
+    from gpuqueue.batch.plan import Plan
+    from gpuqueue.batch.tree import describe
     from tests.conftest import Worker
 
     full = (np.zeros((2, 3), np.float32), np.int64(0))

@@ -7,8 +7,8 @@ import pytest
 
 import gpuqueue
 from gpuqueue.errors import CancelledError, OutOfRangeError, PipelineError
-from gpuqueue.host import Sequencer
-from gpuqueue.sources import Sequence, epoch_order
+from gpuqueue.host.sequencer import Sequencer
+from gpuqueue.source.order import Sequence, epoch_order
 from tests.conftest import Worker, wait_entered
 
 
@@ -231,7 +231,7 @@ def test_a_bundle_opens_the_next_epoch_and_on_epoch_end_still_comes_between() ->
     """After an epoch's end the worker that crossed it claims a whole bundle of the next epoch
     (it got one batch, and every other read of the new epoch its own queue item: a short epoch
     cost several more hand-offs than its batches needed). on_epoch_end still runs between."""
-    from gpuqueue.tasks import SequenceTasks
+    from gpuqueue.source.tasks import SequenceTasks
 
     ends: list[int] = []
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from gpuqueue import BatchError
-from gpuqueue.packing import ALIGNMENT, layout, pack, unpack
-from gpuqueue.staging import BatchSpec, describe, rebuild
+from gpuqueue.batch.layout import ALIGNMENT, layout, pack, unpack
+from gpuqueue.batch.tree import BatchSpec, describe, rebuild
 
 Pair = namedtuple("Pair", ["x", "y"])
 

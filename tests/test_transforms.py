@@ -193,7 +193,7 @@ def test_bfloat16_on_torch_and_jax_outputs() -> None:
 
 
 def test_bfloat16_rounds_to_nearest_even_and_keeps_nan() -> None:
-    from gpuqueue.transforms import bfloat16_bits
+    from gpuqueue.device.transforms import bfloat16_bits
 
     # 1 + 2^-8 is halfway between two bfloat16 values: ties go to the even one (1.0);
     # 1 + 3 * 2^-8 goes up to 1 + 2^-6.
@@ -502,9 +502,9 @@ def test_auto_depth_counts_what_the_transform_allocates_within_the_budget(
     # uint8 in, float32 out: each batch the consumer holds or is prefetched holds four
     # times its arena in outputs. The budget fits depth 3 with them; deepening on the
     # arenas alone went on to the cap, far past it.
-    from gpuqueue.autodepth import START, WINDOW
-    from gpuqueue.packing import layout
-    from gpuqueue.staging import describe
+    from gpuqueue.batch.layout import layout
+    from gpuqueue.batch.tree import describe
+    from gpuqueue.device.autodepth import START, WINDOW
 
     arena = int(layout(describe((np.zeros((250, 4), np.uint8), 0))[1])[1] * 1.25)
     outputs = 250 * 4 * 4

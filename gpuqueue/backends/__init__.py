@@ -1,4 +1,4 @@
-"""Backends: where batches go. A registry that imports CuPy only when asked.
+"""Backends, the registry: where batches go, chosen by ``device=``; CuPy imported only when asked.
 
 ``resolve(device)`` turns the user's ``device`` argument into a backend:
 
@@ -22,15 +22,47 @@ import logging
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
-from ..distributed import local_rank
 from ..errors import PipelineError
 from .base import Backend
 
-__all__ = ["Backend", "check_device", "resolve"]
+__all__ = ["LOCAL_RANK_VARIABLES", "Backend", "check_device", "local_rank", "resolve"]
 
 logger = logging.getLogger(__name__)
+
+# A process's rank among those on its own machine, in the same launcher order.
+LOCAL_RANK_VARIABLES = (
+    "LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "SLURM_LOCALID",
+)
+
+
+def local_rank(environ: Mapping[str, str] | None = None) -> tuple[str, int] | None:
+    """The first launcher's local-rank variable that is set, and its value.
+
+    Returns:
+        ``(variable name, local rank)``, or ``None`` outside a launcher.
+
+    Raises:
+        ValueError: If the variable is not an integer >= 0; the message names it.
+    """
+    environ = os.environ if environ is None else environ
+    for name in LOCAL_RANK_VARIABLES:
+        if name in environ:
+            text = environ[name]
+            try:
+                value = int(text)
+            except ValueError:
+                value = -1
+            if value < 0:
+                raise ValueError(f"{name}={text!r} must be an integer >= 0 (a local rank)")
+            return name, value
+    return None
+
 
 _INSTALL_HINT = "install gpuqueue[cuda12] or gpuqueue[cuda13] (CuPy for your CUDA version)"
 

@@ -1,4 +1,4 @@
-"""The protocol every backend implements: memory, streams, events, one copy.
+"""Backends, the protocol every backend implements: memory, streams, events, one copy.
 
 The pipeline is one code path; a backend only says how to allocate pinned
 host memory and device memory, make streams and events, issue an

@@ -1,4 +1,4 @@
-"""The CUDA backend, through CuPy. The only module of gpuqueue that imports CuPy.
+"""Backends, CUDA through CuPy: the only module of gpuqueue that imports CuPy.
 
 It uses CuPy's thin wrappers of the CUDA runtime, and CuPy arrays only for
 what the consumer receives:

@@ -1,4 +1,4 @@
-"""The NumPy backend: the host stands in for the device, copies happen at once."""
+"""Backends, NumPy: the host stands in for the device, copies happen at once."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A backend whose copies finish late, to test the fences on a machine without a GPU.
+"""Backends, simulated: copies finish late, to test the fences on a machine without a GPU.
 
 Each stream is a helper thread that runs its operations (copies, event
 records, waits on events, test "kernels") in order, after the call that
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from ..channel import FIFOQueue
 from ..errors import CancelledError
+from ..sync.channel import FIFOQueue
 from .numpy import NumpyBackend
 
 __all__ = ["SimulatedBackend"]

@@ -1,4 +1,4 @@
-"""Shared-memory slots: where worker processes write batches for the main process to read.
+"""Host stage, shared-memory slots: where worker processes write batches for the main one.
 
 A ``SlotPool`` is a bounded number of slots, made when first needed and
 reused. Each slot is one segment that grows (to the largest batch seen, with
@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from .backends.base import Backend
-from .errors import CancelledError, PipelineError
-from .packing import GROWTH
+from ..backends.base import Backend
+from ..batch.layout import GROWTH
+from ..errors import CancelledError, PipelineError
 from .segments import create_segment
 
 __all__ = ["Slot", "SlotPool"]

@@ -1,4 +1,4 @@
-"""Device memory the consumer owns: an arena per batch, reused once the batch is dropped.
+"""Device stage, arenas: memory the consumer owns, one arena per batch, reused once dropped.
 
 The copy stage takes an arena for each batch (reusing a free one, or
 allocating one in the copy stream's order), copies into it, and records the
@@ -30,10 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .backends.base import Backend
-from .errors import CancelledError
-from .packing import GROWTH, Staged, arena_view
-from .staging import LeafMeta, TreeDef, flatten, rebuild
+from ..backends.base import Backend
+from ..batch.layout import GROWTH, Staged, arena_view
+from ..batch.tree import LeafMeta, TreeDef, flatten, rebuild
+from ..errors import CancelledError
 
 __all__ = ["Copied", "DeviceArena", "DeviceArenas"]
 

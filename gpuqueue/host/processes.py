@@ -1,4 +1,4 @@
-"""Worker processes for ``use_multiprocessing=True``: their life cycle and their protocol.
+"""Host stage, worker processes: their life cycle and protocol (``use_multiprocessing=True``).
 
 Each worker thread of the host stage drives one process: it sends a batch
 index and a shared-memory slot, the process reads ``sequence[index]`` and
@@ -18,50 +18,88 @@ never plain ``fork``, which is unsafe once CUDA or threads exist.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import signal
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backends.base import Backend
-from .channel import FIFOQueue
-from .coordinator import Coordinator
-from .errors import CancelledError, OutOfRangeError, PipelineError, WorkerDiedError
-from .packing import Staged
-from .pickling import pickle_source
+from ..backends.base import Backend
+from ..batch.layout import Staged
+from ..errors import CancelledError, OutOfRangeError, PipelineError, WorkerDiedError
+from ..sync.channel import FIFOQueue
+from ..sync.coordinator import Coordinator
+from .pickling import check_picklable, pickle_source
+from .process_main import worker_main
 from .segments import send_segment
 from .shm import Slot, SlotPool
-from .worker_process import worker_main
 
-__all__ = ["ProcessPool"]
+__all__ = ["ProcessPool", "check_main_guard", "main_without_file"]
 
 # "Stop", pickled once (see ProcessPool._send for why bytes, not send()).
 _STOP = pickle.dumps(None)
 
 
-def check_picklable(source: Any, what: str) -> bytes:
-    """``source`` pickled for a worker process (by name, else by value), or why it cannot be.
+def check_main_guard() -> None:
+    """Raises ``PipelineError`` where worker processes would run the main script's code again.
+
+    With ``forkserver`` and ``spawn`` (gpuqueue never uses plain ``fork``)
+    each new process imports the main script again, as ``__mp_main__``.
+    Without ``if __name__ == "__main__":`` around the code that starts the
+    workers, that import runs the training code in every worker, which then
+    fails (multiprocessing refuses to start processes from there) and reaches
+    the parent only as an exit code. Two checks, so the message says what to
+    do: in the parent, a main script whose source never mentions
+    ``__name__``; in a worker, being called while it imports the script.
 
     Raises:
-        PipelineError: If ``source`` cannot be pickled, even by value.
+        PipelineError: If the main script has no ``__main__`` guard.
     """
-    try:
-        return pickle_source(source)
-    except Exception as error:
-        hint = (
-            "pass the generator function itself (make_batches, not make_batches()), "
-            "defined at module level, or a picklable iterable"
-            if inspect.isgenerator(source)
-            else "define it at module level without locks, open files or lambdas, or use threads"
-        )
+    hint = (
+        'put the code that starts the workers under if __name__ == "__main__":, since '
+        "each worker process imports the main script again"
+    )
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise PipelineError(
-            f"use_multiprocessing=True needs {what}, but pickling "
-            f"{type(source).__name__} failed: {error}; {hint}"
-        ) from error
+            "use_multiprocessing=True: a worker process, importing the main script, reached "
+            f"code that starts workers; {hint}"
+        )
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path or not os.path.exists(path):  # stdin, -c, a notebook: nothing is imported again
+        return
+    try:
+        with open(path, encoding="utf-8", errors="replace") as script:
+            guarded = "__name__" in script.read()
+    except OSError:
+        return
+    if not guarded:
+        raise PipelineError(f"use_multiprocessing=True needs a main-module guard in {path}: {hint}")
+
+
+@contextlib.contextmanager
+def main_without_file() -> Iterator[None]:
+    """Hides a ``__main__.__file__`` that names no file while worker processes start.
+
+    ``python -`` sets it to ``"<stdin>"``, and ``spawn``/``forkserver``
+    children then fail trying to run that path as the main script. Without
+    it they skip the main module; what they need of it arrives pickled by
+    value (``pickling.pickle_source``).
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or os.path.exists(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
 
 
 def _start_method() -> str:

@@ -1,4 +1,4 @@
-"""Where batches come from, and in what order.
+"""Source stage, order: the Sequence interface, epochs, shuffling, and where a rank is.
 
 ``Sequence`` is Keras's dataset interface; ``epoch_order`` draws an epoch's
 (seeded, sharded) order and ``ReadingOrder`` remembers where a rank is in
@@ -10,25 +10,43 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, overload
 
 import numpy as np
 
-from .distributed import Shard, batches_per_rank, resolve_shard
-from .errors import PipelineError
-
-if TYPE_CHECKING:
-    from .tasks import Task
+from ..errors import PipelineError
+from .shard import Shard, batches_per_rank, resolve_shard
 
 __all__ = [
     "EpochOrder",
     "InOrder",
     "ReadingOrder",
     "Sequence",
+    "Task",
     "epoch_order",
     "indices",
     "resolve_shard",
 ]
+
+
+@dataclass
+class Task:
+    """One unit of work a worker claimed: where it sits in the stream, what to read."""
+
+    seq_no: int
+    epoch: int
+    position: int
+    index: int | None = None  # the Sequence index; None for a generator's item
+    batch: Any = None  # a generator's item, read while claiming
+    failure: BaseException | None = None  # an error that belongs at this point
+    boundary: bool = False  # the end of epoch ``epoch - 1`` (on_epoch_end), not a read
+
+    def where(self) -> str:
+        if self.boundary:
+            return f"the end of epoch {self.epoch - 1} (on_epoch_end)"
+        if self.index is None:
+            return f"generator item {self.position}"
+        return f"batch index {self.index} (epoch {self.epoch}, position {self.position})"
 
 
 class Sequence:

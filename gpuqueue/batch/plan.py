@@ -1,10 +1,10 @@
-"""A batch shaped exactly like an earlier one, split in one pass.
+"""Batch, plan: a batch shaped exactly like an earlier one, split in one pass.
 
 Most sources give every batch the same nesting and the same leaf types: a
 tuple of two arrays, a dict of tensors. ``Plan`` compiles one described
 batch into a check per node. A later batch whose every node has the same
 Python type (and whose dicts have the same keys, in the same order) is split
-into its array leaves without ``staging.describe``'s general walk, and its
+into its array leaves without ``tree.describe``'s general walk, and its
 leaves' layout is reused while their dtypes and shapes stay the same: the
 per-batch cost of a worker is then a few type checks, not a walk of rules.
 
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .packing import layout
-from .staging import LeafMeta, Leaves, TreeDef, tensor_array
+from .layout import layout
+from .tree import LeafMeta, Leaves, TreeDef, tensor_array
 
 __all__ = ["Plan"]
 

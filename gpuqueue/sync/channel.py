@@ -1,4 +1,4 @@
-"""The closable bounded queue used at every stage of gpuqueue.
+"""Sync, the queue: ``FIFOQueue``, closable and bounded, used between every two stages.
 
 ``FIFOQueue`` is named after the TensorFlow queue that ``QueueRunner`` fed. It
 never polls: one lock with two conditions (as CPython's ``queue.Queue``), and
@@ -24,12 +24,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from .errors import CancelledError, OutOfRangeError, QueueClosedError
+from ..errors import CancelledError, OutOfRangeError, QueueClosedError
+from .elements import ElementSpec
 
 __all__ = ["FIFOQueue"]
 
@@ -86,7 +86,7 @@ class FIFOQueue(Generic[T]):
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        self._spec = _ElementSpec.of(dtypes, shapes, names)
+        self._spec = ElementSpec.of(dtypes, shapes, names)
         self._capacity = capacity
         self._name = name if name is not None else f"fifo_queue_{id(self):x}"
         self._items: deque[T] = deque()
@@ -335,106 +335,3 @@ class FIFOQueue(Generic[T]):
     def __repr__(self) -> str:
         state = "cancelled" if self._cancelled else "closed" if self._closed else "open"
         return f"<FIFOQueue {self._name!r} {len(self._items)}/{self._capacity} {state}>"
-
-
-def _as_dtype(dtype: Any) -> np.dtype[Any]:
-    numpy_dtype = getattr(dtype, "as_numpy_dtype", dtype)  # a TensorFlow DType
-    try:
-        converted: np.dtype[Any] = np.dtype(numpy_dtype)
-        return converted
-    except TypeError:
-        raise TypeError(f"dtypes: {dtype!r} is not a dtype NumPy knows") from None
-
-
-def _as_shape(shape: Any) -> tuple[int | None, ...] | None:
-    if shape is None:
-        return None
-    if hasattr(shape, "as_list"):  # a TensorFlow TensorShape
-        shape = shape.as_list()
-    return tuple(None if dim is None else int(dim) for dim in shape)
-
-
-class _ElementSpec:
-    """The dtypes (and shapes, names) of a typed queue's elements: checks and converts them."""
-
-    def __init__(
-        self,
-        dtypes: tuple[np.dtype[Any], ...],
-        shapes: tuple[tuple[int | None, ...] | None, ...],
-        names: tuple[str, ...] | None,
-    ) -> None:
-        self.dtypes, self.shapes, self.names = dtypes, shapes, names
-
-    @classmethod
-    def of(cls, dtypes: Any, shapes: Any, names: Any) -> _ElementSpec | None:
-        if dtypes is None:
-            if shapes is not None or names is not None:
-                raise ValueError("shapes and names need dtypes")
-            return None
-        single = not isinstance(dtypes, (list, tuple))
-        dtype_list = tuple(_as_dtype(d) for d in ([dtypes] if single else dtypes))
-        if shapes is None:
-            shape_list: tuple[Any, ...] = (None,) * len(dtype_list)
-        else:
-            given = [shapes] if single else list(shapes)
-            if len(given) != len(dtype_list):
-                raise ValueError(f"{len(given)} shapes for {len(dtype_list)} dtypes")
-            shape_list = tuple(_as_shape(s) for s in given)
-        name_list = None
-        if names is not None:
-            name_list = (names,) if isinstance(names, str) else tuple(names)
-            if len(name_list) != len(dtype_list):
-                raise ValueError(f"{len(name_list)} names for {len(dtype_list)} dtypes")
-        return cls(dtype_list, shape_list, name_list)
-
-    def _components(self, vals: Any) -> list[Any]:
-        if self.names is not None:
-            if not isinstance(vals, Mapping) or set(vals) != set(self.names):
-                got = sorted(vals) if isinstance(vals, Mapping) else type(vals).__name__
-                raise ValueError(f"expected a dict with keys {sorted(self.names)}, got {got}")
-            return [vals[key] for key in self.names]
-        if len(self.dtypes) == 1 and not isinstance(vals, (list, tuple)):
-            return [vals]
-        if not isinstance(vals, (list, tuple)) or len(vals) != len(self.dtypes):
-            count = len(vals) if isinstance(vals, (list, tuple)) else 1
-            raise ValueError(f"expected {len(self.dtypes)} components, got {count}")
-        return list(vals)
-
-    def _array(self, position: int, value: Any, leading: bool) -> np.ndarray:
-        dtype, shape = self.dtypes[position], self.shapes[position]
-        array = np.asarray(value)
-        if array.dtype != dtype:
-            # Python numbers and lists convert as TensorFlow converts them; no narrowing.
-            if isinstance(value, (np.ndarray, np.generic)) or not np.can_cast(
-                array.dtype, dtype, "same_kind"
-            ):
-                raise TypeError(f"component {position} has dtype {array.dtype}, expected {dtype}")
-            array = array.astype(dtype)
-        actual = array.shape[1:] if leading else array.shape
-        if shape is not None and (
-            len(actual) != len(shape)
-            or any(
-                want is not None and got != want for got, want in zip(actual, shape, strict=True)
-            )
-        ):
-            raise ValueError(f"component {position} has shape {actual}, expected {shape}")
-        return array
-
-    def element(self, vals: Any) -> tuple[np.ndarray, ...]:
-        parts = self._components(vals)
-        return tuple(self._array(i, v, leading=False) for i, v in enumerate(parts))
-
-    def split(self, vals: Any) -> Iterable[tuple[np.ndarray, ...]]:
-        parts = self._components(vals)
-        arrays = [self._array(i, v, leading=True) for i, v in enumerate(parts)]
-        counts = {len(a) if a.ndim else -1 for a in arrays}
-        if len(counts) != 1 or -1 in counts:
-            raise ValueError(
-                f"enqueue_many needs one first dimension for every component, got {counts}"
-            )
-        return [tuple(a[k] for a in arrays) for k in range(counts.pop())]
-
-    def output(self, components: tuple[np.ndarray, ...]) -> Any:
-        if self.names is not None:
-            return dict(zip(self.names, components, strict=True))
-        return components[0] if len(components) == 1 else list(components)

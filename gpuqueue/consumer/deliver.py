@@ -1,4 +1,4 @@
-"""The consumer's side of a run: queued items become the user's batches, in order.
+"""Consumer stage, delivery: queued items become the user's batches, in order.
 
 ``batches`` is the generator ``get()`` returns (a generator, as Keras's
 ``fit`` requires of an iterator it is given): it takes items off the run's
@@ -8,8 +8,8 @@ worker's error in its place, after every batch before it. Every batch is
 its taker's to keep, so several threads may consume one run, each through
 a ``get()`` of its own (one generator, as any, runs in one thread at a time): a batch's
 device memory is reused only once the last view of it is gone
-(``looper.DeviceArenas``). ``keep`` copies a batch all the same, for code
-written against the older "valid until the next get" rule.
+(``device.arenas.DeviceArenas``). The conversion to the ``output`` library is
+``outputs.py``.
 """
 
 from __future__ import annotations
@@ -17,30 +17,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
-import numpy as np
-
-from .backends.base import Backend
-from .backends.numpy import owned_view
-from .channel import FIFOQueue
-from .errors import (
-    BatchError,
+from ..backends.base import Backend
+from ..backends.numpy import owned_view
+from ..batch.layout import unpack
+from ..batch.tree import as_source, map_arrays
+from ..device.arenas import DeviceArenas
+from ..device.autodepth import DepthTuner
+from ..device.copy import Copy, copy_one
+from ..errors import (
     BatchTimeoutError,
     CancelledError,
     OutOfRangeError,
     ctrl_c_in,
     note_thread,
 )
-from .host import Item
-from .packing import unpack
-from .pipeline import DEFAULT_STOP_TIMEOUT, Run
-from .staging import LeafMeta, TreeDef, as_source, flatten, map_arrays, rebuild
-from .tasks import Task
-from .transforms import BFloat16
+from ..host.stage import Counters, Item
+from ..source.order import Task
+from ..sync.channel import FIFOQueue
+from ..sync.coordinator import DEFAULT_STOP_TIMEOUT, Coordinator
+from .outputs import consumer_stream, to_output, transformed_output
 
-__all__ = ["WARN_AFTER_S", "batches", "keep"]
+__all__ = ["WARN_AFTER_S", "RunState", "batches"]
 
 logger = logging.getLogger("gpuqueue")
 
@@ -49,7 +51,59 @@ logger = logging.getLogger("gpuqueue")
 WARN_AFTER_S = 60.0
 
 
-def batches(run: Run, received: Callable[[Task], None]) -> Generator[Any, None, None]:
+class _Settings(Protocol):
+    """The settings delivery reads (``config.PipelineConfig``'s)."""
+
+    @property
+    def timeout(self) -> float | None: ...
+    @property
+    def output(self) -> str | None: ...
+    @property
+    def stream(self) -> Any: ...
+
+
+class RunState(Protocol):
+    """What the consumer's side reads and calls of a run (``run.Run`` is one).
+
+    Named here, so that the consumer stage does not import the run, which
+    is built over every stage and imports them all.
+    """
+
+    ended: bool  # set when the source ended: the parts left are the stream's last
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def config(self) -> _Settings: ...
+    @property
+    def coord(self) -> Coordinator: ...
+    @property
+    def copy(self) -> Copy: ...
+    @property
+    def output_queue(self) -> FIFOQueue[Item]: ...
+    @property
+    def host_queue(self) -> FIFOQueue[Item]: ...
+    @property
+    def parts(self) -> deque[Item]: ...
+    @property
+    def counters(self) -> Counters: ...
+    @property
+    def tuner(self) -> DepthTuner | None: ...
+    @property
+    def arenas(self) -> DeviceArenas | None: ...
+    @property
+    def backend(self) -> Backend | None: ...
+    @property
+    def error(self) -> BaseException | None: ...
+    @property
+    def error_traceback(self) -> TracebackType | None: ...
+    def fail(self, error: BaseException) -> None: ...
+    def stop(self, grace: float) -> None: ...
+    def interrupt(self) -> None: ...
+    def in_flight(self) -> str: ...
+
+
+def batches(run: RunState, received: Callable[[Task], None]) -> Generator[Any, None, None]:
     """Yields the run's batches in order; ``received`` learns each task delivered.
 
     Ends when a finite source ends (the run is stopped) or another thread
@@ -80,7 +134,9 @@ def batches(run: Run, received: Callable[[Task], None]) -> Generator[Any, None, 
         counters.consumer_ended(delivered)
 
 
-def _batches(run: Run, received: Callable[[Task], None], delivered: list[int]) -> Iterator[Any]:
+def _batches(
+    run: RunState, received: Callable[[Task], None], delivered: list[int]
+) -> Iterator[Any]:
     """``batches``' loop; ``delivered[0]`` counts the batches it yields (its own count)."""
     queue, parts, coord, counters = run.output_queue, run.parts, run.coord, run.counters
     while True:
@@ -143,7 +199,7 @@ def _batches(run: Run, received: Callable[[Task], None], delivered: list[int]) -
                 batch = _deliver(run, part)
             except CancelledError:  # stopped from another thread while copying (depth 0)
                 return
-            except _TransformFailed as failed:  # depth 0: the transform ran in this get()
+            except _CopyFailed as failed:  # depth 0: the copy ran in this get()
                 _stop_with(run, failed.error)
                 continue
             except Exception as error:
@@ -160,7 +216,7 @@ def _batches(run: Run, received: Callable[[Task], None], delivered: list[int]) -
         yield handed.pop()
 
 
-def _next_item(run: Run, queue: FIFOQueue[Item]) -> Item:
+def _next_item(run: RunState, queue: FIFOQueue[Item]) -> Item:
     """The next item, waiting at most ``timeout``, or warning once ``WARN_AFTER_S`` passed.
 
     Raises:
@@ -213,25 +269,21 @@ def _get(queue: FIFOQueue[Item], timeout: float | None) -> Item:
                 raise
 
 
-def _stop_with(run: Run, error: BaseException) -> None:
+def _stop_with(run: RunState, error: BaseException) -> None:
     run.fail(error)
     run.coord.request_stop(error)
     run.stop(DEFAULT_STOP_TIMEOUT)
 
 
-# Leaf kinds carried as 16-bit patterns: a torch.bfloat16 tensor, a transform's BFloat16.
-_BFLOAT16 = ("torch:bfloat16", "bfloat16")
+class _CopyFailed(Exception):
+    """Carries a depth-0 copy's (or transform's) error, already noted, out of ``_deliver``."""
 
-
-class _TransformFailed(Exception):
-    """Carries a transform's error (already noted) out of ``_deliver``."""
-
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
 
 
-def _deliver(run: Run, item: Item) -> Any:
+def _deliver(run: RunState, item: Item) -> Any:
     """Turns a queued item into what the consumer receives."""
     described = item.described
     assert described is not None
@@ -249,145 +301,16 @@ def _deliver(run: Run, item: Item) -> Any:
         del lease, arena
         # The leaf types the source gave, as with threads (a tensor stays a tensor).
         return map_arrays(staged.treedef, staged.metas, batch, as_source)
-    assert run.backend is not None
-    stream = _consumer_stream(run, run.backend)
-    copied = item.copied
-    if copied is None:  # prefetch_depth=0: copy now, on the consumer's stream
-        assert staged is not None
-        run.arenas.reserve()
-        try:
-            copied = run.arenas.copy(staged, stream)
-        except BaseException:  # as the copy looper: the slot goes back, the batch is gone
-            staged.release(None)
-            run.arenas.unreserve()
-            raise
-        if copied.error is not None:
-            run.arenas.unreserve()
-            note_thread(copied.error, f"transforming {item.task.where()}")
-            raise _TransformFailed(copied.error)
+    backend, config = run.backend, run.config
+    assert backend is not None
+    stream = consumer_stream(backend, config.output, config.stream)
+    if run.copy is Copy.IN_GET:  # copy now, on the consumer's stream
+        copy_one(run.arenas, item, stream)
+        if item.error is not None:
+            raise _CopyFailed(item.error)
+    copied, item.copied = item.copied, None
     batch = run.arenas.deliver(copied, stream)
     if copied.transformed:
         assert copied.kinds is not None
-        return _transformed_output(run, run.backend, batch, copied.kinds, stream)
-    return _to_output(run, run.backend, batch, copied.treedef, copied.metas)
-
-
-def _consumer_stream(run: Run, backend: Backend) -> Any:
-    if run.config.stream is not None:
-        return backend.as_stream(run.config.stream)
-    if run.config.output == "torch" and hasattr(backend, "torch_stream"):
-        return backend.torch_stream()
-    return backend.current_stream()
-
-
-def _to_output(
-    run: Run, backend: Backend, batch: Any, treedef: TreeDef, metas: list[LeafMeta]
-) -> Any:
-    """Converts the device batch's array leaves to the library ``output`` names.
-
-    Host leaves (``None``, strings) pass through. A ``bfloat16`` tensor, which
-    travels as its bits, becomes ``bfloat16`` again in torch and JAX; NumPy
-    and CuPy have no such dtype, so without one of those it is an error.
-    """
-    convert = _converter(run, backend)
-    return map_arrays(treedef, metas, batch, lambda meta, leaf: convert(meta.kind, meta.path, leaf))
-
-
-def _transformed_output(
-    run: Run, backend: Backend, batch: Any, kinds: list[str | None], stream: Any
-) -> Any:
-    """A transform's batch in the ``output`` library: any structure, any leaves.
-
-    The backend's arrays are converted (``BFloat16`` to bfloat16, and leaves
-    the transform handed back as they came keep their kind); other leaves
-    pass through. A PyTorch CUDA tensor the transform made on the copy
-    stream is recorded on the consumer's stream (``record_stream``), so
-    PyTorch's allocator reuses its memory only after the consumer's work.
-    """
-    convert = _converter(run, backend)
-    array_type = getattr(backend, "array_type", np.ndarray)
-    torch_stream = None
-    treedef, leaves = flatten(batch)
-    converted = []
-    for (path, leaf), kind in zip(leaves, kinds, strict=True):
-        if isinstance(leaf, BFloat16):
-            converted.append(convert("bfloat16", path, leaf.bits))
-        elif isinstance(leaf, array_type):
-            converted.append(convert(kind or "array", path, leaf))
-        else:
-            if getattr(leaf, "is_cuda", False) and hasattr(leaf, "record_stream"):
-                if torch_stream is None:
-                    torch_stream = backend.torch_stream_of(stream)  # type: ignore[attr-defined]
-                leaf.record_stream(torch_stream)
-            converted.append(leaf)
-    return rebuild(treedef, converted)
-
-
-def _converter(run: Run, backend: Backend) -> Callable[[str, str, Any], Any]:
-    """``convert(kind, path, leaf)``: a backend array in the library ``output`` names."""
-    output = run.config.output
-    if output == "torch":
-        import torch
-        import torch.utils.dlpack
-
-        def to_torch(leaf: Any) -> Any:
-            if backend.name != "cupy":
-                return torch.from_numpy(leaf)
-            # The batch is already ordered on the consumer's stream (one event for
-            # the whole batch), so each leaf is exported with no stream order of
-            # its own (DLPack's stream -1): no event per tensor.
-            return torch.utils.dlpack.from_dlpack(leaf.__dlpack__(stream=-1))
-
-        def convert(kind: str, path: str, leaf: Any) -> Any:
-            tensor = to_torch(leaf)
-            return tensor.view(torch.bfloat16) if kind in _BFLOAT16 else tensor
-
-    elif output == "jax":
-        # JAX orders its read after CuPy's current stream of the thread's current
-        # device: on a GPU, have the enqueuer's device current in the consumer.
-        import jax.dlpack
-        import jax.numpy as jnp
-
-        def convert(kind: str, path: str, leaf: Any) -> Any:
-            try:
-                array = jax.dlpack.from_dlpack(leaf)
-            except BufferError:  # a read-only NumPy array: DLPack cannot say so
-                array = jnp.asarray(leaf)
-            return array.view(jnp.bfloat16) if kind in _BFLOAT16 else array
-
-    else:
-
-        def convert(kind: str, path: str, leaf: Any) -> Any:
-            if kind in _BFLOAT16:
-                what = "a torch.bfloat16 tensor" if kind == "torch:bfloat16" else "bfloat16"
-                raise BatchError(
-                    f"field {path} is {what}, which NumPy and CuPy have no dtype for; "
-                    "use output='torch' or output='jax'"
-                )
-            return leaf
-
-    return convert
-
-
-def keep(batch: Any) -> Any:
-    """Copies a batch: its arrays and tensors are copied, other leaves are kept as they are.
-
-    Batches are their takers' already (they stay valid as long as they are
-    held), so this is for code written for the older "valid until the next
-    get" rule, or that wants a copy anyway. Works for CuPy, NumPy, PyTorch
-    and JAX leaves (host leaves such as ``None`` or strings are returned as
-    they are); a device copy is ordered on the current stream like any other
-    work. With an enqueuer given an explicit ``stream``, call it with that
-    stream current (``with stream:``), since only that stream is ordered
-    after the batch's copy.
-    """
-    treedef, leaves = flatten(batch)
-    return rebuild(treedef, [_copy_leaf(leaf) for _, leaf in leaves])
-
-
-def _copy_leaf(leaf: Any) -> Any:
-    if hasattr(leaf, "clone"):  # torch
-        return leaf.clone()
-    if hasattr(leaf, "copy") and hasattr(leaf, "shape"):  # NumPy, CuPy, JAX
-        return leaf.copy()
-    return leaf  # a host leaf (None, a string): never in a reused slot
+        return transformed_output(config.output, backend, batch, copied.kinds, stream)
+    return to_output(config.output, backend, batch, copied.treedef, copied.metas)

@@ -1,4 +1,8 @@
-"""``prefetch()``: the one-call form of the enqueuers, choosing one by the kind of source."""
+"""``prefetch()``, the one-call form: picks an enqueuer by the kind of source.
+
+Its arguments become one ``PipelineConfig`` here, checked once, and the
+enqueuer it picks is built from that config (``SequenceEnqueuer._configured``).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,12 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from .adapters import check_iterable_source
-from .distributed import check_iterable_shard, reads_by_index
+from .config import PipelineConfig
 from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
+from .host.pickling import check_picklable
+from .source.kinds import check_iterable_source, reads_by_index
+from .source.order import ReadingOrder
+from .source.shard import check_iterable_shard
 
 __all__ = ["prefetch"]
 
@@ -107,37 +114,22 @@ def prefetch(
         Whatever the source raised, as its own type, in place of the batch
         it was reading.
     """
+    by_index = reads_by_index(source)
+    config = PipelineConfig.of("OrderedEnqueuer" if by_index else "GeneratorEnqueuer", locals())
     enqueuer: SequenceEnqueuer
-    if reads_by_index(source):
-        enqueuer = OrderedEnqueuer(
-            source,
-            use_multiprocessing,
-            shuffle,
-            seed=seed,
-            shard=shard,
-            drop_last=drop_last,
-            epochs=epochs,
-            device=device,
-            prefetch_depth=prefetch_depth,
-            max_device_bytes=max_device_bytes,
-            output=output,
-            stream=stream,
-            timeout=timeout,
-            transform=transform,
+    if by_index:
+        order = ReadingOrder.of(
+            source, shuffle=shuffle, seed=seed, shard=shard, drop_last=drop_last, epochs=epochs
         )
+        enqueuer = OrderedEnqueuer._configured(source, config, order)
     else:
         check_iterable_shard(source, shard)
-        enqueuer = GeneratorEnqueuer(
-            check_iterable_source(source, epochs=epochs, use_multiprocessing=use_multiprocessing),
-            use_multiprocessing,
-            device=device,
-            prefetch_depth=prefetch_depth,
-            max_device_bytes=max_device_bytes,
-            output=output,
-            stream=stream,
-            timeout=timeout,
-            transform=transform,
+        iterable = check_iterable_source(
+            source, epochs=epochs, use_multiprocessing=use_multiprocessing
         )
+        if use_multiprocessing:
+            check_picklable(iterable, "the generator function or a picklable iterable")
+        enqueuer = GeneratorEnqueuer._configured(iterable, config)
     enqueuer.start(workers=workers, max_queue_size=max_queue_size)
     # The enqueuer's own exit stops it, once, also on error; after Ctrl-C in the
     # loop's body it waits for nothing user code could hold up.

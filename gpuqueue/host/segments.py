@@ -1,4 +1,4 @@
-"""Shared-memory segments with no name: made, reserved, mapped, and passed to a process.
+"""Host stage, shared memory: segments with no name, made, reserved, mapped, passed on.
 
 Each segment is a ``memfd`` (Linux), or where there is none an unnamed file
 in ``/dev/shm`` (``O_TMPFILE``, or unlinked the moment it is made), its space
@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PipelineError
-from .packing import GROWTH
+from ..batch.layout import GROWTH
+from ..errors import PipelineError
 
 __all__ = ["create_segment", "map_segment", "receive_segment", "send_segment"]
 

@@ -1,4 +1,4 @@
-"""One batch, one arena: laying a batch's arrays out at aligned offsets, packing, views.
+"""Batch, layout: one batch, one arena; its arrays at aligned offsets, packed, and viewed.
 
 ``layout`` gives each array leaf an aligned offset, ``pack`` copies the
 leaves into one buffer (a pinned or shared-memory slot), and ``unpack`` and
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BatchError
-from .staging import LeafMeta, TreeDef, rebuild
+from ..errors import BatchError
+from .tree import LeafMeta, TreeDef, rebuild
 
 __all__ = [
     "ALIGNMENT",

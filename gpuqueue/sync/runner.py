@@ -1,4 +1,4 @@
-"""``QueueRunner``, after ``tf.train.queue_runner.QueueRunner``, without graphs.
+"""Sync, ``QueueRunner``: after ``tf.train.queue_runner.QueueRunner``, without graphs.
 
 An enqueue op is a plain callable that puts one item on the queue per call.
 ``create_threads`` starts one thread per op, each calling its op until the
@@ -15,9 +15,9 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ..errors import CancelledError, OutOfRangeError
 from .channel import FIFOQueue
 from .coordinator import Coordinator
-from .errors import CancelledError, OutOfRangeError
 
 __all__ = ["QueueRunner"]
 

@@ -1,40 +1,27 @@
-"""The copy stage: pinned host slots, the copy looper, and the fence on each pinned slot.
-
-::
-
-    worker ──pack──▶ pinned slot ──host queue──▶ CopyLooper ──memcpyAsync──▶ device arena
-                                                  (copy stream)                     │
-                                         device queue (prefetch_depth) ◀── ready ───┘
+"""Host stage, pinned memory: the page-locked slots thread workers pack batches into.
 
 A pinned slot goes back to its pool with the event of the copy that read it
 (that copy's own, never re-recorded); whoever takes the slot next waits for
 that event first (by then the copy has long finished, so the wait is free).
-The device side, arenas the consumer owns and their fences, and the batch
-transform that runs on the copy stream before "ready", is ``arenas.py``; a
-transform's error goes on in the batch's place like a copy's.
-Backends only say how to allocate, copy and fence (``backends.base``); this
-module is the one code path for all of them.
+Worker processes write into shared-memory slots instead (``shm.py``); both
+hand the copy stage a ``Staged`` batch (``batch/layout.py``).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .arenas import DeviceArenas
-from .backends.base import Backend
-from .channel import FIFOQueue
-from .coordinator import Coordinator, LooperThread
-from .errors import CancelledError, OutOfRangeError, note_thread
-from .packing import GROWTH, Staged, pack
-from .staging import LeafMeta, TreeDef
+from ..backends.base import Backend
+from ..batch.layout import GROWTH, Staged, pack
+from ..batch.tree import LeafMeta, TreeDef
+from ..errors import CancelledError
 
-__all__ = ["CopyLooper", "PinnedPool", "PinnedSlot"]
+__all__ = ["PinnedPool", "PinnedSlot"]
 
 
 @dataclass
@@ -189,80 +176,3 @@ class _FreeSlots:
         with self._cond:
             self._cancelled = True
             self._cond.notify_all()
-
-
-class CopyLooper(LooperThread):
-    """The copy stage: takes staged batches in order, copies each into a device arena.
-
-    Runs under the enqueuer's coordinator. It enters the device once, makes
-    its copy stream once, and passes errors and skipped items through in
-    their place in the order. When the host stage ends (a finite generator),
-    it closes the device queue and waits for stop. It lets go of the arenas
-    and the stream when it ends, so nothing it held keeps the backend alive.
-    """
-
-    def __init__(
-        self,
-        coord: Coordinator,
-        arenas: DeviceArenas,
-        host_queue: FIFOQueue[Any],
-        device_queue: FIFOQueue[Any],
-        *,
-        name: str,
-    ) -> None:
-        super().__init__(coord, None, name=name)
-        self._arenas: DeviceArenas | None = arenas
-        self._host_queue = host_queue
-        self._device_queue = device_queue
-        self._stream: Any = None
-        self.host_wait_s = 0.0
-
-    def start_loop(self) -> None:
-        assert self._arenas is not None
-        self._arenas.backend.enter_device()
-        self._stream = self._arenas.backend.create_stream()
-
-    def run_loop(self) -> None:
-        arenas = self._arenas
-        assert arenas is not None
-        started = time.monotonic()
-        try:
-            item = self._host_queue.get()
-        except OutOfRangeError:
-            self._device_queue.close()
-            self.coord.wait_for_stop()
-            return
-        except CancelledError:
-            return
-        self.host_wait_s += time.monotonic() - started
-        staged = item.staged
-        if item.error is None and staged is not None:
-            try:
-                arenas.reserve()
-            except CancelledError:
-                staged.release(None)
-                return
-            try:
-                copied = arenas.copy(staged, self._stream)
-            except Exception as error:
-                staged.release(None)
-                arenas.unreserve()
-                note_thread(error, f"copying {item.task.where()}")
-                item.error = error
-            else:
-                if copied.error is None:
-                    item.copied = copied
-                else:  # the transform raised: the error goes on in the batch's place
-                    arenas.unreserve()
-                    note_thread(copied.error, f"transforming {item.task.where()}")
-                    item.error = copied.error
-                del copied
-        try:
-            self._device_queue.put(item)
-        except CancelledError:
-            if item.copied is not None:
-                arenas.discard(item.copied)
-
-    def stop_loop(self) -> None:
-        self._arenas = None
-        self._stream = None

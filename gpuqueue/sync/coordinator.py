@@ -1,17 +1,15 @@
-"""``Coordinator`` and ``LooperThread``, after ``tf.train.Coordinator``.
+"""Sync, stopping together: ``Coordinator`` and ``LooperThread``, after ``tf.train.Coordinator``.
 
-The semantics follow TensorFlow's where they are right: the first reported
-exception wins and is re-raised by ``join()`` as the same object with its own
-traceback; ``OutOfRangeError`` stops cleanly; ``join()`` names the threads
-still alive after the grace period. Where TensorFlow is weak, this one does
-better:
+As TensorFlow's: the first reported exception wins and is re-raised by
+``join()`` as the same object with its own traceback; ``OutOfRangeError``
+stops cleanly; ``join()`` names the threads still alive after the grace
+period. Better than TensorFlow's:
 
 - Nothing polls. ``join()`` wakes when the threads end or stop is requested
   (TensorFlow wakes every second, then sleeps in growing steps).
 - Stop callbacks (``add_stop_callback``) run the moment stop is requested, so
   a thread blocked on a queue wakes at once instead of at its next check.
-- Exceptions reported after the first are kept in ``suppressed_exceptions``
-  for diagnosis instead of being dropped.
+- Exceptions after the first are kept (``suppressed_exceptions``), not dropped.
 - ``LooperThread.stop_loop()`` runs even when the loop raised.
 """
 
@@ -26,11 +24,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeAlias
 
-from .errors import OutOfRangeError
+from ..errors import OutOfRangeError
 
-__all__ = ["Coordinator", "LooperThread"]
+__all__ = ["DEFAULT_STOP_TIMEOUT", "Coordinator", "LooperThread"]
 
 logger = logging.getLogger(__name__)
+
+# A pipeline's stop() waits this long for its threads before naming the stragglers.
+DEFAULT_STOP_TIMEOUT = 60.0
 
 ExcInfo: TypeAlias = tuple[type[BaseException], BaseException, TracebackType | None]
 ExceptionLike: TypeAlias = BaseException | ExcInfo | tuple[None, None, None]

@@ -1,4 +1,4 @@
-"""Pickling a source for worker processes: by name where it can, else by value.
+"""Host stage, pickling: a source for worker processes, by name where it can, else by value.
 
 The standard pickler saves classes and functions by name, and a worker
 process finds them by importing their module. That fails for code typed
@@ -10,12 +10,15 @@ form with plain ``pickle.loads``.
 
 from __future__ import annotations
 
+import inspect
 import io
 import pickle
 import types
 from typing import Any
 
-__all__ = ["pickle_source"]
+from ..errors import PipelineError
+
+__all__ = ["check_picklable", "pickle_source"]
 
 
 class _FindsMain(pickle.Pickler):
@@ -62,3 +65,24 @@ def pickle_source(source: Any) -> bytes:
         if by_name_error is not None:
             raise by_name_error from None
         raise
+
+
+def check_picklable(source: Any, what: str) -> bytes:
+    """``source`` pickled for a worker process (by name, else by value), or why it cannot be.
+
+    Raises:
+        PipelineError: If ``source`` cannot be pickled, even by value.
+    """
+    try:
+        return pickle_source(source)
+    except Exception as error:
+        hint = (
+            "pass the generator function itself (make_batches, not make_batches()), "
+            "defined at module level, or a picklable iterable"
+            if inspect.isgenerator(source)
+            else "define it at module level without locks, open files or lambdas, or use threads"
+        )
+        raise PipelineError(
+            f"use_multiprocessing=True needs {what}, but pickling "
+            f"{type(source).__name__} failed: {error}; {hint}"
+        ) from error

@@ -1,4 +1,4 @@
-"""Device-side batch transforms: ``transform=`` and the ready-made ``Normalize``.
+"""Device stage, transforms: ``transform=`` and the ready-made ``Normalize``.
 
 A transform runs in the copy looper on each batch right after its copy, on
 the copy stream, before the batch's "ready" event is recorded, so the
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BatchError, add_note
+from ..errors import BatchError, add_note
 
 __all__ = ["BFloat16", "BatchTransform", "Normalize", "as_transform"]
 
@@ -95,15 +95,12 @@ class BatchTransform:
     def functions(self) -> list[Callable[[Any], Any]]:
         return [self.whole] if self.whole is not None else [f for _, f in self.fields]
 
-    def check_output(self, output: str | None) -> None:
-        """Raises ``ValueError`` if a ``Normalize`` here makes bfloat16 and ``output`` has none."""
+    def bfloat16_maker(self) -> Normalize | None:
+        """A ``Normalize`` here that makes bfloat16 (which only some outputs have), if any."""
         for function in self.functions():
-            bfloat16 = isinstance(function, Normalize) and function.dtype == "bfloat16"
-            if bfloat16 and output not in ("torch", "jax"):
-                raise ValueError(
-                    f"transform= has {function!r}, and bfloat16 needs output='torch' or "
-                    f"output='jax' (NumPy and CuPy have no bfloat16), got output={output!r}"
-                )
+            if isinstance(function, Normalize) and function.dtype == "bfloat16":
+                return function
+        return None
 
     def __call__(self, batch: Any) -> Any:
         if self.whole is not None:
@@ -262,7 +259,7 @@ class Normalize:
         out_shape = (*shape[:-3], shape[-1], *shape[-3:-1]) if nchw else shape
         if isinstance(images, np.ndarray):
             return self._on_host(images, out_shape, mean, std)
-        from .backends import cupy as cupy_backend  # only a device array reaches here
+        from ..backends import cupy as cupy_backend
 
         source, name = kernel_source(images.dtype.name, self.dtype, channels, nchw)
         out_dtype = np.int16 if self.dtype == "bfloat16" else np.dtype(self.dtype)

@@ -1,4 +1,4 @@
-"""``prefetch_depth="auto"``: a prefetch depth that finds itself, within a memory budget.
+"""Device stage, ``prefetch_depth="auto"``: a depth that finds itself, within a memory budget.
 
 The run starts at depth ``START``. The tuner counts the batches the
 consumer had to wait for (the device queue was empty when it asked), over
@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import threading
 
+from ..batch.layout import GROWTH
 from .arenas import DeviceArenas
-from .packing import GROWTH
 
 __all__ = ["CAP", "START", "STARVED", "WARMUP", "WINDOW", "DepthTuner", "device_bytes_for"]
 

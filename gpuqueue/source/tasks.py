@@ -1,7 +1,7 @@
-"""Work for the workers: one task at a time (or a bundle), in stream order.
+"""Source stage, tasks: work for the workers, one task at a time (or a bundle), in stream order.
 
 ``SequenceTasks`` hands out the indices of a Sequence's epochs in the order
-``sources.epoch_order`` draws, with ``on_epoch_end`` between epochs;
+``order.epoch_order`` draws, with ``on_epoch_end`` between epochs;
 ``GeneratorTasks`` reads a generator's items one at a time. Each ``Task``
 knows where it sits in the stream, for ordering and for messages.
 """
@@ -10,36 +10,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import CancelledError, OutOfRangeError, PipelineError, add_note
-from .sources import EpochOrder, Sequence, epoch_order, indices
+from ..errors import CancelledError, OutOfRangeError, PipelineError, add_note
+from .order import EpochOrder, ReadingOrder, Sequence, Task, epoch_order, indices
 
-if TYPE_CHECKING:
-    from .sources import ReadingOrder
-
-__all__ = ["GeneratorTasks", "SequenceTasks", "Task", "overrides_on_epoch_end"]
-
-
-@dataclass
-class Task:
-    """One unit of work a worker claimed: where it sits in the stream, what to read."""
-
-    seq_no: int
-    epoch: int
-    position: int
-    index: int | None = None  # the Sequence index; None for a generator's item
-    batch: Any = None  # a generator's item, read while claiming
-    failure: BaseException | None = None  # an error that belongs at this point
-    boundary: bool = False  # the end of epoch ``epoch - 1`` (on_epoch_end), not a read
-
-    def where(self) -> str:
-        if self.boundary:
-            return f"the end of epoch {self.epoch - 1} (on_epoch_end)"
-        if self.index is None:
-            return f"generator item {self.position}"
-        return f"batch index {self.index} (epoch {self.epoch}, position {self.position})"
+__all__ = ["GeneratorTasks", "SequenceTasks", "overrides_on_epoch_end"]
 
 
 def overrides_on_epoch_end(sequence: Any) -> bool:
@@ -276,6 +252,24 @@ class GeneratorTasks(_TaskSource):
             generator uses this).
     """
 
+    @classmethod
+    def for_run(cls, generator: Any, use_multiprocessing: bool, *, used: bool) -> GeneratorTasks:
+        """The tasks of a ``GeneratorEnqueuer``'s run; ``used`` if it was started before.
+
+        Raises:
+            PipelineError: If the generator was consumed by an earlier run (a
+                generator function in a process starts afresh, and may restart).
+        """
+        restartable = use_multiprocessing and not hasattr(generator, "__next__")
+        if used and not restartable:
+            raise PipelineError(
+                "GeneratorEnqueuer was already started once and its generator is consumed; "
+                "make a new enqueuer with a new generator"
+            )
+        if use_multiprocessing:  # Run.start points it at the process
+            return cls(None, fetch=_not_launched)
+        return cls(generator)
+
     def __init__(
         self, iterable: Iterable[Any] | None, fetch: Callable[[int], Any] | None = None
     ) -> None:
@@ -312,3 +306,8 @@ class GeneratorTasks(_TaskSource):
 
     def read(self, task: Task) -> Any:
         return task.batch
+
+
+def _not_launched(position: int) -> Any:
+    """The fetch of a generator's tasks until ``Run.start`` points it at the process."""
+    raise PipelineError("the generator's worker process was not started")

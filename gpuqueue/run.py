@@ -1,18 +1,22 @@
-"""One run of the pipeline: source → host workers → copy looper → consumer.
+"""Run: one run of the pipeline (source, host, device, consumer), built, started and stopped.
 
-``PipelineConfig`` (``config.py``) is every setting of a run, typed, frozen
-and validated where the user's arguments arrive. ``Run.start`` builds the run's queues,
+``PipelineConfig`` and ``Workers`` (``config.py``) are every setting of a run,
+typed, frozen and validated where the user's arguments arrive. ``Run.start``
+builds the run's queues,
 pools and backend from it and starts its threads (and processes); ``stop``
 joins them and frees the memory; ``abandon`` is the finaliser of a run
 nobody stopped. Nothing here knows Keras: the enqueuers translate their
 arguments into a config and delegate.
 
-The host stage (``host.py``) is a ``QueueRunner`` whose enqueue ops are the
-workers, under one ``Coordinator``; they put batches on the bounded host
-queue in exactly the read order. With a device, a ``CopyLooper``
-(``looper.py``) copies each staged batch into a device arena (``arenas.py``)
-and puts it on the device queue (``prefetch_depth``); the consumer's side
-(``delivery.py``) hands out device arrays ordered after their copy.
+The host stage (``host/stage.py``) is a ``QueueRunner`` whose enqueue ops are
+the workers, under one ``Coordinator``; they put batches on the bounded host
+queue in exactly the read order. How batches reach the consumer is the run's
+``Copy`` mode: with no device, from the host queue as the workers made them;
+at ``prefetch_depth=0``, copied by the consumer in ``get()``; else a
+``CopyLooper`` (``device/copy.py``) copies each staged batch into a device
+arena (``device/arenas.py``) ahead and puts it on the device queue. The
+consumer's side (``consumer/deliver.py``) hands out device arrays ordered
+after their copy.
 
 An error while reading (or copying) travels down the queues in its place, so
 the consumer gets every batch before it, then the original exception.
@@ -25,31 +29,34 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from . import autodepth
-from .adapters import check_main_guard, main_without_file
-from .arenas import DeviceArenas
-from .autodepth import DepthTuner
 from .backends import resolve
 from .backends.base import Backend
-from .channel import FIFOQueue
-from .config import PipelineConfig
-from .coordinator import Coordinator
-from .errors import PipelineError
-from .host import Counters, HostStage, Item
-from .looper import CopyLooper, PinnedPool
-from .runner import QueueRunner
-from .tasks import GeneratorTasks, SequenceTasks, overrides_on_epoch_end
+from .config import PipelineConfig, Workers
+from .device import autodepth
+from .device.arenas import DeviceArenas
+from .device.autodepth import DepthTuner
+from .device.copy import Copy, CopyLooper
+from .host.pinned import PinnedPool
+from .host.processes import check_main_guard, main_without_file
+from .host.stage import Counters, HostStage, Item
+from .source.tasks import GeneratorTasks, SequenceTasks, overrides_on_epoch_end
+from .sync.channel import FIFOQueue
+from .sync.coordinator import DEFAULT_STOP_TIMEOUT, Coordinator
+from .sync.runner import QueueRunner
 
-__all__ = ["DEFAULT_STOP_TIMEOUT", "EMPTY_STATS", "INTERRUPT_GRACE", "Run"]
+__all__ = [
+    "EMPTY_STATS",
+    "INTERRUPT_GRACE",
+    "Run",
+]
 
-# How long stop() waits for threads by default before naming the stragglers.
-DEFAULT_STOP_TIMEOUT = 60.0
 
 TaskSource = SequenceTasks | GeneratorTasks
 
@@ -67,24 +74,27 @@ class Run:
     """
 
     config: PipelineConfig
+    counts: Workers
     coord: Coordinator
     tasks: TaskSource
     host_queue: FIFOQueue[Item]
-    output_queue: FIFOQueue[Item]
+    output_queue: FIFOQueue[Item]  # the device queue when copying ahead, else the host queue
+    copy: Copy = Copy.NONE
     threads: list[threading.Thread] = field(default_factory=list)
     backend: Backend | None = None
     own_backend: bool = False
     pinned: PinnedPool | None = None
-    processes: Any = None  # workers.ProcessPool
+    processes: Any = None  # host.processes.ProcessPool
     arenas: DeviceArenas | None = None
     looper: CopyLooper | None = None
     tuner: DepthTuner | None = None  # prefetch_depth="auto"
     closed: bool = False
+    finalizer: weakref.finalize[Any, Any] | None = None  # abandons the run with its owner
     interrupted: bool = False  # Ctrl-C: stop waits for nothing user code could hold up
     named_stragglers: set[str] = field(default_factory=set)  # threads a warning named
     close_lock: threading.Lock = field(default_factory=threading.Lock)
     host: HostStage | None = None
-    # The threads iterating the run's batches (delivery.py lets one at a time).
+    # The threads iterating the run's batches (consumer/deliver.py lets one at a time).
     counters: Counters = field(default_factory=Counters)
     # A bundle's batches taken off the output queue and not yet delivered: whichever
     # get() comes next delivers them, so a generator dropped mid-bundle loses none.
@@ -100,12 +110,18 @@ class Run:
 
     @classmethod
     def start(
-        cls, config: PipelineConfig, source: Any, make_tasks: Callable[[], TaskSource]
+        cls,
+        config: PipelineConfig,
+        counts: Workers,
+        source: Any,
+        make_tasks: Callable[[], TaskSource],
+        owner: object,
     ) -> Run:
         """Builds a run of ``source`` and starts its threads and processes.
 
         The device is resolved before ``make_tasks`` is called, so an unusable
-        device consumes nothing (of a generator, say).
+        device consumes nothing (of a generator, say). If ``owner`` (the
+        enqueuer) is collected without a ``stop()``, the run is abandoned.
 
         Raises:
             PipelineError: If the device is unusable or the source cannot be
@@ -113,8 +129,8 @@ class Run:
         """
         # The device first: if it is unusable, nothing (a generator) has been consumed.
         backend = resolve(config.device) if config.device is not None else None
-        host_queue: FIFOQueue[Item] = FIFOQueue(config.max_queue_size, name=f"{config.name}-host")
-        run = cls(config, Coordinator(), make_tasks(), host_queue, host_queue)
+        host_queue: FIFOQueue[Item] = FIFOQueue(counts.max_queue_size, name=f"{config.name}-host")
+        run = cls(config, counts, Coordinator(), make_tasks(), host_queue, host_queue)
         if backend is not None:
             run.backend, run.own_backend = backend, backend is not config.device
             # What the consumer holds comes on top of the depth. One free arena is
@@ -124,25 +140,30 @@ class Run:
             auto = config.prefetch_depth == "auto"
             depth = autodepth.START if auto else int(config.prefetch_depth)
             run.arenas = DeviceArenas(backend, depth=depth, keep=1, transform=config.transform)
-            if auto:  # the arenas bound the depth; the queue has room for the cap
+            if auto:
                 run.tuner = DepthTuner.for_run(run.arenas, config.max_device_bytes)
-            capacity = autodepth.CAP if auto else depth
-            if capacity > 0:
+            if depth == 0:
+                run.copy = Copy.IN_GET
+            else:  # the queue has room for auto's cap: the arenas bound the depth
+                run.copy = Copy.AHEAD
+                capacity = autodepth.CAP if auto else depth
                 run.output_queue = FIFOQueue(capacity, name=f"{config.name}-device")
             if not config.use_multiprocessing:
-                slots = config.workers + config.max_queue_size + 1
+                slots = counts.staging_slots
                 run.pinned = PinnedPool(backend, slots, name=f"{config.name}-pinned")
         try:
             run._launch(source)
         except BaseException:
             run.stop(DEFAULT_STOP_TIMEOUT)
             raise
+        # (The finaliser holds the run, never the owner; stop() detaches it.)
+        run.finalizer = weakref.finalize(owner, run.abandon)
         return run
 
     def _launch(self, source: Any) -> None:
-        config, coord, tasks = self.config, self.coord, self.tasks
+        config, counts, coord, tasks = self.config, self.counts, self.coord, self.tasks
         if config.use_multiprocessing:
-            from .workers import ProcessPool
+            from .host.processes import ProcessPool
 
             check_main_guard()
             # A generator has one reader: one process runs it (as many would
@@ -151,12 +172,12 @@ class Run:
             with main_without_file():
                 processes = ProcessPool(
                     source,
-                    1 if reading else config.workers,
+                    1 if reading else counts.workers,
                     coord,
                     name=config.name,
-                    slots=config.workers + config.max_queue_size + 1,
+                    slots=counts.staging_slots,
                     backend=self.backend,
-                    seed=config.process_seed,
+                    seed=config.random_seed,
                 )
             self.processes = processes
             if isinstance(tasks, GeneratorTasks):
@@ -167,20 +188,20 @@ class Run:
             tasks,
             self.host_queue,
             self.counters,
-            workers=config.workers,
+            workers=counts.workers,
             pinned=self.pinned,
             processes=self.processes,
             device=self.backend is not None,
         )
         self.host = host
-        ops = [host.enqueue_op(number) for number in range(config.workers)]
+        ops = [host.enqueue_op(number) for number in range(counts.workers)]
         for stop_callback in (
             tasks.close,
             host.sequencer.close,
             lambda: self._drop(self.host_queue),
         ):
             coord.add_stop_callback(stop_callback)
-        if self.output_queue is not self.host_queue:
+        if self.copy is Copy.AHEAD:
             coord.add_stop_callback(lambda: self._drop(self.output_queue))
         if self.pinned is not None:
             coord.add_stop_callback(self.pinned.cancel)
@@ -188,7 +209,8 @@ class Run:
             coord.add_stop_callback(self.arenas.cancel)
         runner = QueueRunner(self.host_queue, ops)
         self.threads = runner.create_threads(coord=coord, daemon=True, start=True)
-        if self.arenas is not None and self.output_queue is not self.host_queue:
+        if self.copy is Copy.AHEAD:
+            assert self.arenas is not None
             self.looper = CopyLooper(
                 coord, self.arenas, self.host_queue, self.output_queue, name=f"{config.name}-copy"
             )
@@ -203,6 +225,8 @@ class Run:
         (or for a later ``stop``, once they have ended).
         """
         self.coord.request_stop()
+        if self.finalizer is not None:
+            self.finalizer.detach()  # stopped: nothing is left to abandon
         # join() re-raises the recorded error with the traceback it was recorded with.
         # When stop() runs in a `finally` or `with` while that very error propagates
         # through the consumer's frames, the re-raise would replace the traceback the
@@ -354,26 +378,3 @@ EMPTY_STATS: dict[str, Any] = {
     "queue_capacity": 0,
     "mean_queue_occupancy": 0.0,
 }
-
-
-def generator_tasks(generator: Any, use_multiprocessing: bool, *, used: bool) -> GeneratorTasks:
-    """The tasks of a ``GeneratorEnqueuer``'s run; ``used`` if it was started before.
-
-    Raises:
-        PipelineError: If the generator was consumed by an earlier run (a
-            generator function in a process starts afresh, and may restart).
-    """
-    restartable = use_multiprocessing and not hasattr(generator, "__next__")
-    if used and not restartable:
-        raise PipelineError(
-            "GeneratorEnqueuer was already started once and its generator is consumed; "
-            "make a new enqueuer with a new generator"
-        )
-    if use_multiprocessing:
-        return GeneratorTasks(None, fetch=_not_launched)  # Run.start points it at the process
-    return GeneratorTasks(generator)
-
-
-def _not_launched(position: int) -> Any:
-    """The fetch of a generator's tasks until ``Run.start`` points it at the process."""
-    raise PipelineError("the generator's worker process was not started")

@@ -1,4 +1,4 @@
-"""The host stage: what each worker thread does, and what travels on the queues.
+"""Host stage, workers: what each worker thread does, and what travels on the queues.
 
 Each call of a worker's enqueue op (a ``QueueRunner`` runs them):
 
@@ -23,20 +23,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-from .arenas import Copied
-from .channel import FIFOQueue
-from .errors import CancelledError, note_thread
-from .looper import PinnedPool
-from .packing import Staged, device_ready, layout
-from .plan import Plan
-from .staging import BatchSpec, LeafMeta, TreeDef, describe
-from .tasks import GeneratorTasks, SequenceTasks, Task
+from ..batch.layout import Staged, device_ready, layout
+from ..batch.plan import Plan
+from ..batch.tree import BatchSpec, LeafMeta, TreeDef, describe
+from ..errors import CancelledError, note_thread
+from ..source.order import Task
+from ..source.tasks import GeneratorTasks, SequenceTasks
+from ..sync.channel import FIFOQueue
+from .pinned import PinnedPool
+from .sequencer import Sequencer
 
-__all__ = ["Counters", "Described", "HostStage", "Item", "Sequencer"]
-
-T = TypeVar("T")
+__all__ = ["Counters", "Described", "HostStage", "Item"]
 
 
 @dataclass
@@ -72,7 +71,9 @@ class Item:
     described: Described | None = None
     batch: Any = None  # the user's own batch, handed over as it is (device=None, threads)
     error: BaseException | None = None
-    copied: Copied | None = None  # its device copy, once the copy stage made it
+    # Its device copy (``device.arenas.Copied``), once the copy stage made it; typed
+    # loosely so that the host stage does not import the device stage.
+    copied: Any = None
     # Several batches claimed and read together (this item first), as one queue item.
     bundle: list[Item] | None = None
     claim_wait_s: float = 0.0  # how long its worker waited for room before claiming it
@@ -138,7 +139,7 @@ class HostStage:
         workers: Number of workers: at most this many items are out at once,
             as each staging pool counts on.
         pinned: Packs thread workers' batches for the copy; None without a device.
-        processes: The worker processes (``workers.ProcessPool``), if any.
+        processes: The worker processes (``processes.ProcessPool``), if any.
         device: Batches go to a device: each staged batch is made ready for it
             (byte order, dtypes) by the worker that read it, and checked against
             the first batch's dtypes and ranks. Without one, batches are handed
@@ -322,109 +323,3 @@ class HostStage:
             item.error = error
             return False
         return True
-
-
-class Sequencer(Generic[T]):
-    """Puts the workers' items on the queue in ``seq_no`` order, and bounds how many are out.
-
-    A worker that finishes an item out of turn leaves it here and goes on
-    reading; whichever worker completes the turn commits its own item and
-    every consecutive one left here. No worker waits for another's turn, so
-    a batch costs no hand-off between workers unless one waits for room.
-
-    Args:
-        commit: Puts one item on the queue, in order (it may block).
-        discard: Gives back what an item that will never be committed holds.
-        limit: The most items claimed and not yet committed: with the queue,
-            this bounds the staging slots that items hold.
-    """
-
-    def __init__(
-        self, commit: Callable[[T], None], discard: Callable[[T], None], limit: int
-    ) -> None:
-        self._commit, self._discard, self._limit = commit, discard, limit
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)
-        self._room_waiters = 0
-        self._next = 0  # the seq_no to commit next
-        self._out = 0  # reserved and not yet committed
-        self._pending: dict[int, T] = {}  # submitted out of turn
-        self._committing = False  # a thread is in _drain
-        self._closed = False
-
-    def reserve(self) -> None:
-        """Blocks until fewer than ``limit`` items are out, then counts one more.
-
-        Raises:
-            CancelledError: If the sequencer was closed (before or while waiting).
-        """
-        with self._lock:
-            while self._out >= self._limit and not self._closed:
-                self._room_waiters += 1
-                try:
-                    self._room.wait()
-                finally:
-                    self._room_waiters -= 1
-            if self._closed:
-                raise CancelledError("the pipeline is stopping")
-            self._out += 1
-
-    def unreserve(self) -> None:
-        """Takes back a ``reserve()`` that will submit nothing."""
-        with self._lock:
-            self._out -= 1
-            if self._room_waiters:
-                self._room.notify()
-
-    def submit(self, seq_no: int, item: T) -> None:
-        """Hands in a reserved item: commits it, and those after it, if its turn has come.
-
-        Raises:
-            CancelledError: If the sequencer was closed (the item is discarded).
-            Whatever ``commit`` raised (that item is discarded).
-        """
-        with self._lock:
-            closed = self._closed
-            if not closed:
-                # Whoever is committing, or the turn's own worker, will take it. (The
-                # next item is never left here with nobody committing: see _drain.)
-                if self._committing or seq_no != self._next:
-                    self._pending[seq_no] = item
-                    return
-                self._committing = True
-        if closed:
-            self._discard(item)
-            raise CancelledError("the pipeline is stopping")
-        self._drain(item)
-
-    def _drain(self, item: T) -> None:
-        """Commits ``item`` (the next), then each next one already here; one thread at a time."""
-        while True:
-            try:
-                self._commit(item)
-            except BaseException:
-                with self._lock:
-                    self._committing = False
-                self._discard(item)
-                raise
-            with self._lock:
-                self._next += 1
-                self._out -= 1
-                if self._room_waiters:
-                    self._room.notify()
-                following = None if self._closed else self._pending.pop(self._next, None)
-                if following is None:
-                    # Under the lock that submit() takes: an item handed in after
-                    # this sees _committing False and commits itself.
-                    self._committing = False
-                    return
-            item = following
-
-    def close(self) -> None:
-        """Discards what is left uncommitted; wakes every waiter (they raise ``CancelledError``)."""
-        with self._lock:
-            self._closed = True
-            dropped, self._pending = list(self._pending.values()), {}
-            self._room.notify_all()
-        for item in dropped:
-            self._discard(item)

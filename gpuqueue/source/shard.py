@@ -1,4 +1,4 @@
-"""Which part of every epoch this process reads, and which GPU it uses, when it is one of many.
+"""Source stage, sharding: which part of every epoch this process reads, when it is one of many.
 
 A Sequence is split among ranks the way ``torch.utils.data.DistributedSampler``
 splits a dataset: every rank reads the same number of batches, so collective
@@ -26,20 +26,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PipelineError
+from ..errors import PipelineError
+from .kinds import split_per_rank
 
 __all__ = [
-    "LOCAL_RANK_VARIABLES",
     "RANK_VARIABLES",
     "Shard",
     "batches_per_rank",
     "check_iterable_shard",
     "describe_shard",
-    "is_torch_class",
-    "local_rank",
-    "reads_by_index",
     "resolve_shard",
-    "split_per_rank",
 ]
 
 # (rank, world size) variable pairs, in the order they are tried.
@@ -48,14 +44,6 @@ RANK_VARIABLES = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),  # Open MPI
     ("PMI_RANK", "PMI_SIZE"),  # MPICH, Intel MPI
     ("SLURM_PROCID", "SLURM_NTASKS"),  # SLURM (srun)
-)
-
-# A process's rank among those on its own machine, in the same launcher order.
-LOCAL_RANK_VARIABLES = (
-    "LOCAL_RANK",
-    "OMPI_COMM_WORLD_LOCAL_RANK",
-    "MPI_LOCALRANKID",
-    "SLURM_LOCALID",
 )
 
 
@@ -154,29 +142,6 @@ def _from_environment(environ: Mapping[str, str]) -> Shard | None:
     return None
 
 
-def local_rank(environ: Mapping[str, str] | None = None) -> tuple[str, int] | None:
-    """The first launcher's local-rank variable that is set, and its value.
-
-    Returns:
-        ``(variable name, local rank)``, or ``None`` outside a launcher.
-
-    Raises:
-        ValueError: If the variable is not an integer >= 0; the message names it.
-    """
-    environ = os.environ if environ is None else environ
-    for name in LOCAL_RANK_VARIABLES:
-        if name in environ:
-            text = environ[name]
-            try:
-                value = int(text)
-            except ValueError:
-                value = -1
-            if value < 0:
-                raise ValueError(f"{name}={text!r} must be an integer >= 0 (a local rank)")
-            return name, value
-    return None
-
-
 def batches_per_rank(length: int, world_size: int, drop_last: bool) -> int:
     """How many batches each rank reads in an epoch of ``length`` batches.
 
@@ -218,36 +183,6 @@ def describe_shard(name: str, shard: Shard, length: int, drop_last: bool) -> str
     elif spare < 0:
         line += f", last {-spare} of the epoch's order dropped (drop_last=True)"
     return line
-
-
-def is_torch_class(obj: Any, name: str) -> bool:
-    """True if ``obj`` is an instance of torch.utils.data's ``name`` (torch not imported)."""
-    return any(
-        cls.__name__ == name and cls.__module__.startswith("torch.utils.data")
-        for cls in type(obj).__mro__
-    )
-
-
-def split_per_rank(source: Any) -> bool:
-    """True if ``source`` is a torch DataLoader whose sampler is a DistributedSampler."""
-    if not is_torch_class(source, "DataLoader"):
-        return False
-    samplers = (
-        getattr(source, "sampler", None),
-        getattr(getattr(source, "batch_sampler", None), "sampler", None),
-    )
-    return any(is_torch_class(sampler, "DistributedSampler") for sampler in samplers)
-
-
-def reads_by_index(source: Any) -> bool:
-    """True for a Sequence-like source (``__getitem__`` and ``__len__``), read by index.
-
-    A torch ``IterableDataset`` inherits a ``__getitem__`` it cannot serve,
-    so it counts as an iterable, as do DataLoaders and generators.
-    """
-    if is_torch_class(source, "IterableDataset"):
-        return False
-    return hasattr(source, "__getitem__") and hasattr(source, "__len__")
 
 
 def check_iterable_shard(source: Any, shard: tuple[int, int] | str | None) -> Shard:

@@ -1,4 +1,4 @@
-"""The worker process's side of ``use_multiprocessing=True``: the loop each process runs.
+"""Host stage, inside a worker process: the loop each process of ``use_multiprocessing`` runs.
 
 ``worker_main`` rebuilds the Sequence from the bytes it was started with,
 then reads one batch per request and packs it into the shared-memory slot the
@@ -6,7 +6,7 @@ parent names, mapping each slot's segment once, when its descriptor arrives
 over the pipe (``segments.send_segment``). Every error, rebuilding the Sequence
 included, goes back to the parent as a value (its own type when it
 pickles), so the consumer sees the cause instead of an exit code. The
-parent's side is ``workers.ProcessPool``.
+parent's side is ``processes.ProcessPool``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PipelineError, add_note
-from .packing import layout, pack
+from ..batch.layout import layout, pack
+from ..batch.tree import describe
+from ..errors import PipelineError, add_note
 from .segments import receive_segment
-from .staging import describe
 
 __all__ = ["portable_error", "worker_main"]
 

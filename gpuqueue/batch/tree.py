@@ -1,4 +1,4 @@
-"""Batch structure and validation: what a batch may hold, and what it held the first time.
+"""Batch, tree: a batch's structure, what it may hold, and what it held the first time.
 
 A batch is any nesting of tuples (named ones too), lists and dicts. Its
 leaves are, as Keras takes them:
@@ -18,7 +18,7 @@ leaves are, as Keras takes them:
 
 ``describe`` splits a batch into a structure (``TreeDef``) and its array
 leaves; ``BatchSpec`` remembers the first batch's structure, dtypes and ranks
-and names the field of any later batch that differs (``packing.py`` lays a
+and names the field of any later batch that differs (``layout.py`` lays a
 batch's arrays out in one buffer, so one batch is one copy).
 ``LeafMeta.kind`` remembers what each array leaf was, so ``as_source`` can
 give the host path (``device=None``) the same leaf types in processes as in
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BatchError
+from ..errors import BatchError
 
 __all__ = [
     "BatchSpec",
