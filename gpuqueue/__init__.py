@@ -18,7 +18,7 @@ from .errors import (
     QueueClosedError,
     WorkerDiedError,
 )
-from .prefetch import prefetch
+from .prefetch import Prefetched, prefetch
 from .source.keras import keras_dataset
 from .source.order import Sequence
 from .sync.channel import FIFOQueue
@@ -40,6 +40,7 @@ __all__ = [
     "OrderedEnqueuer",
     "OutOfRangeError",
     "PipelineError",
+    "Prefetched",
     "QueueClosedError",
     "QueueRunner",
     "Sequence",

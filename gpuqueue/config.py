@@ -79,6 +79,8 @@ class PipelineConfig:
             (``device/transforms.py``); a callable or a mapping from field to
             callable, kept as a ``BatchTransform``.
         random_seed: Seeds NumPy in a generator's worker process.
+        even_batches: Every ``torch.distributed`` rank stops at the same step
+            (``consumer/even.py``); None: for an iterable, with several ranks.
 
     Raises:
         ValueError: If a setting is out of range or settings contradict
@@ -97,6 +99,7 @@ class PipelineConfig:
     timeout: float | None = None
     transform: BatchTransform | None = None
     random_seed: int | None = None
+    even_batches: bool | None = None
 
     @classmethod
     def of(cls, name: str, arguments: Mapping[str, Any]) -> PipelineConfig:
@@ -110,6 +113,8 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "use_multiprocessing", bool(self.use_multiprocessing))
+        if self.even_batches not in (None, True, False):
+            raise ValueError(f"even_batches must be None, True or False, got {self.even_batches!r}")
         timeout = self.timeout
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0

@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 from .config import PipelineConfig, Workers
 from .consumer.deliver import batches
+from .consumer.even import evened
 from .errors import PipelineError, ctrl_c_in
 from .host.pickling import check_picklable
 from .run import EMPTY_STATS, Run
-from .source.kinds import check_iterable_source, check_sequence
+from .source.iterables import IterableOrder, check_iterable_source
+from .source.kinds import check_sequence
 from .source.order import ReadingOrder, Task
 from .source.shard import describe_shard
 from .source.tasks import GeneratorTasks, SequenceTasks
@@ -35,9 +37,8 @@ _E = TypeVar("_E", bound="SequenceEnqueuer")
 class SequenceEnqueuer:
     """Base class of the enqueuers, as ``keras.utils.SequenceEnqueuer``.
 
-    ``start(workers, max_queue_size)``, then ``get()`` for the batches, then
-    ``stop()``; or a ``with`` block, which starts it (one worker unless
-    ``start`` was called) and always stops it.
+    ``start(workers, max_queue_size)``, ``get()``, ``stop()``; or a ``with`` block,
+    which starts it (one worker unless ``start`` was called) and always stops it.
 
     Args:
         sequence: A ``Sequence`` or, for ``GeneratorEnqueuer``, an iterable.
@@ -74,6 +75,7 @@ class SequenceEnqueuer:
     """
 
     _name = "SequenceEnqueuer"
+    _order: ReadingOrder | IterableOrder  # where the consumer is in the source
 
     def __init__(
         self,
@@ -162,10 +164,9 @@ class SequenceEnqueuer:
         """Returns a generator of batches, in order (each thread may have one).
 
         Endless for a Sequence unless ``epochs`` was given; for a generator,
-        until it ends. ``None`` items are skipped. A worker's (or the copy's)
-        error is raised after every batch before it, as itself with a note
-        naming the thread and the batch, and again by every later ``get()``;
-        ``stop()`` from another thread ends the iteration.
+        until it ends (``None`` items are skipped). A worker's error is raised
+        after every batch before it, as itself with a note naming the thread
+        and the batch, and again by every later ``get()``.
 
         Raises:
             PipelineError: If ``start()`` was not called.
@@ -173,14 +174,41 @@ class SequenceEnqueuer:
         """
         if self._run is None:
             raise PipelineError(f"{self._name}.get() called before start()")
-        return batches(self._run, self._receiver())
+        stream = batches(self._run, self._receiver())
+        return evened(stream, self._config.even_batches, self._order)
 
     def release(self) -> None:
         """Kept for older code: a batch's memory goes back when it is dropped, not before."""
 
     def _receiver(self) -> Callable[[Task], None]:
-        """What records each task the consumer received (a generator's: nothing)."""
-        return lambda task: None
+        """What records each task the consumer received (for ``state_dict``)."""
+        return self._order.received  # called on every batch: no call in between
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the consumer has received so far, to resume exactly after it.
+
+        Returns:
+            ``OrderedEnqueuer``: ``{"epoch", "position", "seed", "shuffle", "shard",
+            "drop_last"}``. ``GeneratorEnqueuer`` (threads only): ``{"epoch",
+            "position", "source"}``, ``source`` being the iterable's own
+            ``state_dict()`` right after the last item received, where it has one.
+        """
+        return self._order.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resumes from ``state_dict()``: the next ``start()`` goes on after that batch.
+
+        An iterable with a ``load_state_dict`` gets its state back; any other is
+        read from the start of the saved epoch, skipping what was received.
+
+        Raises:
+            PipelineError: If the enqueuer is running (or an iterable's is read in
+                a process).
+            ValueError: If ``state`` lacks a field or disagrees with this enqueuer.
+        """
+        if self.is_running():
+            raise PipelineError("load_state_dict() needs a stopped enqueuer; call stop() first")
+        self._order.load_state_dict(state)
 
     def stats(self) -> dict[str, Any]:
         """Counters of the current (or last) run.
@@ -252,40 +280,12 @@ class OrderedEnqueuer(SequenceEnqueuer):
         )
         self._setup(sequence, PipelineConfig.of(self._name, locals()), order)
 
-    @property
-    def shuffle(self) -> bool:
-        """Whether each epoch is read in a seeded permutation."""
-        return bool(self._order.shuffle)
+    shuffle = property(lambda self: self._order.shuffle, doc="Each epoch in a seeded permutation.")
 
     def _make_tasks(self) -> SequenceTasks:
         order = self._order
         logger.info(describe_shard(self._name, order.shard, len(self.sequence), order.drop_last))
         return SequenceTasks.resuming(order, self.sequence)
-
-    def _receiver(self) -> Callable[[Task], None]:
-        return self._order.received  # called on every batch: no call in between
-
-    def state_dict(self) -> dict[str, Any]:
-        """What the consumer has received so far, to resume exactly after it.
-
-        Returns:
-            ``{"epoch", "position", "seed", "shuffle", "shard", "drop_last"}``:
-            the next batch to deliver is at ``position`` of this rank's order
-            in ``epoch``.
-        """
-        return self._order.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resumes from ``state_dict()``: the next ``start()`` continues there.
-
-        Raises:
-            PipelineError: If the enqueuer is running.
-            ValueError: If ``state`` lacks a field or disagrees with this
-                enqueuer's ``shuffle``, ``shard`` or ``drop_last``.
-        """
-        if self.is_running():
-            raise PipelineError("load_state_dict() needs a stopped enqueuer; call stop() first")
-        self._order.load_state_dict(state)
 
     def stats(self) -> dict[str, Any]:
         """``SequenceEnqueuer.stats()``, plus which rank of how many reads (``shard_*``)."""
@@ -308,6 +308,8 @@ class GeneratorEnqueuer(SequenceEnqueuer):
             ``make_batches()``) or a picklable iterable.
         random_seed: Seeds NumPy's global random state in that process, as
             Keras does; unused with threads.
+        even_batches: Stop every ``torch.distributed`` rank at the first step where
+            one has no batch (DDP would wait for ever); None: with several ranks.
         device, prefetch_depth, ...: The device keywords of ``SequenceEnqueuer``.
 
     Raises:
@@ -318,6 +320,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
     """
 
     _name = "GeneratorEnqueuer"
+    _order: IterableOrder
 
     def __init__(
         self,
@@ -325,6 +328,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         use_multiprocessing: bool = False,
         random_seed: int | None = None,
         *,
+        even_batches: bool | None = None,
         device: Any = None,
         prefetch_depth: int | str = 2,
         max_device_bytes: int | None = None,
@@ -336,14 +340,10 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         check_iterable_source(generator, epochs=None, use_multiprocessing=use_multiprocessing)
         if use_multiprocessing:
             check_picklable(generator, "the generator function or a picklable iterable")
-        self._setup(generator, PipelineConfig.of(self._name, locals()))
+        config = PipelineConfig.of(self._name, locals())
+        self._setup(generator, config, IterableOrder(processes=config.use_multiprocessing))
 
-    def _setup(self, generator: Any, config: PipelineConfig, order: Any = None) -> None:
-        super()._setup(generator, config)
-        self.random_seed = config.random_seed
-        self._used = False
+    random_seed = property(lambda self: self._config.random_seed, doc="NumPy's seed (processes).")
 
     def _make_tasks(self) -> GeneratorTasks:
-        tasks = GeneratorTasks.for_run(self.sequence, self.use_multiprocessing, used=self._used)
-        self._used = True
-        return tasks
+        return self._order.tasks(self.sequence)

@@ -7,17 +7,49 @@ enqueuer it picks is built from that config (``SequenceEnqueuer._configured``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .config import PipelineConfig
 from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
 from .host.pickling import check_picklable
-from .source.kinds import check_iterable_source, reads_by_index
+from .source.iterables import IterableOrder, check_iterable_source
+from .source.kinds import reads_by_index
 from .source.order import ReadingOrder
 from .source.shard import check_iterable_shard
 
-__all__ = ["prefetch"]
+__all__ = ["Prefetched", "prefetch"]
+
+
+class Prefetched:
+    """What ``prefetch()`` hands the loop: its batches, and what the run can tell of them.
+
+    Iterate it (``for batch in batches``, ``next(batches)``) as the
+    generator ``get()`` returns; ``iter(batches)`` is that generator (Keras's
+    ``fit`` takes it). ``stats()`` and ``state_dict()`` are the enqueuer's:
+    the state is what the loop has received, so ``prefetch(..., state=s)``
+    resumes with the next batch.
+    """
+
+    __slots__ = ("_batches", "_enqueuer")
+
+    def __init__(self, enqueuer: SequenceEnqueuer) -> None:
+        self._enqueuer = enqueuer
+        self._batches = enqueuer.get()
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._batches
+
+    def __next__(self) -> Any:
+        return next(self._batches)
+
+    def stats(self) -> dict[str, Any]:
+        """The enqueuer's ``stats()``."""
+        return self._enqueuer.stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the loop has received so far (``SequenceEnqueuer.state_dict``)."""
+        return self._enqueuer.state_dict()
 
 
 @contextlib.contextmanager
@@ -39,7 +71,9 @@ def prefetch(
     stream: Any = None,
     timeout: float | None = None,
     transform: Any = None,
-) -> Iterator[Iterator[Any]]:
+    even_batches: bool | None = None,
+    state: Mapping[str, Any] | None = None,
+) -> Iterator[Prefetched]:
     """Yields an iterator of device batches from a Sequence or any iterable.
 
     The one-call form of the enqueuers. Everything is stopped and freed when
@@ -99,9 +133,15 @@ def prefetch(
             on the copy stream: a callable, or a mapping from field to
             callable (``{0: gpuqueue.Normalize(mean, std)}``); see
             ``OrderedEnqueuer``.
+        even_batches: Under ``torch.distributed``, stop every rank at the
+            first step where one has no batch left (DDP's all-reduce would
+            wait for ever); None (the default): for an iterable, whenever
+            there are several ranks. See ``consumer/even.py``.
+        state: A ``state_dict()`` taken earlier: go on with the batch after it.
 
     Yields:
-        An iterator of batches, each with the source's structure.
+        A ``Prefetched``: the batches, each with the source's structure, and
+        the run's ``stats()`` and ``state_dict()``.
 
     Raises:
         ValueError: If an argument is out of range, ``epochs`` asks a
@@ -129,9 +169,12 @@ def prefetch(
         )
         if use_multiprocessing:
             check_picklable(iterable, "the generator function or a picklable iterable")
-        enqueuer = GeneratorEnqueuer._configured(iterable, config)
+        position = IterableOrder(processes=config.use_multiprocessing)
+        enqueuer = GeneratorEnqueuer._configured(iterable, config, position)
+    if state is not None:
+        enqueuer.load_state_dict(dict(state))
     enqueuer.start(workers=workers, max_queue_size=max_queue_size)
     # The enqueuer's own exit stops it, once, also on error; after Ctrl-C in the
     # loop's body it waits for nothing user code could hold up.
     with enqueuer:
-        yield enqueuer.get()
+        yield Prefetched(enqueuer)

@@ -90,7 +90,9 @@ class Run:
     tuner: DepthTuner | None = None  # prefetch_depth="auto"
     closed: bool = False
     finalizer: weakref.finalize[Any, Any] | None = None  # abandons the run with its owner
-    interrupted: bool = False  # Ctrl-C: stop waits for nothing user code could hold up
+    # Ctrl-C, or a batch timeout: stop waits for nothing user code could hold up.
+    interrupted: bool = False
+    interrupted_by: str = "Ctrl-C"
     named_stragglers: set[str] = field(default_factory=set)  # threads a warning named
     close_lock: threading.Lock = field(default_factory=threading.Lock)
     host: HostStage | None = None
@@ -245,14 +247,16 @@ class Run:
         unnamed = [name for name in stragglers if name not in self.named_stragglers]
         if unnamed:  # each once: a later stop() frees what has ended, and names no one twice
             self.named_stragglers.update(unnamed)
+            reading = {} if self.host is None else self.host.reading_by_thread()
+            named = [f"{name} ({reading[name]})" if name in reading else name for name in unnamed]
             warnings.warn(
                 f"{self.name}.stop(): "
                 + (
-                    "after Ctrl-C, threads left running as daemons"
+                    f"after {self.interrupted_by}, threads left running as daemons"
                     if self.interrupted
                     else f"threads still running after {grace} s"
                 )
-                + f", most likely inside the Sequence or generator: {', '.join(unnamed)}",
+                + f", most likely inside the Sequence or generator: {', '.join(named)}",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -268,17 +272,18 @@ class Run:
         if not stragglers:
             self._free()
 
-    def interrupt(self) -> None:
-        """Ctrl-C in the consumer: stops now, waiting for nothing user code could hold up.
+    def interrupt(self, by: str = "Ctrl-C") -> None:
+        """Ctrl-C in the consumer (or a batch timeout): stops now, waiting for no user code.
 
         Worker processes (which ignore SIGINT) are killed and their shared
         memory unlinked; threads still inside the Sequence or generator cannot
         be interrupted, so they are left running as daemons, named in a
-        ``RuntimeWarning``, and the interpreter exits without them.
+        ``RuntimeWarning`` with what they read, and the interpreter exits
+        without them.
         """
         if self.interrupted:
             return
-        self.interrupted = True
+        self.interrupted, self.interrupted_by = True, by
         self.coord.request_stop()
         if self.processes is not None:
             for process in self.processes.processes:

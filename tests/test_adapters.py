@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gpuqueue import GeneratorEnqueuer, OrderedEnqueuer, PipelineError, prefetch
-from gpuqueue.source.kinds import Epochs
+from gpuqueue.source.iterables import Epochs
 from tests.conftest import received
 
 from .seqs import twenty_batches

@@ -99,7 +99,7 @@ class RunState(Protocol):
     def error_traceback(self) -> TracebackType | None: ...
     def fail(self, error: BaseException) -> None: ...
     def stop(self, grace: float) -> None: ...
-    def interrupt(self) -> None: ...
+    def interrupt(self, by: str = ...) -> None: ...
     def in_flight(self) -> str: ...
 
 
@@ -162,7 +162,10 @@ def _batches(
                 item = _next_item(run, queue)
             except BatchTimeoutError as error:
                 run.fail(error)
-                coord.request_stop(error)  # stop() then ends (or kills) what is stuck
+                coord.request_stop(error)
+                # What is stuck is inside user code (a source that never yields): it is
+                # named and left behind, as after Ctrl-C, instead of waited for.
+                run.interrupt("a batch timeout")
                 raise
             except OutOfRangeError:  # a finite source ended
                 run.ended = True

@@ -238,10 +238,14 @@ class HostStage:
 
     def reading(self) -> list[str]:
         """What each worker thread is reading now, as ``"thread: batch index ..."``."""
-        return [
-            f"{thread}: {what if isinstance(what, str) else what.where()}"
+        return [f"{thread}: {what}" for thread, what in self.reading_by_thread().items()]
+
+    def reading_by_thread(self) -> dict[str, str]:
+        """What each worker thread is reading now, by thread name."""
+        return {
+            thread: what if isinstance(what, str) else what.where()
             for thread, what in dict(self._reading).items()
-        ]
+        }
 
     def _read_in_process(self, task: Task) -> Item:
         # A generator's item was read by the process while claiming it.

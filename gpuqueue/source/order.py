@@ -40,6 +40,7 @@ class Task:
     batch: Any = None  # a generator's item, read while claiming
     failure: BaseException | None = None  # an error that belongs at this point
     boundary: bool = False  # the end of epoch ``epoch - 1`` (on_epoch_end), not a read
+    state: Any = None  # an iterable's own state right after this item (GeneratorTasks.snapshot)
 
     def where(self) -> str:
         if self.boundary:

@@ -250,10 +250,21 @@ class GeneratorTasks(_TaskSource):
             it returns the item, or raises ``StopIteration`` or
             ``OutOfRangeError`` at the end (a worker process reading the
             generator uses this).
+        snapshot: Called right after each ``next()``, under the read lock: the
+            source's state just after that item, kept on its ``Task``, so the
+            state handed back is that of what the consumer received, not of
+            what the workers read ahead (torchdata's nodes do the same).
     """
 
     @classmethod
-    def for_run(cls, generator: Any, use_multiprocessing: bool, *, used: bool) -> GeneratorTasks:
+    def for_run(
+        cls,
+        generator: Any,
+        use_multiprocessing: bool,
+        *,
+        used: bool,
+        snapshot: Callable[[], Any] | None = None,
+    ) -> GeneratorTasks:
         """The tasks of a ``GeneratorEnqueuer``'s run; ``used`` if it was started before.
 
         Raises:
@@ -268,12 +279,16 @@ class GeneratorTasks(_TaskSource):
             )
         if use_multiprocessing:  # Run.start points it at the process
             return cls(None, fetch=_not_launched)
-        return cls(generator)
+        return cls(generator, snapshot=snapshot)
 
     def __init__(
-        self, iterable: Iterable[Any] | None, fetch: Callable[[int], Any] | None = None
+        self,
+        iterable: Iterable[Any] | None,
+        fetch: Callable[[int], Any] | None = None,
+        snapshot: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
+        self.snapshot = snapshot
         self._read_lock = threading.Lock()
         if fetch is None:
             assert iterable is not None
@@ -292,7 +307,9 @@ class GeneratorTasks(_TaskSource):
                 position = self._seq_no  # taken only once an item (or an error) exists
             try:
                 batch = self.fetch(position)
+                state = None if self.snapshot is None else self.snapshot()
             except (StopIteration, OutOfRangeError):
+                self.snapshot = None  # (it holds the source: let it go with the iterator)
                 self.close()
                 raise OutOfRangeError("the generator is exhausted") from None
             except CancelledError:
@@ -302,7 +319,7 @@ class GeneratorTasks(_TaskSource):
                     self._ended = True
                     return Task(self._next_seq_no(), 0, position, failure=error)
             with self._cond:
-                return Task(self._next_seq_no(), 0, position, batch=batch)
+                return Task(self._next_seq_no(), 0, position, batch=batch, state=state)
 
     def read(self, task: Task) -> Any:
         return task.batch
