@@ -237,6 +237,7 @@ os._exit(0)
 '''
 
 
+@pytest.mark.timeout(180)
 def test_torchrun_three_uneven_ranks_stop_at_the_same_step(tmp_path: Any) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("torch.distributed.run")
@@ -245,7 +246,7 @@ def test_torchrun_three_uneven_ranks_stop_at_the_same_step(tmp_path: Any) -> Non
     from tests.test_distributed import run_torchrun
 
     agent = ["--nproc-per-node", "3", "--standalone"]
-    run_torchrun(tmp_path, [agent], [str(tmp_path)], script_text=UNEVEN_SCRIPT, timeout_s=120)
+    run_torchrun(tmp_path, [agent], [str(tmp_path)], script_text=UNEVEN_SCRIPT, timeout_s=150)
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
     # The shortest rank's 6, in each of 2 epochs: each epoch ends, on every rank, at the
     # step where rank 2 has no 7th batch (ranks 0 and 1 drop their 7th).
