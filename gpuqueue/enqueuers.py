@@ -9,7 +9,6 @@ host batches: swapping the import changes nothing until a device is asked for
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -23,13 +22,11 @@ from .run import EMPTY_STATS, Run
 from .source.iterables import IterableOrder, check_iterable_source
 from .source.kinds import check_sequence
 from .source.order import ReadingOrder, Task
-from .source.shard import describe_shard
+from .source.shard import announce_shard
 from .source.tasks import GeneratorTasks, SequenceTasks
 from .sync.coordinator import DEFAULT_STOP_TIMEOUT
 
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]
-
-logger = logging.getLogger(__name__)
 
 _E = TypeVar("_E", bound="SequenceEnqueuer")
 
@@ -284,7 +281,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
 
     def _make_tasks(self) -> SequenceTasks:
         order = self._order
-        logger.info(describe_shard(self._name, order.shard, len(self.sequence), order.drop_last))
+        announce_shard(self._name, order.shard, len(self.sequence), order.drop_last)
         return SequenceTasks.resuming(order, self.sequence)
 
     def stats(self) -> dict[str, Any]:

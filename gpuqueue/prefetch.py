@@ -6,7 +6,6 @@ enqueuer it picks is built from that config (``SequenceEnqueuer._configured``).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -22,29 +21,39 @@ __all__ = ["Prefetched", "prefetch"]
 
 
 class Prefetched:
-    """What ``prefetch()`` hands the loop: its batches, and what the run can tell of them.
+    """What ``prefetch()`` returns: a run of the pipeline, entered by ``with``.
 
-    Iterate it (``for batch in batches``, ``next(batches)``) as the
-    generator ``get()`` returns; ``iter(batches)`` is that generator (Keras's
-    ``fit`` takes it). ``stats()`` and ``state_dict()`` are the enqueuer's:
-    the state is what the loop has received, so ``prefetch(..., state=s)``
-    resumes with the next batch.
+    ``with`` starts it and gives the batches: the generator ``get()``
+    returns (Keras's ``fit`` takes it as it is); the block's end stops it,
+    also on error or Ctrl-C. The handle itself has the run's ``stats()``
+    and ``state_dict()``: what the loop has received (not what the workers
+    read ahead), so ``prefetch(..., state=run.state_dict())`` resumes with the
+    next batch::
+
+        run = gpuqueue.prefetch(dataset, epochs=3)
+        with run as batches:
+            for batch in batches:
+                step(batch)
+                if time_to_save():
+                    save(run.state_dict())
     """
 
-    __slots__ = ("_batches", "_enqueuer")
-
-    def __init__(self, enqueuer: SequenceEnqueuer) -> None:
+    def __init__(self, enqueuer: SequenceEnqueuer, workers: int, max_queue_size: int) -> None:
         self._enqueuer = enqueuer
-        self._batches = enqueuer.get()
+        self._counts = workers, max_queue_size
 
-    def __iter__(self) -> Iterator[Any]:
-        return self._batches
+    def __enter__(self) -> Iterator[Any]:
+        workers, max_queue_size = self._counts
+        self._enqueuer.start(workers=workers, max_queue_size=max_queue_size)
+        return self._enqueuer.get()
 
-    def __next__(self) -> Any:
-        return next(self._batches)
+    def __exit__(self, *exc_info: Any) -> None:
+        # The enqueuer's own exit stops it, once, also on error; after Ctrl-C in the
+        # loop's body it waits for nothing user code could hold up.
+        self._enqueuer.__exit__(*exc_info)
 
     def stats(self) -> dict[str, Any]:
-        """The enqueuer's ``stats()``."""
+        """The run's counters (``SequenceEnqueuer.stats``)."""
         return self._enqueuer.stats()
 
     def state_dict(self) -> dict[str, Any]:
@@ -52,7 +61,6 @@ class Prefetched:
         return self._enqueuer.state_dict()
 
 
-@contextlib.contextmanager
 def prefetch(
     source: Any,
     device: Any = "auto",
@@ -73,8 +81,8 @@ def prefetch(
     transform: Any = None,
     even_batches: bool | None = None,
     state: Mapping[str, Any] | None = None,
-) -> Iterator[Prefetched]:
-    """Yields an iterator of device batches from a Sequence or any iterable.
+) -> Prefetched:
+    """A run of device batches from a Sequence or any iterable, to enter with ``with``.
 
     The one-call form of the enqueuers. Everything is stopped and freed when
     the block ends, also on error or Ctrl-C::
@@ -139,9 +147,9 @@ def prefetch(
             there are several ranks. See ``consumer/even.py``.
         state: A ``state_dict()`` taken earlier: go on with the batch after it.
 
-    Yields:
-        A ``Prefetched``: the batches, each with the source's structure, and
-        the run's ``stats()`` and ``state_dict()``.
+    Returns:
+        A ``Prefetched``: ``with`` it for the batches (each with the source's
+        structure); it has the run's ``stats()`` and ``state_dict()``.
 
     Raises:
         ValueError: If an argument is out of range, ``epochs`` asks a
@@ -173,8 +181,4 @@ def prefetch(
         enqueuer = GeneratorEnqueuer._configured(iterable, config, position)
     if state is not None:
         enqueuer.load_state_dict(dict(state))
-    enqueuer.start(workers=workers, max_queue_size=max_queue_size)
-    # The enqueuer's own exit stops it, once, also on error; after Ctrl-C in the
-    # loop's body it waits for nothing user code could hold up.
-    with enqueuer:
-        yield Prefetched(enqueuer)
+    return Prefetched(enqueuer, workers, max_queue_size)

@@ -166,15 +166,18 @@ def test_local_rank_variables(no_launcher: pytest.MonkeyPatch) -> None:
 # -- the enqueuer's side: stats, the log line, drop_last, resuming ---------------
 
 
-def test_stats_and_the_first_log_line_say_which_rank_and_from_where(
-    running: list[Any], no_launcher: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_stats_and_a_warning_say_which_rank_and_from_where(
+    running: list[Any], no_launcher: pytest.MonkeyPatch
 ) -> None:
+    """gpuqueue chose to shard: a warning, since sharding a source split already is silent loss."""
     no_launcher.setitem(sys.modules, "torch.distributed", fake_torch_distributed(1, 3))
-    caplog.set_level(logging.INFO, logger="gpuqueue")
-    enqueuer = start(running, OrderedEnqueuer(Numbered(10), shuffle=True, seed=0))
-    assert caplog.messages[0] == (
+    with pytest.warns(UserWarning) as warned:
+        enqueuer = start(running, OrderedEnqueuer(Numbered(10), shuffle=True, seed=0))
+    assert str(warned[0].message) == (
         "OrderedEnqueuer: rank 1 of 3 reads 4 of 10 batches per epoch "
-        "(from torch.distributed), 2 padded by wrapping around the epoch's order"
+        "(from torch.distributed), 2 padded by wrapping around the epoch's order. If the "
+        "source is split per rank already (datasets' split_dataset_by_node, a sampler or file "
+        "list of your own), pass shard=None; pass shard=(rank, world_size) to choose explicitly"
     )
     stats = enqueuer.stats()
     assert (stats["shard_rank"], stats["shard_world_size"]) == (1, 3)
@@ -410,6 +413,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from itertools import islice
 
 import numpy as np
@@ -445,6 +449,8 @@ class Lines(logging.Handler):
 lines = Lines()
 logging.getLogger("gpuqueue").addHandler(lines)
 logging.getLogger("gpuqueue").setLevel(logging.INFO)
+# Where gpuqueue chose to shard, it says so as a warning: record it with the log lines.
+warnings.showwarning = lambda message, *rest: lines.lines.append(str(message))
 
 dist.init_process_group("gloo")  # before the enqueuers: shard="auto" must find it
 model = DistributedDataParallel(torch.nn.Linear(3, 1))

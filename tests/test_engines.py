@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -102,13 +103,14 @@ def test_a_source_that_never_yields_times_out_and_the_block_ends_within_a_second
 
 
 def test_prefetch_returns_a_handle_with_stats() -> None:
-    with prefetch([np.zeros(2)] * 3, device=None, epochs=1) as batches:
-        assert isinstance(batches, gpuqueue.Prefetched)
-        first = next(batches)
-        assert first.shape == (2,)
-        assert batches.stats()["batches_consumed"] == 1
+    run = prefetch([np.zeros(2)] * 3, device=None, epochs=1)
+    assert isinstance(run, gpuqueue.Prefetched)
+    with run as batches:
+        assert isinstance(batches, types.GeneratorType)  # as before: Keras's fit takes it
+        assert next(batches).shape == (2,)
+        assert run.stats()["batches_consumed"] == 1
         assert len(list(batches)) == 2
-        assert batches.stats()["batches_consumed"] == 3
+        assert run.stats()["batches_consumed"] == 3
 
 
 class Items:
@@ -123,9 +125,10 @@ class Items:
 
 
 def test_an_iterable_resumes_with_the_item_after_the_last_received() -> None:
-    with prefetch(Items(5), device=None, epochs=2, max_queue_size=4) as batches:
+    run = prefetch(Items(5), device=None, epochs=2, max_queue_size=4)
+    with run as batches:
         first = [int(next(batches)[0]) for _ in range(7)]
-        state = batches.state_dict()  # the workers have read further ahead
+        state = run.state_dict()  # the workers have read further ahead
     assert state == {"epoch": 1, "position": 2, "source": None}
     with prefetch(Items(5), device=None, epochs=2, state=state) as batches:
         rest = [int(batch[0]) for batch in batches]
@@ -155,10 +158,11 @@ class Counter:
 
 def test_a_sources_own_state_is_the_one_after_the_last_item_received() -> None:
     source = Counter(20)
-    with prefetch(source, device=None, max_queue_size=8) as batches:
+    run = prefetch(source, device=None, max_queue_size=8)
+    with run as batches:
         first = [int(next(batches)[0]) for _ in range(3)]
         assert source.six_read.wait(10)  # the workers have read ahead of the consumer...
-        state = batches.state_dict()
+        state = run.state_dict()
     assert state == {"epoch": 0, "position": 3, "source": {"next": 3}}  # ...not in the state
     with prefetch(Counter(20), device=None, state=state) as batches:
         rest = [int(batch[0]) for batch in batches]
@@ -166,9 +170,10 @@ def test_a_sources_own_state_is_the_one_after_the_last_item_received() -> None:
 
 
 def test_a_sequence_resumes_through_prefetch() -> None:
-    with prefetch(Numbered(length=6), device=None, epochs=2, shuffle=True, seed=1) as batches:
+    run = prefetch(Numbered(length=6), device=None, epochs=2, shuffle=True, seed=1)
+    with run as batches:
         first = [int(next(batches)[1]["index"]) for _ in range(4)]
-        state = batches.state_dict()
+        state = run.state_dict()
     assert (state["epoch"], state["position"]) == (0, 4)
     options = {"device": None, "epochs": 2, "shuffle": True, "seed": 1, "state": state}
     with prefetch(Numbered(length=6), **options) as batches:

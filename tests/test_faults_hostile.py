@@ -6,6 +6,7 @@ or hang across an interpreter is run in a subprocess under a kill timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -656,20 +657,22 @@ def test_a_stopped_worker_process_is_a_timeout_naming_it() -> None:
     enqueuer = OrderedEnqueuer(Numbered(length=50), use_multiprocessing=True, shard=None, timeout=2)
     enqueuer.start(workers=1, max_queue_size=1)
     (process,) = enqueuer._run.processes.processes
+    pid = process.pid  # (the timeout kills and closes the process object: keep its pid)
     try:
         batches = enqueuer.get()
         next(batches)
-        os.kill(process.pid, signal.SIGSTOP)
+        os.kill(pid, signal.SIGSTOP)
         with pytest.raises(BatchTimeoutError) as info:
             for _ in range(10):  # what was queued before it stopped, then nothing
                 next(batches)
         assert re.match(
             rf"^OrderedEnqueuer\.get\(\): no batch arrived within 2 s; .*worker processes: "
-            rf"OrderedEnqueuer-process0 \(pid {process.pid}\): batch index \d+ \(epoch 0",
+            rf"OrderedEnqueuer-process0 \(pid {pid}\): batch index \d+ \(epoch 0",
             str(info.value),
         ), info.value
     finally:
-        os.kill(process.pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # killed at the timeout, reaped since
+            os.kill(pid, signal.SIGCONT)
         enqueuer.stop(timeout=10)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..errors import PipelineError
+from .engines import EngineBatches, reads_in_batches
 from .kinds import is_torch_dataloader
 from .order import Task
 from .tasks import GeneratorTasks
@@ -36,17 +37,26 @@ def check_iterable_source(source: Any, *, epochs: int | None, use_multiprocessin
     check, ``host.pickling.check_picklable``).
 
     Returns:
-        ``source`` itself for one pass (``epochs`` None or 1), else ``Epochs``.
+        ``source`` itself for one pass (``epochs`` None or 1), else ``Epochs``;
+        a source read by its own ``iter_batches`` (Ray) as ``EngineBatches``.
 
     Raises:
         TypeError: If ``source`` is not iterable (or, with processes, a
             generator function).
         ValueError: If ``epochs`` is not None or a positive int, or asks a
             one-shot iterator (a generator) for more than one pass.
-        PipelineError: If ``source`` is a torch ``DataLoader`` and
-            ``use_multiprocessing`` is set: the loader already reads in its
-            own processes (``num_workers``).
+        PipelineError: If ``source`` is a torch ``DataLoader`` or a Ray dataset
+            and ``use_multiprocessing`` is set: they read in processes of
+            their own (``num_workers``, Ray's workers).
     """
+    if reads_in_batches(source):
+        if use_multiprocessing:
+            raise PipelineError(
+                f"use_multiprocessing=True cannot take a {type(source).__name__}: it reads in "
+                "Ray's own workers; pass it with use_multiprocessing=False, and gpuqueue pins, "
+                "copies and overlaps its batches"
+            )
+        source = EngineBatches(source)
     iterable = hasattr(source, "__iter__") or hasattr(source, "__next__")
     if not iterable and not (use_multiprocessing and callable(source)):
         raise TypeError(f"GeneratorEnqueuer needs an iterable, got {type(source).__name__}")

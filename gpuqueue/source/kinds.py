@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .engines import reads_in_batches
+
 __all__ = [
     "check_sequence",
     "is_sequence",
@@ -49,9 +51,10 @@ def reads_by_index(source: Any) -> bool:
     """True for a Sequence-like source (``__getitem__`` and ``__len__``), read by index.
 
     A torch ``IterableDataset`` inherits a ``__getitem__`` it cannot serve,
-    so it counts as an iterable, as do DataLoaders and generators.
+    so it counts as an iterable, as do DataLoaders, generators and engines
+    read through ``iter_batches`` (Ray).
     """
-    if is_torch_class(source, "IterableDataset"):
+    if is_torch_class(source, "IterableDataset") or reads_in_batches(source):
         return False
     return hasattr(source, "__getitem__") and hasattr(source, "__len__")
 

@@ -20,8 +20,10 @@ never split again.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +34,14 @@ from .kinds import split_per_rank
 __all__ = [
     "RANK_VARIABLES",
     "Shard",
+    "announce_shard",
     "batches_per_rank",
     "check_iterable_shard",
     "describe_shard",
     "resolve_shard",
 ]
+
+logger = logging.getLogger("gpuqueue.enqueuers")  # (where this line was logged before)
 
 # (rank, world size) variable pairs, in the order they are tried.
 RANK_VARIABLES = (
@@ -183,6 +188,30 @@ def describe_shard(name: str, shard: Shard, length: int, drop_last: bool) -> str
     elif spare < 0:
         line += f", last {-spare} of the epoch's order dropped (drop_last=True)"
     return line
+
+
+def announce_shard(name: str, shard: Shard, length: int, drop_last: bool) -> None:
+    """Says which part of each epoch this rank reads: a warning where gpuqueue chose to shard.
+
+    Sharding a source that is split per rank already (a map-style dataset
+    after ``split_dataset_by_node``, a Sequence that reads only its rank's
+    files) leaves each rank a fraction of its part, silently; so when
+    ``shard="auto"`` finds several ranks, the decision is a ``UserWarning``
+    (shown once per place by Python's default filter) that says how to
+    choose. Anything else (one rank, ``shard=None``, an explicit
+    ``shard=(rank, world_size)``) is logged at INFO.
+    """
+    line = describe_shard(name, shard, length, drop_last)
+    if shard.world_size > 1 and shard.source != "explicit":
+        warnings.warn(
+            f"{line}. If the source is split per rank already (datasets' "
+            "split_dataset_by_node, a sampler or file list of your own), pass shard=None; "
+            "pass shard=(rank, world_size) to choose explicitly",
+            UserWarning,
+            stacklevel=5,
+        )
+    else:
+        logger.info(line)
 
 
 def check_iterable_shard(source: Any, shard: tuple[int, int] | str | None) -> Shard:

@@ -1,0 +1,64 @@
+"""Ray Data as users run it: a Dataset, and the splits Ray Train hands each worker."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gpuqueue import PipelineError, prefetch
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_a_ray_dataset_is_read_through_iter_batches_epoch_after_epoch() -> None:
+    dataset = ray.data.range(600)
+    with prefetch(dataset, device=None, epochs=2) as batches:
+        read = [batch["id"] for batch in batches]
+    assert all(isinstance(ids, np.ndarray) for ids in read)
+    assert [len(ids) for ids in read] == [256, 256, 88, 256, 256, 88]  # Ray's default size
+    for epoch in range(2):
+        assert sorted(np.concatenate(read[epoch * 3 : epoch * 3 + 3]).tolist()) == list(range(600))
+
+
+@pytest.mark.timeout(120)
+def test_the_splits_of_streaming_split_each_read_their_share() -> None:
+    splits = ray.data.range(400).streaming_split(2, equal=True)
+    read: list[list[int]] = [[], []]
+
+    def consume(rank: int) -> None:
+        with prefetch(splits[rank], device="cpu") as batches:
+            for batch in batches:
+                read[rank] += np.asarray(batch["id"]).tolist()
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(100)
+    assert not any(thread.is_alive() for thread in threads)
+    assert len(read[0]) == len(read[1]) == 200  # equal=True: as many on each
+    assert sorted(read[0] + read[1]) == list(range(400))  # each row once, across the splits
+
+
+def test_a_ray_dataset_with_processes_is_a_clear_error() -> None:
+    dataset: Any = ray.data.range(4)
+    with (
+        pytest.raises(PipelineError, match=r"^use_multiprocessing=True cannot take a Dataset"),
+        prefetch(dataset, device=None, use_multiprocessing=True),
+    ):
+        pass
