@@ -257,3 +257,86 @@ def test_torchrun_three_uneven_ranks_stop_at_the_same_step(tmp_path: Any) -> Non
     # step where rank 2 has no 7th batch (ranks 0 and 1 drop their 7th).
     assert [record["trained"] for record in records] == [12, 12, 12]
     assert [record["read_all"] for record in records] == [7, 7, 6]
+
+
+WEBDATASET_SCRIPT = '''
+"""One rank of three: WebDataset split by node (20 shards: 7, 7, 6), DDP steps, 2 epochs."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from torch.nn.parallel import DistributedDataParallel
+
+import gpuqueue
+
+DATA, OUT = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = DistributedDataParallel(torch.nn.Linear(2, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+urls = [f"{DATA}/shard-{shard:02d}.tar" for shard in range(20)]
+dataset = (
+    wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)
+    .decode()
+    .to_tuple("x.npy", "y.cls")
+    .batched(2)  # 2 samples a shard: one batch per shard
+)
+seen = []
+with gpuqueue.prefetch(dataset, device="cpu", output="torch", epochs=2) as batches:
+    for x, y in batches:
+        loss = torch.nn.functional.mse_loss(model(x), y.float()[:, None])
+        loss.backward()  # DDP's all-reduce
+        optimizer.step()
+        optimizer.zero_grad()
+        seen.append(y.tolist())
+with open(f"{OUT}/rank{rank}.json", "w") as out:
+    json.dump({"seen": seen}, out)
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+'''
+
+
+@pytest.mark.timeout(180)
+def test_torchrun_webdataset_split_by_node_unevenly_trains_to_the_end(tmp_path: Any) -> None:
+    pytest.importorskip("torch.distributed.run")
+    wds = pytest.importorskip("webdataset")
+    import json
+
+    from tests.test_distributed import run_torchrun
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for shard in range(20):
+        with wds.TarWriter(str(data / f"shard-{shard:02d}.tar")) as sink:
+            for sample in range(2):
+                label = shard * 2 + sample
+                sink.write(
+                    {
+                        "__key__": f"{label:04d}",
+                        "x.npy": np.full(2, label, np.float32),
+                        "y.cls": label,
+                    }
+                )
+    agent = ["--nproc-per-node", "3", "--standalone"]
+    run_torchrun(
+        tmp_path,
+        [agent],
+        [str(data), str(tmp_path)],
+        script_text=WEBDATASET_SCRIPT,
+        timeout_s=150,
+    )
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text())["seen"] for r in range(3)]
+    assert [len(batches) for batches in seen] == [12, 12, 12]  # 6 steps an epoch, everywhere
+    for epoch in range(2):
+        labels = sorted(
+            label for rank in seen for batch in rank[epoch * 6 : epoch * 6 + 6] for label in batch
+        )
+        # Each rank's first 6 shards (split_by_node deals shard s to rank s % 3), each once;
+        # ranks 0 and 1 drop their 7th (shards 18 and 19), which rank 2 has no match for.
+        assert labels == list(range(36))
