@@ -413,8 +413,14 @@ class _Runtime(types.ModuleType):
         with cuda.lock:
             stream = cuda.stream(stream_handle)
             cuda.in_context("memcpyAsync", stream.device)
+            if kind == 3:
+                self._device_to_device(dst, src, nbytes, stream)
+                return
             if kind != 1:
-                cuda.violate(f"memcpyAsync of kind {kind}, expected host to device (1)")
+                cuda.violate(
+                    f"memcpyAsync of kind {kind}, expected host to device (1) "
+                    "or device to device (3)"
+                )
             allocation = cuda.allocation(dst)
             cuda._check_device_access(allocation, stream, "a copy")
             cuda._check_ordered_after_all(allocation, stream, "a copy")
@@ -429,6 +435,33 @@ class _Runtime(types.ModuleType):
             if pinned is not None:
                 snapshot = bytes(ctypes.string_at(src, nbytes))
                 pinned.reads.append(_PendingRead(*tick, src - pinned.address, nbytes, snapshot))
+
+    def _device_to_device(self, dst: int, src: int, nbytes: int, stream: _Stream) -> None:
+        """A copy between allocations: it reads ``src`` after what wrote it, and writes
+        ``dst`` after every earlier use of it, in ``stream``'s order (lock held)."""
+        cuda = self._cuda
+        source, target = cuda.allocation(src), cuda.allocation(dst)
+        what = "a device-to-device copy"
+        cuda._check_device_access(source, stream, what)
+        for other, tick, earlier in source.accesses:
+            ordered = other == stream.handle or cuda.done(stream, (other, tick))
+            if earlier in _WRITES and not ordered:
+                cuda.violate(
+                    f"{what} on stream {stream.handle:#x} reads memory before the "
+                    f"{earlier} on stream {other:#x} that wrote it"
+                )
+        if src + nbytes > source.ptr + source.nbytes or dst + nbytes > target.ptr + target.nbytes:
+            cuda.violate(f"{what} of {nbytes} bytes runs past the end of an allocation")
+        cuda._check_device_access(target, stream, what)
+        cuda._check_ordered_after_all(target, stream, what)
+        tick = cuda.tick(stream)
+        ctypes.memmove(
+            ctypes.addressof(target.storage) + dst - target.ptr,
+            ctypes.addressof(source.storage) + src - source.ptr,
+            nbytes,
+        )
+        source.accesses.append((*tick, "copy read"))
+        target.accesses.append((*tick, "copy"))
 
     def streamCreateWithFlags(self, flags: int) -> int:
         cuda = self._cuda

@@ -195,3 +195,23 @@ class Gated(gpuqueue.Sequence):
                 raise TimeoutError(f"read {index} was never let go")
             self._permits -= not self._open
         return np.full(self.shape, index, self.dtype), index
+
+
+class LabelledImages(gpuqueue.Sequence):
+    """Batch i is ``(image, label)``: a 128 KiB uint8 image and a 256-byte int64 label.
+
+    The label is the batch's small leaf: holding it must not hold the image.
+    """
+
+    IMAGE_BYTES = 128 * 1024
+    LABEL_BYTES = 256
+
+    def __init__(self, length: int = 50) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        image = np.full(self.IMAGE_BYTES, index % 251, np.uint8)
+        return image, np.full(self.LABEL_BYTES // 8, index, np.int64)

@@ -87,6 +87,10 @@ class Backend(Protocol):
     def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
         """Copies ``nbytes`` from host ``src`` to arena ``dst``, asynchronously on ``stream``."""
 
+    def copy_on_device(self, dst: Any, src: Any, offset: int, nbytes: int, stream: Any) -> None:
+        """Copies ``nbytes`` from arena ``src`` at ``offset`` to the start of arena ``dst``,
+        asynchronously on ``stream`` (device to device: a batch's small leaves)."""
+
     def transform_scope(
         self, stream: Any, allocate: Callable[[int], tuple[Any, object]]
     ) -> AbstractContextManager[None]:

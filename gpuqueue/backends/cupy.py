@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 _HOST_TO_DEVICE = 1  # cudaMemcpyHostToDevice
+_DEVICE_TO_DEVICE = 3  # cudaMemcpyDeviceToDevice
 _HOST_ALLOC_PORTABLE = 1  # cudaHostAllocPortable: pinned for every context
 _HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
 _EVENT_BLOCKING_SYNC = 1  # cudaEventBlockingSync
@@ -324,6 +325,13 @@ class CupyBackend:
     def copy_to_device(self, dst: Arena, src: np.ndarray, nbytes: int, stream: Stream) -> None:
         with _on_device(self._index):
             _runtime.memcpyAsync(dst.ptr, _address(src), nbytes, _HOST_TO_DEVICE, stream.handle)
+
+    def copy_on_device(
+        self, dst: Arena, src: Arena, offset: int, nbytes: int, stream: Stream
+    ) -> None:
+        with _on_device(self._index):
+            source = src.ptr + offset
+            _runtime.memcpyAsync(dst.ptr, source, nbytes, _DEVICE_TO_DEVICE, stream.handle)
 
     @contextlib.contextmanager
     def transform_scope(

@@ -122,6 +122,9 @@ class NumpyBackend:
     def copy_to_device(self, dst: Any, src: np.ndarray, nbytes: int, stream: Any) -> None:
         np.copyto(dst[:nbytes], src[:nbytes])
 
+    def copy_on_device(self, dst: Any, src: Any, offset: int, nbytes: int, stream: Any) -> None:
+        np.copyto(dst[:nbytes], src[offset : offset + nbytes])
+
     def transform_scope(
         self, stream: Any, allocate: Callable[[int], tuple[Any, object]]
     ) -> AbstractContextManager[None]:

@@ -236,6 +236,22 @@ class SimulatedBackend(NumpyBackend):
 
         stream.issue(copy)
 
+    def copy_on_device(
+        self, dst: Any, src: Any, offset: int, nbytes: int, stream: SimStream
+    ) -> None:
+        target, source = weakref.ref(dst), weakref.ref(src)  # by address, as a GPU holds them
+        addresses = (dst.ctypes.data, src.ctypes.data)
+
+        def copy() -> None:
+            into, out_of = target(), source()
+            with self._cond:
+                freed = [a for a in addresses if a in self._freed_device]
+            if into is None or out_of is None or freed:
+                raise RuntimeError("a device-to-device copy's memory was freed while queued")
+            np.copyto(into[:nbytes], out_of[offset : offset + nbytes])
+
+        stream.issue(copy)
+
     def _wait_gate(self, gate: threading.Event) -> None:
         # The gate is the test's; closing the backend must still end the wait.
         with self._cond:

@@ -23,11 +23,14 @@ from .tree import LeafMeta, TreeDef, rebuild
 __all__ = [
     "ALIGNMENT",
     "GROWTH",
+    "SMALL_LEAF_BYTES",
     "Staged",
     "arena_view",
     "device_ready",
     "layout",
+    "leaf_nbytes",
     "pack",
+    "small_leaves",
     "unpack",
 ]
 
@@ -38,6 +41,13 @@ ALIGNMENT = 256
 # A slot or arena that must grow takes this margin over the largest batch, so slowly
 # growing batches settle (pinned slots, shared-memory slots, device arenas alike).
 GROWTH = 1.25
+
+# A leaf of at most this many bytes (a label, a weight, an id), unless it is the
+# batch's largest, is copied out of its batch's arena into memory of its own before
+# delivery: a held label then holds its own bytes, not the batch's images. Larger
+# leaves, and the largest, stay views of the arena (one copy per batch for the bulk
+# of the bytes) and hold the arena while any of them is held.
+SMALL_LEAF_BYTES = 64 * 1024
 
 # Dtype kinds a device computes with: booleans, integers, floats, complex numbers.
 _DEVICE_KINDS = frozenset("biufc")
@@ -69,6 +79,29 @@ def layout(leaves: Sequence[tuple[str, np.ndarray]]) -> tuple[list[LeafMeta], in
     return metas, offset
 
 
+def small_leaves(metas: Sequence[LeafMeta]) -> list[int]:
+    """The positions of the leaves to copy out of the batch's arena (see ``SMALL_LEAF_BYTES``).
+
+    Every leaf of at most ``SMALL_LEAF_BYTES`` but the batch's largest (the
+    first, of equals): that one stays, so the arena always holds the bulk of
+    the batch and a batch of one leaf copies nothing.
+    """
+    if len(metas) < 2:
+        return []
+    sizes = [leaf_nbytes(meta) for meta in metas]
+    largest = sizes.index(max(sizes))
+    return [
+        position
+        for position, size in enumerate(sizes)
+        if size <= SMALL_LEAF_BYTES and position != largest
+    ]
+
+
+def leaf_nbytes(meta: LeafMeta) -> int:
+    """The bytes of one leaf's data."""
+    return meta.dtype.itemsize * math.prod(meta.shape)
+
+
 def pack(leaves: Sequence[tuple[str, np.ndarray]], metas: Sequence[LeafMeta], arena: Any) -> None:
     """Copies each leaf into ``arena`` (a writable byte buffer) at its offset.
 
@@ -85,10 +118,14 @@ def _view(arena: Any, meta: LeafMeta) -> np.ndarray:
     return flat.reshape(meta.shape)
 
 
-def arena_view(arena: Any, meta: LeafMeta) -> Any:
-    """An array of ``meta``'s dtype and shape over a uint8 array ``arena`` (NumPy or CuPy)."""
-    end = meta.offset + math.prod(meta.shape) * meta.dtype.itemsize
-    return arena[meta.offset : end].view(meta.dtype).reshape(meta.shape)
+def arena_view(arena: Any, meta: LeafMeta, offset: int | None = None) -> Any:
+    """An array of ``meta``'s dtype and shape over a uint8 array ``arena`` (NumPy or CuPy).
+
+    At ``meta.offset``, or at ``offset`` (0 for a leaf copied out into memory of its own).
+    """
+    start = meta.offset if offset is None else offset
+    end = start + math.prod(meta.shape) * meta.dtype.itemsize
+    return arena[start:end].view(meta.dtype).reshape(meta.shape)
 
 
 def device_ready(metas: list[LeafMeta], arena: np.ndarray, where: str) -> list[LeafMeta]:

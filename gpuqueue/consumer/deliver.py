@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 from ..backends.base import Backend
 from ..backends.numpy import owned_view
-from ..batch.layout import unpack
-from ..batch.tree import as_source, map_arrays
+from ..batch.layout import Staged, arena_view, small_leaves
+from ..batch.tree import as_source, map_arrays, rebuild
 from ..device.arenas import DeviceArenas
 from ..device.autodepth import DepthTuner
 from ..device.copy import Copy, copy_one
@@ -294,16 +294,7 @@ def _deliver(run: RunState, item: Item) -> Any:
     if run.arenas is None:
         if staged is None:
             return item.batch
-        # From a worker process: the batch is the shared-memory slot itself,
-        # lent to the consumer (no copy: the worker's write into the slot was
-        # the one). Every view keeps the lease; the slot goes back to the pool
-        # when the last one dies, so the batch stays true as long as it is held.
-        lease = staged.hand_over()
-        arena = owned_view(staged.buffer, staged.nbytes, lease)
-        batch = unpack(staged.treedef, staged.metas, arena)
-        del lease, arena
-        # The leaf types the source gave, as with threads (a tensor stays a tensor).
-        return map_arrays(staged.treedef, staged.metas, batch, as_source)
+        return _lent(staged)
     backend, config = run.backend, run.config
     assert backend is not None
     stream = consumer_stream(backend, config.output, config.stream)
@@ -317,3 +308,23 @@ def _deliver(run: RunState, item: Item) -> Any:
         assert copied.kinds is not None
         return transformed_output(config.output, backend, batch, copied.kinds, stream)
     return to_output(config.output, backend, batch, copied.treedef, copied.metas)
+
+
+def _lent(staged: Staged) -> Any:
+    """A batch from a worker process, without a device: its shared-memory slot, lent.
+
+    No copy of the large leaves (the worker's write into the slot was the
+    one): every view of the slot keeps the lease, and the slot goes back to
+    the pool when the last one dies, so the batch stays true as long as it
+    is held. Small leaves (``batch.layout.small_leaves``) are copied out, so a
+    held label holds its own bytes, not the slot.
+    """
+    lease = staged.hand_over()
+    arena = owned_view(staged.buffer, staged.nbytes, lease)
+    views = [arena_view(arena, meta) for meta in staged.metas]
+    for position in small_leaves(staged.metas):
+        views[position] = views[position].copy()
+    del lease, arena
+    batch = rebuild(staged.treedef, views)
+    # The leaf types the source gave, as with threads (a tensor stays a tensor).
+    return map_arrays(staged.treedef, staged.metas, batch, as_source)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..backends.base import Backend
-from ..batch.layout import GROWTH, Staged, arena_view
+from ..batch.layout import GROWTH, Staged, arena_view, leaf_nbytes, small_leaves
 from ..batch.tree import LeafMeta, TreeDef, flatten, rebuild
 from ..errors import CancelledError
 
@@ -62,6 +62,9 @@ class Copied:
     kinds: list[str | None] | None = None  # per leaf of batch: the input leaf's kind if kept
     owner: _Owner | None = None
     error: Exception | None = None  # the transform raised it; nothing is left to deliver
+    # Small leaves copied out of the arena (``batch.layout.small_leaves``): by position,
+    # their memory and the lease whose death frees it. Until delivery only.
+    small: dict[int, tuple[Any, _Lease]] | None = None
 
 
 class _Owner:
@@ -179,8 +182,10 @@ class DeviceArenas:
                 self.device_bytes += capacity
         elif arena.released_once:
             backend.wait_event(stream, arena.released)
+        copied = Copied(arena, None, staged.treedef, staged.metas, staged.nbytes)
+        copied.owner = _Owner(stream)  # the copy stream's until the batch is delivered
         try:
-            ready = backend.create_event()
+            copied.ready = ready = backend.create_event()
             timed = not adopt and self._copies % _TIMING_EVERY == 0
             if timed:
                 start, end = backend.create_event(timing=True), backend.create_event(timing=True)
@@ -190,12 +195,13 @@ class DeviceArenas:
             if timed:
                 backend.record(end, stream)
                 self._timings.append((start, end, staged.nbytes))
+            self._copy_out(copied, stream)
             if self._transform is None:
                 backend.record(ready, stream)
         except BaseException:
+            copied.small = None  # their memory goes back in the copy stream's order
             self._retire(arena, stream)  # in stream order after whatever was issued
             raise
-        copied = Copied(arena, ready, staged.treedef, staged.metas, staged.nbytes)
         if self._transform is not None:
             self._transformed(copied, stream)
             try:
@@ -210,6 +216,52 @@ class DeviceArenas:
         self._read_timings()
         return copied
 
+    def _copy_out(self, copied: Copied, stream: Any) -> None:
+        """Copies the batch's small leaves out of its arena, each into memory of its own.
+
+        A held label then holds its own bytes, not the arena with the batch's
+        images (``batch.layout.SMALL_LEAF_BYTES``). The copies are device-to-device,
+        on ``stream`` after the batch's one host-to-device copy and before
+        "ready"; the memory is owned as a transform's is (``alloc_owned``):
+        freed in its last user's stream order once its last view dies.
+        """
+        positions = small_leaves(copied.metas)
+        copy_on_device = getattr(self.backend, "copy_on_device", None)
+        if not positions or copy_on_device is None:  # (a backend of the user's may lack it)
+            return
+        owner = copied.owner
+        assert owner is not None
+        copied.small = small = {}
+        for position in positions:
+            meta = copied.metas[position]
+            nbytes = leaf_nbytes(meta)
+            memory, lease = self.alloc_owned(nbytes, owner)
+            small[position] = (memory, lease)
+            if nbytes:
+                copy_on_device(memory, copied.arena.memory, meta.offset, nbytes, stream)
+
+    def _views(self, copied: Copied, owner: _Owner) -> list[Any]:
+        """The batch's leaves as device arrays: views of its arena, or of their own memory.
+
+        The arena's views keep one lease of the arena alive; each small
+        leaf's keeps its own memory's lease (and nothing else).
+        """
+        backend, small = self.backend, copied.small or {}
+        copied.small = None  # from now on the views hold the leases, and only they
+        lease = self._lease(copied, owner)
+        whole = backend.device_view(copied.arena.memory, copied.nbytes, lease)
+        del lease
+        views = []
+        for position, meta in enumerate(copied.metas):
+            own = small.pop(position, None)
+            if own is None:
+                views.append(arena_view(whole, meta))
+            else:
+                memory = backend.device_view(own[0], leaf_nbytes(meta), own[1])
+                views.append(arena_view(memory, meta, offset=0))
+                del own, memory
+        return views
+
     def _transformed(self, copied: Copied, stream: Any) -> None:
         """Runs the transform on the copied batch, on ``stream``; an error goes in ``copied``.
 
@@ -217,7 +269,8 @@ class DeviceArenas:
         and with them its arena, alive for as long as the error is kept.
         """
         copied.transformed = True
-        copied.owner = owner = _Owner(stream)
+        owner = copied.owner
+        assert owner is not None
         started = time.perf_counter()
         try:
             copied.batch, copied.kinds = self._apply(copied, owner, stream)
@@ -232,9 +285,7 @@ class DeviceArenas:
     def _apply(self, copied: Copied, owner: _Owner, stream: Any) -> tuple[Any, list[str | None]]:
         assert self._transform is not None
         backend = self.backend
-        whole = backend.device_view(copied.arena.memory, copied.nbytes, self._lease(copied, owner))
-        views = [arena_view(whole, meta) for meta in copied.metas]
-        del whole
+        views = self._views(copied, owner)
         with backend.transform_scope(stream, lambda nbytes: self.alloc_owned(nbytes, owner)):
             batch = self._transform(rebuild(copied.treedef, views))
         # A leaf handed back as it came keeps its kind (a bfloat16 tensor's bits, say).
@@ -339,15 +390,16 @@ class DeviceArenas:
         except BaseException:
             self.discard(copied)
             raise
+        owner = copied.owner
+        assert owner is not None
         if copied.transformed:
-            assert copied.owner is not None
             batch, copied.batch = copied.batch, None
             # Held here, so nothing of it can die before its owner learns the stream.
-            copied.owner.stream = consumer_stream
+            owner.stream = consumer_stream
             return batch
-        lease = self._lease(copied, _Owner(consumer_stream))
-        whole = self.backend.device_view(copied.arena.memory, copied.nbytes, lease)
-        return rebuild(copied.treedef, [arena_view(whole, meta) for meta in copied.metas])
+        # Before the views exist: a leaf dropped at once is freed in the consumer's order.
+        owner.stream = consumer_stream
+        return rebuild(copied.treedef, self._views(copied, owner))
 
     def _give_back(self, arena: DeviceArena, owner: _Owner) -> None:
         """The last view of a batch died: its arena is reusable after its last user's work."""
@@ -372,6 +424,7 @@ class DeviceArenas:
 
     def discard(self, copied: Copied) -> None:
         """An undelivered batch (dropped on stop): its arena is freed once its copy is done."""
+        copied.small = None  # (their leases free them in the copy stream's order)
         if copied.transformed:
             copied.batch = None  # its leases give everything back in the copy stream's order
             return
