@@ -215,3 +215,54 @@ class LabelledImages(gpuqueue.Sequence):
     def __getitem__(self, index: int) -> Any:
         image = np.full(self.IMAGE_BYTES, index % 251, np.uint8)
         return image, np.full(self.LABEL_BYTES // 8, index, np.int64)
+
+
+class TokenLists(gpuqueue.Sequence):
+    """Lists as collates make them: ragged token ids, a list that is sometimes empty, and a
+    list of mixed Python numbers (which ``np.asarray`` would turn into floats)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> Any:
+        return {
+            "x": np.full((2, 3), index, np.float32),
+            "tokens": [[101, 7, index, 102], [101, index, 102]][: 1 + index % 2],
+            "hard_negatives": [] if index % 2 == 0 else [index, index + 5],
+            "flags": [True, index, 3.5],
+        }
+
+
+class NegativesSometimesEmpty(gpuqueue.Sequence):
+    """``[i, i + 5]`` in even batches, ``[]`` in odd ones (or the other way round)."""
+
+    def __init__(self, empty_first: bool = False) -> None:
+        self.empty_first = empty_first
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> Any:
+        negatives = [index, index + 5] if (index % 2 == 0) != self.empty_first else []
+        return np.full((2, 3), index, np.float32), {"hard_negatives": negatives}
+
+
+class DetectionBatches(gpuqueue.Sequence):
+    """torchvision's detection collate, ``tuple(zip(*samples))``: 10 samples in batches of
+    4, so the last batch has 2 (its tuples are shorter)."""
+
+    SAMPLES, BATCH = 10, 4
+
+    def __len__(self) -> int:
+        return -(-self.SAMPLES // self.BATCH)
+
+    def __getitem__(self, index: int) -> Any:
+        first = index * self.BATCH
+        samples = [
+            (
+                np.full((3, 4), i, np.float32),
+                {"boxes": np.full((1, 4), i, np.float32), "labels": np.array([i], np.int64)},
+            )
+            for i in range(first, min(first + self.BATCH, self.SAMPLES))
+        ]
+        return tuple(zip(*samples, strict=True))

@@ -88,9 +88,9 @@ def test_the_general_walk_runs_for_the_first_batch_only(
     walks = []
     real = host.describe
 
-    def counting(batch: Any) -> Any:
+    def counting(batch: Any, packed: bool = True) -> Any:
         walks.append(batch)
-        return real(batch)
+        return real(batch, packed)
 
     monkeypatch.setattr(host, "describe", counting)
     enqueuer = start(running, OrderedEnqueuer(Tiny(), device=device, shard=None), workers=1)
@@ -236,7 +236,9 @@ def test_torch_tensors_take_the_plan_and_come_back_as_tensors(
 
     walks = []
     real = host.describe
-    monkeypatch.setattr(host, "describe", lambda batch: walks.append(1) or real(batch))
+    monkeypatch.setattr(
+        host, "describe", lambda batch, packed=True: walks.append(1) or real(batch, packed)
+    )
     with gpuqueue.prefetch(
         TorchImages(length=7), device="cpu", prefetch_depth="auto", output="torch", shard=None
     ) as batches:

@@ -96,9 +96,18 @@ def test_a_structure_change_names_the_index_and_the_field(use_multiprocessing: b
 
 
 def test_a_list_length_change_names_the_field() -> None:
-    first, _ = describe((np.zeros(2), [np.zeros(1), np.zeros(1)]))
+    """A list of unlike items, or the batch itself, keeps its length; a list of alike
+    items (a batch of samples, ``tuple(zip(*samples))``) may change it (issue 26)."""
+    first, _ = describe((np.zeros(2), [np.zeros(1), {"y": np.zeros(1)}]))
     later, _ = describe((np.zeros(2), [np.zeros(1)]))
     assert first.first_difference(later) == "field [1] has 1 items, expected 2"
+    assert not first.same_structure(later)
+    top, _ = describe((np.zeros(1), np.zeros(1)))
+    assert top.first_difference(describe((np.zeros(1),))[0]) == (
+        "field <batch> has 1 items, expected 2"
+    )
+    samples, _ = describe((np.zeros(2), [np.zeros(1), np.zeros(1)]))
+    assert samples.first_difference(later) is None and samples.same_structure(later)
     none_first, _ = describe((np.zeros(2), None))
     assert none_first.first_difference(first) == (
         "field [1] is a list, expected a NoneType (passed through)"

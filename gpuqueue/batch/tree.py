@@ -64,12 +64,16 @@ class TreeDef:
     node_type: type | None = None
     value: Any = field(default=None, compare=False)
 
-    def same_structure(self, other: TreeDef) -> bool:
-        """True if ``other`` has the same nesting; a dict's keys may come in another order."""
-        if self.kind != other.kind or len(self.children) != len(other.children):
+    def same_structure(self, other: TreeDef, top: bool = True) -> bool:
+        """True if ``other`` has the same nesting; a dict's keys may come in another order.
+
+        A list or tuple inside the batch whose items are all alike (a batch of
+        samples, as ``tuple(zip(*samples))`` makes) may have another length.
+        """
+        if self.kind != other.kind or self.node_type is not other.node_type:
             return False
-        if self.node_type is not other.node_type:
-            return False
+        if len(self.children) != len(other.children):
+            return not top and self._alike(other)
         if self.kind == "dict":
             if set(self.keys) != set(other.keys):
                 return False
@@ -78,12 +82,31 @@ class TreeDef:
             pairs = [(child, by_key[key]) for key, child in mine]
         else:
             pairs = list(zip(self.children, other.children, strict=True))
-        return all(a.same_structure(b) for a, b in pairs)
+        return all(a.same_structure(b, top=False) for a, b in pairs)
 
-    def first_difference(self, other: TreeDef, path: str = "") -> str | None:
-        """A sentence naming the first field where ``other`` differs from this one, or None."""
+    def _alike(self, other: TreeDef) -> bool:
+        """Whether this plain list or tuple and ``other`` hold items all of one structure."""
+        if self.kind not in ("list", "tuple") or self.node_type is not None:
+            return False
+        items = [*self.children, *other.children]
+        return all(items[0].same_structure(item, top=False) for item in items[1:])
+
+    def first_difference(
+        self,
+        other: TreeDef,
+        path: str = "",
+        kinds: tuple[dict[str, str], dict[str, str]] = ({}, {}),
+    ) -> str | None:
+        """A sentence naming the first field where ``other`` differs from this one, or None.
+
+        ``kinds`` holds what each array leaf was (``LeafMeta.kind``), by path,
+        in this batch and in ``other``: it names a list of numbers as such.
+        """
         where = path or "<batch>"
         if self.kind != other.kind or self.node_type is not other.node_type:
+            empty_list = _empty_list_for_numbers(self, other, where, kinds)
+            if empty_list is not None:
+                return empty_list
             return f"field {where} is {_kind_name(other)}, expected {_kind_name(self)}"
         if self.kind == "dict" and set(self.keys) != set(other.keys):
             return (
@@ -91,6 +114,8 @@ class TreeDef:
                 f"expected {sorted(map(repr, self.keys))}"
             )
         if len(self.children) != len(other.children):
+            if path and self._alike(other):
+                return None
             return f"field {where} has {len(other.children)} items, expected {len(self.children)}"
         if self.kind == "dict":
             mine = dict(zip(self.keys, self.children, strict=True))
@@ -104,10 +129,38 @@ class TreeDef:
                 for i, (a, b) in enumerate(zip(self.children, other.children, strict=True))
             ]
         for child_path, a, b in pairs:
-            found: str | None = a.first_difference(b, child_path)
+            found: str | None = a.first_difference(b, child_path, kinds)
             if found is not None:
                 return found
         return None
+
+
+def _empty_list_for_numbers(
+    first: TreeDef, other: TreeDef, where: str, kinds: tuple[dict[str, str], dict[str, str]]
+) -> str | None:
+    """The message for a list of numbers in one batch that is empty in the other, or None.
+
+    On a device a list of numbers is one array, whose dtype an empty list cannot
+    give; without one, lists pass through and may change.
+    """
+    numbers = ("list", "tuple")
+    if first.kind == "leaf" and kinds[0].get(where) in numbers and not other.children:
+        if other.kind in numbers:
+            seen = "is an empty list, where the first batch had a list of numbers"
+        else:
+            return None
+    elif other.kind == "leaf" and kinds[1].get(where) in numbers and not first.children:
+        if first.kind in numbers:
+            seen = "is a list of numbers, where the first batch had an empty list"
+        else:
+            return None
+    else:
+        return None
+    return (
+        f"field {where} {seen}: on a device a list of numbers is one array, and an empty "
+        "list gives it no dtype; keep such a list non-empty (pad it), or use device=None to "
+        "pass lists through as they are"
+    )
 
 
 def _kind_name(treedef: TreeDef) -> str:
@@ -209,24 +262,32 @@ def tensor_array(path: str, tensor: Any) -> tuple[np.ndarray, str]:
         ) from None
 
 
-def _describe(node: Any, path: str, leaves: Leaves, top: bool) -> TreeDef:
+def _describe(node: Any, path: str, leaves: Leaves, top: bool, packed: bool) -> TreeDef:
     if isinstance(node, np.ndarray):
         leaves.add(path or "<batch>", node, "array")
         return TreeDef("leaf")
     if isinstance(node, dict):
         keys = tuple(node)
-        children = tuple(_describe(node[k], f"{path}[{k!r}]", leaves, False) for k in keys)
+        children = tuple(_describe(node[k], f"{path}[{k!r}]", leaves, False, packed) for k in keys)
         return TreeDef("dict", children, keys=keys)
-    if isinstance(node, (tuple, list)) and not (
-        _is_number_list(node) and (isinstance(node, list) or not top)
-    ):
-        kind = "list" if isinstance(node, list) else "tuple"
-        node_type = type(node) if hasattr(node, "_fields") else None
-        children = tuple(_describe(v, f"{path}[{i}]", leaves, False) for i, v in enumerate(node))
-        return TreeDef(kind, children, node_type=node_type)
+    if isinstance(node, (tuple, list)):
+        # The batch itself, when a tuple, stays a tuple even of numbers: Keras's (x, y, w).
+        numbers = (isinstance(node, list) or not top) and _is_number_list(node)
+        empty = not node and not top and not hasattr(node, "_fields")
+        if not packed and (numbers or empty):
+            # Nothing packs it: a list of numbers (ragged or not), or an empty one, goes
+            # as it came, and may change from batch to batch.
+            return TreeDef("host", value=node)
+        if not numbers:
+            kind = "list" if isinstance(node, list) else "tuple"
+            node_type = type(node) if hasattr(node, "_fields") else None
+            children = tuple(
+                _describe(v, f"{path}[{i}]", leaves, False, packed) for i, v in enumerate(node)
+            )
+            return TreeDef(kind, children, node_type=node_type)
     where = path or "<batch>"
     if isinstance(node, (tuple, list)):  # numbers, coerced as Keras does
-        leaves.add(where, np.asarray(node), "list" if isinstance(node, list) else "tuple")
+        leaves.add(where, _number_array(where, node), "list" if isinstance(node, list) else "tuple")
     elif isinstance(node, _NUMBER_TYPES):
         leaves.add(where, np.asarray(node), "number")
     elif isinstance(node, np.generic) and not isinstance(node, (np.str_, np.bytes_)):
@@ -240,17 +301,31 @@ def _describe(node: Any, path: str, leaves: Leaves, top: bool) -> TreeDef:
     return TreeDef("leaf")
 
 
-def describe(batch: Any) -> tuple[TreeDef, Leaves]:
+def _number_array(where: str, numbers: list[Any] | tuple[Any, ...]) -> np.ndarray:
+    try:
+        return np.asarray(numbers)
+    except ValueError as error:  # ragged: NumPy's words name no field
+        raise BatchError(
+            f"field {where} is a list of numbers whose lists differ in length, which cannot "
+            f"be one array on a device ({error}); pad them to one length, or use device=None "
+            "to pass lists through as they are"
+        ) from None
+
+
+def describe(batch: Any, packed: bool = True) -> tuple[TreeDef, Leaves]:
     """Splits a host batch into its structure and its ``(path, array)`` leaves.
 
     Host leaves (``None``, strings, other objects) stay in the structure.
+    With ``packed`` False (no device: nothing needs one layout), a list of
+    numbers inside the batch, ragged or empty, is a host leaf too: it comes
+    back as the source made it, and may change from batch to batch.
 
     Raises:
         BatchError: If an array leaf holds Python objects, or a tensor cannot
             be viewed as NumPy (a CUDA tensor, say).
     """
     leaves = Leaves()
-    return _describe(batch, "", leaves, True), leaves
+    return _describe(batch, "", leaves, True, packed), leaves
 
 
 def _rebuild(treedef: TreeDef, leaves: Any) -> Any:
@@ -330,10 +405,13 @@ class BatchSpec:
         self.leaves = list(leaves)
         # By path, not position: a dict may list the same keys in another order.
         self._by_path = {path: (dtype, ndim) for path, dtype, ndim in self.leaves}
+        self._kinds: dict[str, str] = {}  # what each leaf was, by path (LeafMeta.kind)
 
     @classmethod
     def of(cls, treedef: TreeDef, metas: Sequence[LeafMeta]) -> BatchSpec:
-        return cls(treedef, [(m.path, m.dtype, len(m.shape)) for m in metas])
+        spec = cls(treedef, [(m.path, m.dtype, len(m.shape)) for m in metas])
+        spec._kinds = {m.path: m.kind for m in metas}
+        return spec
 
     def check(
         self, treedef: TreeDef, metas: Sequence[LeafMeta], where: str, *, dtypes: bool = True
@@ -351,15 +429,25 @@ class BatchSpec:
                 a device); with False only the structure is checked.
         """
         if not self.treedef.same_structure(treedef):
-            difference = self.treedef.first_difference(treedef) or "the structure differs"
+            kinds = (self._kinds, {m.path: m.kind for m in metas})
+            difference = self.treedef.first_difference(treedef, "", kinds)
             raise BatchError(
-                f"{where}: structure differs from the first batch: {difference} "
+                f"{where}: structure differs from the first batch: "
+                f"{difference or 'the structure differs'} "
                 f"(fields {[m.path for m in metas]}, expected {[p for p, _, _ in self.leaves]})"
             )
         if not dtypes:
             return
+        by_path = self._by_path
+        if len(metas) != len(self.leaves) or any(m.path not in by_path for m in metas):
+            # A list of alike items changed length: each item is checked against the
+            # first batch's item in its place, or its first item past the end.
+            expected = _expected_leaves(self.treedef, [(d, n) for _, d, n in self.leaves], treedef)
+            by_path = {m.path: e for m, e in zip(metas, expected, strict=True) if e is not None}
         for meta in metas:
-            dtype, ndim = self._by_path[meta.path]
+            if meta.path not in by_path:  # (the first batch's list was empty: nothing to match)
+                continue
+            dtype, ndim = by_path[meta.path]
             if meta.dtype != dtype:
                 raise BatchError(
                     f"{where}: field {meta.path} has dtype {meta.dtype}, "
@@ -370,3 +458,38 @@ class BatchSpec:
                     f"{where}: field {meta.path} has rank {len(meta.shape)} "
                     f"(shape {meta.shape}), expected rank {ndim} as in the first batch"
                 )
+
+
+def _leaf_count(treedef: TreeDef) -> int:
+    if treedef.kind == "leaf":
+        return 1
+    return sum(_leaf_count(child) for child in treedef.children)
+
+
+def _expected_leaves(first: TreeDef, specs: list[Any], other: TreeDef) -> list[Any]:
+    """``specs`` (the first batch's leaves, in its order) as ``other``'s leaves expect them.
+
+    ``other`` has the first batch's structure but for lists of alike items
+    of another length (``TreeDef.same_structure``): an item past the first
+    batch's end is matched with its first item; None where the first
+    batch's list was empty.
+    """
+    if other.kind == "leaf":
+        return specs[:1] if first.kind == "leaf" else [None]
+    chunks = []
+    position = 0
+    for child in first.children:
+        count = _leaf_count(child)
+        chunks.append((child, specs[position : position + count]))
+        position += count
+    if first.kind == "dict":
+        by_key = dict(zip(first.keys, chunks, strict=True))
+        pairs = [by_key[key] for key in other.keys]
+    elif chunks:
+        pairs = [chunks[i] if i < len(chunks) else chunks[0] for i in range(len(other.children))]
+    else:
+        return [None] * _leaf_count(other)
+    expected: list[Any] = []
+    for (child, part), theirs in zip(pairs, other.children, strict=True):
+        expected += _expected_leaves(child, part, theirs)
+    return expected

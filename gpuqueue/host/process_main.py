@@ -122,6 +122,7 @@ def worker_main(
     stop: multiprocessing.connection.Connection,
     payload: bytes,
     seed: int | None = None,
+    packed: bool = True,
 ) -> None:
     """The loop of a worker process: read, pack, reply, until told to stop.
 
@@ -142,7 +143,8 @@ def worker_main(
     the new segment's descriptor), or ``("error", exception)``.
 
     A parent that has gone (it was killed, or dropped the run) ends the loop
-    quietly: no broken-pipe traceback.
+    quietly: no broken-pipe traceback. ``packed`` is False without a device:
+    lists of numbers then travel as they are (``staging.describe``).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if seed is not None:
@@ -163,7 +165,7 @@ def worker_main(
                 mappings.drop(retired)
             if sent:
                 mappings.receive(conn, slot, generation, size)
-            reply = _read_one(conn, stop, sequence, broken, index, slot, mappings, iterator)
+            reply = _read_one(conn, stop, sequence, broken, index, slot, mappings, iterator, packed)
             if reply is None:
                 return
             iterator = reply[1]
@@ -183,6 +185,7 @@ def _read_one(
     slot: int,
     mappings: _Mappings,
     iterator: Any,
+    packed: bool,
 ) -> tuple[Any, Any] | None:
     """Reads one batch into ``slot``; its reply and the generator's iterator, or None to stop."""
     try:
@@ -199,7 +202,7 @@ def _read_one(
                 return ("end",), iterator
         if batch is None:
             return ("none",), iterator
-        treedef, leaves = describe(batch)
+        treedef, leaves = describe(batch, packed=packed)
         metas, nbytes = layout(leaves)
         if nbytes > len(mappings.buffer(slot)):
             _send(conn, ("grow", nbytes))

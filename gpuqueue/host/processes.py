@@ -166,7 +166,7 @@ class ProcessPool:
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=worker_main,
-                args=(child_end, self._stop_reader, payload, seed),
+                args=(child_end, self._stop_reader, payload, seed, backend is not None),
                 name=f"{name}-process{number}",
                 daemon=True,
             )

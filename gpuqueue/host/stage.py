@@ -270,7 +270,7 @@ class HostStage:
             assert plan is not None
             treedef, (leaves, metas, nbytes) = plan.treedef, split
         else:
-            treedef, leaves = describe(batch)
+            treedef, leaves = describe(batch, packed=self._device)
             metas, nbytes = layout(leaves)
             if plan is None:  # (two workers may both make one: either will do)
                 plan = self._plan = Plan.of(batch, treedef, leaves, metas, nbytes)
