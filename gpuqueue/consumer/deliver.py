@@ -14,6 +14,7 @@ device memory is reused only once the last view of it is gone
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -33,10 +34,11 @@ from ..errors import (
     BatchTimeoutError,
     CancelledError,
     OutOfRangeError,
+    QueueClosedError,
     ctrl_c_in,
     note_thread,
 )
-from ..host.stage import Counters, Item
+from ..host.stage import Counters, HostStage, Item
 from ..source.order import Task
 from ..sync.channel import FIFOQueue
 from ..sync.coordinator import DEFAULT_STOP_TIMEOUT, Coordinator
@@ -90,6 +92,8 @@ class RunState(Protocol):
     @property
     def tuner(self) -> DepthTuner | None: ...
     @property
+    def host(self) -> HostStage | None: ...
+    @property
     def arenas(self) -> DeviceArenas | None: ...
     @property
     def backend(self) -> Backend | None: ...
@@ -139,6 +143,7 @@ def _batches(
 ) -> Iterator[Any]:
     """``batches``' loop; ``delivered[0]`` counts the batches it yields (its own count)."""
     queue, parts, coord, counters = run.output_queue, run.parts, run.coord, run.counters
+    bundles = run.host is not None and run.host.bundles and queue is run.host_queue
     while True:
         if run.error is not None:
             raise run.error.with_traceback(run.error_traceback)
@@ -159,7 +164,7 @@ def _batches(
             if tuner is not None:  # prefetch_depth="auto" learns whether this get waits
                 tuner.observe(starved=queue.qsize() == 0, staged=run.host_queue.qsize() > 0)
             try:
-                item = _next_item(run, queue)
+                item = _next_item(run, queue, bundles)
             except BatchTimeoutError as error:
                 run.fail(error)
                 coord.request_stop(error)
@@ -219,12 +224,40 @@ def _batches(
         yield handed.pop()
 
 
-def _next_item(run: RunState, queue: FIFOQueue[Item]) -> Item:
+def _from_a_bundle(run: RunState, queue: FIFOQueue[Item]) -> Item | None:
+    """The next item, if the batch it holds sits in a bundle still being read.
+
+    A bundle within its budget (fast reads) comes whole: this waits for it
+    that long at most. Then a bundle holding the next batch commits what it
+    has read (``HostStage.hand_over_waited``), and the usual wait follows.
+    """
+    host = run.host
+    assert host is not None
+    # If the run is stopping, the get that follows says so.
+    with contextlib.suppress(CancelledError, QueueClosedError):
+        left = host.hand_over_waited()
+        if left is None:
+            return None
+        try:
+            return queue.get(timeout=left)  # at most a bundle's budget, once
+        except TimeoutError:
+            host.hand_over_waited()
+    return None
+
+
+def _next_item(run: RunState, queue: FIFOQueue[Item], bundles: bool) -> Item:
     """The next item, waiting at most ``timeout``, or warning once ``WARN_AFTER_S`` passed.
+
+    With ``bundles``, a batch held in a bundle still being read is taken
+    out of it first (``_from_a_bundle``).
 
     Raises:
         BatchTimeoutError: If ``timeout`` passed with no item; it names what is in flight.
     """
+    if bundles and queue.qsize() == 0:
+        early = _from_a_bundle(run, queue)
+        if early is not None:
+            return early
     timeout = run.config.timeout
     # One timed wait at the user's edge (their timeout, or the warning's): stop()
     # and close wake it as they wake every wait.

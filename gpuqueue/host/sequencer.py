@@ -43,7 +43,7 @@ class Sequencer(Generic[T]):
         self._room_waiters = 0
         self._next = 0  # the seq_no to commit next
         self._out = 0  # reserved and not yet committed
-        self._pending: dict[int, T] = {}  # submitted out of turn
+        self._pending: dict[int, tuple[T, int]] = {}  # submitted out of turn, with their spans
         self._committing = False  # a thread is in _drain
         self._closed = False
 
@@ -71,8 +71,11 @@ class Sequencer(Generic[T]):
             if self._room_waiters:
                 self._room.notify()
 
-    def submit(self, seq_no: int, item: T) -> None:
+    def submit(self, seq_no: int, item: T, span: int = 1) -> None:
         """Hands in a reserved item: commits it, and those after it, if its turn has come.
+
+        ``span`` is how many seq_nos the item covers (a bundle's tasks, from
+        ``seq_no`` on); the next item's turn comes after them.
 
         Raises:
             CancelledError: If the sequencer was closed (the item is discarded).
@@ -84,15 +87,41 @@ class Sequencer(Generic[T]):
                 # Whoever is committing, or the turn's own worker, will take it. (The
                 # next item is never left here with nobody committing: see _drain.)
                 if self._committing or seq_no != self._next:
-                    self._pending[seq_no] = item
+                    self._pending[seq_no] = (item, span)
                     return
                 self._committing = True
         if closed:
             self._discard(item)
             raise CancelledError("the pipeline is stopping")
-        self._drain(item)
+        self._drain(item, span)
 
-    def _drain(self, item: T) -> None:
+    def take_turn(self, seq_no: int, room: Callable[[], bool]) -> bool:
+        """Takes the turn to commit ``seq_no`` out of band, if it is next, nobody is
+        committing, and ``room()`` says the commit will not block.
+
+        For part of a reserved item that goes early (a bundle's finished
+        prefix); ``end_turn`` gives the turn back. The caller guarantees that
+        no item can be submitted at the seq_nos it commits, nor at the one
+        right after (they are its own).
+        """
+        with self._lock:
+            if self._closed or self._committing or seq_no != self._next or not room():
+                return False
+            self._committing = True
+            return True
+
+    @property
+    def next_seq_no(self) -> int:
+        """The seq_no to commit next (read without the lock: a hint, checked again later)."""
+        return self._next
+
+    def end_turn(self, span: int) -> None:
+        """Ends a ``take_turn``: ``span`` seq_nos were committed; the reservation stays."""
+        with self._lock:
+            self._next += span
+            self._committing = False
+
+    def _drain(self, item: T, span: int) -> None:
         """Commits ``item`` (the next), then each next one already here; one thread at a time."""
         while True:
             try:
@@ -103,7 +132,7 @@ class Sequencer(Generic[T]):
                 self._discard(item)
                 raise
             with self._lock:
-                self._next += 1
+                self._next += span
                 self._out -= 1
                 if self._room_waiters:
                     self._room.notify()
@@ -113,13 +142,14 @@ class Sequencer(Generic[T]):
                     # this sees _committing False and commits itself.
                     self._committing = False
                     return
-            item = following
+            item, span = following
 
     def close(self) -> None:
         """Discards what is left uncommitted; wakes every waiter (they raise ``CancelledError``)."""
         with self._lock:
             self._closed = True
-            dropped, self._pending = list(self._pending.values()), {}
+            dropped = [item for item, _ in self._pending.values()]
+            self._pending = {}
             self._room.notify_all()
         for item in dropped:
             self._discard(item)

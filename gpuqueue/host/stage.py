@@ -88,6 +88,24 @@ class Item:
             self.staged.release(None)
 
 
+@dataclass(eq=False)
+class _OpenBundle:
+    """A bundle being read: the tasks ``start`` to ``start + count - 1`` (their seq_nos).
+
+    ``items`` are those read so far, in order (its worker appends to it); the
+    first ``taken`` of them went to the queue early (``HostStage._hand_over``).
+    ``taken`` and ``done`` change under ``lock``.
+    """
+
+    start: int
+    count: int
+    began: float  # time.perf_counter() when its first read began
+    items: list[Item] = field(default_factory=list)
+    taken: int = 0
+    done: bool = False  # its worker submits the rest: nothing more goes early
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 @dataclass
 class Counters:
     """What ``stats()`` reports of the host stage and the consumer; change under ``lock``.
@@ -175,6 +193,8 @@ class HostStage:
         # What each worker thread is at, by thread name: a task, or _CLAIMING. Kept
         # as is and worded only for a message, off the per-batch path.
         self._reading: dict[str, Task | str] = {}
+        # Bundles being read, by id: the consumer takes a finished prefix from them.
+        self._open: dict[int, _OpenBundle] = {}
 
     def enqueue_op(self, number: int) -> Callable[[], None]:
         """Worker ``number``'s enqueue op: claim, read, then hand the item in to be committed."""
@@ -194,6 +214,9 @@ class HostStage:
                 sequencer.unreserve()
                 raise
             claim_wait_s = time.monotonic() - started
+            if len(claimed) > 1:
+                self._read_bundle(me, claimed, claim_wait_s)
+                return
             items: list[Item] = []
             began = time.perf_counter()
             batches = failed = 0
@@ -219,16 +242,124 @@ class HostStage:
                 reading.pop(me, None)
                 tasks.done_reading(len(claimed), batches + failed)
             if self._bundles:
-                per_read = (time.perf_counter() - began) / len(items)
+                per_read = time.perf_counter() - began
                 self.bundle = max(1, min(_BUNDLE_MOST, int(_BUNDLE_BUDGET_S / max(per_read, 1e-7))))
             head = items[0]
             head.claim_wait_s = claim_wait_s
-            if len(items) > 1:
-                head.bundle = items
             sequencer.submit(head.task.seq_no, head)
 
         enqueue_one.__name__ = f"worker{number}"
         return enqueue_one
+
+    def _read_bundle(self, me: str, claimed: list[Task], claim_wait_s: float) -> None:
+        """Reads a bundle of tasks and submits it as one queue item, less what went early.
+
+        Its finished prefix is handed over before the bundle is complete
+        (``_hand_over``) once the bundle has outlasted its budget: after each
+        of its reads from then on (here), and while a read is still running if
+        the consumer waits for a batch the bundle holds (``hand_over_waited``).
+        Bundles are for fast reads; a slow one must never hold a batch back,
+        nor a read that waits for the consumer to take an earlier batch hang.
+        """
+        tasks, reading, read, failed_read = (
+            self._tasks,
+            self._reading,
+            self._read,
+            self._failed_read,
+        )
+        began = time.perf_counter()
+        bundle = _OpenBundle(claimed[0].seq_no, len(claimed), began)
+        self._open[id(bundle)] = bundle
+        batches = failed = 0
+        try:
+            for task in claimed:
+                reading[me] = task
+                try:
+                    if task.failure is not None:
+                        raise task.failure
+                    item = read(task)
+                except (CancelledError, GeneratorExit):
+                    raise
+                except BaseException as error:  # SystemExit too: it belongs in its place
+                    item = failed_read(task, error)
+                bundle.items.append(item)  # (atomic: _hand_over reads it under the lock)
+                if item.error is not None:
+                    failed = 1
+                    break  # an error ends the bundle (and the run)
+                if not item.described.skipped:  # type: ignore[union-attr]
+                    batches += 1
+                if time.perf_counter() - began > _BUNDLE_BUDGET_S:
+                    # Over its budget: its reads are slow, and what they read goes now.
+                    self._hand_over(bundle)
+        finally:
+            reading.pop(me, None)
+            tasks.done_reading(len(claimed), batches + failed)
+            with bundle.lock:
+                bundle.done = True
+                rest, taken = bundle.items[bundle.taken :], bundle.taken
+            del self._open[id(bundle)]
+        per_read = (time.perf_counter() - began) / (len(bundle.items) or 1)
+        self.bundle = max(1, min(_BUNDLE_MOST, int(_BUNDLE_BUDGET_S / max(per_read, 1e-7))))
+        if not rest:  # all of it went early
+            self.sequencer.unreserve()
+            return
+        head = rest[0]
+        head.claim_wait_s = claim_wait_s
+        if len(rest) > 1:
+            head.bundle = rest
+        self.sequencer.submit(head.task.seq_no, head, span=len(claimed) - taken)
+
+    @property
+    def bundles(self) -> bool:
+        """Whether fast reads are read and queued in bundles (``hand_over_waited`` matters)."""
+        return self._bundles
+
+    def hand_over_waited(self) -> float | None:
+        """The consumer is about to wait: a bundle over its budget that holds the next batch
+        hands its finished prefix over now.
+
+        Called by the consumer when the queue is empty. What it commits fits
+        the queue (``_hand_over`` checks), so the consumer never blocks here.
+
+        Returns:
+            The seconds left of that bundle's budget if it is still within it
+            (its reads are fast, and it will come whole): the consumer may wait
+            that long, then calls again. None otherwise.
+        """
+        next_seq_no = self.sequencer.next_seq_no
+        for bundle in list(self._open.values()):
+            if bundle.start <= next_seq_no < bundle.start + bundle.count:
+                left = bundle.began + _BUNDLE_BUDGET_S - time.perf_counter()
+                if left > 0:
+                    return left
+                self._hand_over(bundle)
+        return None
+
+    def _hand_over(self, bundle: _OpenBundle) -> None:
+        """Commits a bundle's finished prefix now, if it is next in order and the queue has room.
+
+        Only while reads of the bundle are left: a complete bundle is its worker's
+        to submit, so the turn taken here ends inside the bundle, where no other
+        item can be waiting to be committed. The bundle's lock is held
+        throughout, so its worker's final submit comes after, in order.
+        """
+        with bundle.lock:
+            finished = len(bundle.items)
+            if bundle.done or finished in (bundle.taken, bundle.count):
+                return
+            host_queue = self._host_queue
+            room = lambda: host_queue.qsize() < host_queue.capacity  # noqa: E731
+            if not self.sequencer.take_turn(bundle.start + bundle.taken, room):
+                return
+            parts = bundle.items[bundle.taken : finished]
+            bundle.taken = finished
+            head = parts[0]
+            if len(parts) > 1:
+                head.bundle = parts
+            try:
+                self._commit(head)
+            finally:
+                self.sequencer.end_turn(len(parts))
 
     def _failed_read(self, task: Task, error: BaseException) -> Item:
         """The item of a read that raised: the error in the batch's place; the stream ends."""

@@ -45,7 +45,7 @@ class _TaskSource:
         raise NotImplementedError
 
     def claim_several(self, most: int) -> list[Task]:
-        """Up to ``most`` tasks in a row, under one ``seq_no``: they travel as one queue item."""
+        """Up to ``most`` tasks in a row, with consecutive seq_nos: one queue item."""
         return [self.claim()]
 
     def done_reading(self, reads: int, batches: int) -> None:
@@ -150,17 +150,16 @@ class SequenceTasks(_TaskSource):
                 start = self._position
                 count = min(most, len(self._order) - start)
                 if count > 0:
-                    seq_no, epoch, order = self._next_seq_no(), self._epoch, self._order
+                    seq_no, epoch, order = self._seq_no, self._epoch, self._order
+                    self._seq_no += count  # one each: a bundle may go to the queue in parts
                     self._position += count
                     self._reads_in_flight += count
                     if count == 1:
                         return [Task(seq_no, epoch, start, int(order[start]))]
                     # (positional: a keyword costs as much again, on every batch)
                     return [
-                        Task(seq_no, epoch, position, index)
-                        for position, index in enumerate(
-                            indices(order, start, start + count), start
-                        )
+                        Task(seq_no + offset, epoch, start + offset, index)
+                        for offset, index in enumerate(indices(order, start, start + count))
                     ]
                 if not self._epoch_end_running and (
                     self._reads_in_flight == 0 or self._may_cross_early()
