@@ -227,21 +227,29 @@ def _batches(
 def _from_a_bundle(run: RunState, queue: FIFOQueue[Item]) -> Item | None:
     """The next item, if the batch it holds sits in a bundle still being read.
 
-    A bundle within its budget (fast reads) comes whole: this waits for it
-    that long at most. Then a bundle holding the next batch commits what it
-    has read (``HostStage.hand_over_waited``), and the usual wait follows.
+    A bundle that is not late (fast reads) comes whole: this waits for it
+    that long at most (a millisecond). Then a bundle holding the next batch commits
+    what it has read (``HostStage.hand_over_waited``); and while the wait
+    that follows lasts, bundles hand each read over as it ends
+    (``HostStage.sleep``), so a batch never waits behind a slow read, nor a
+    read that waits for the consumer to take an earlier batch hangs.
     """
     host = run.host
     assert host is not None
     # If the run is stopping, the get that follows says so.
     with contextlib.suppress(CancelledError, QueueClosedError):
         left = host.hand_over_waited()
-        if left is None:
-            return None
+        if left is not None:
+            try:
+                return queue.get(timeout=left)  # a millisecond at most, once
+            except TimeoutError:
+                pass
+        host.sleep()
         try:
-            return queue.get(timeout=left)  # at most a bundle's budget, once
-        except TimeoutError:
-            host.hand_over_waited()
+            host.hand_over_waited(sleeping=True)
+            return _next_item(run, queue, False)
+        finally:
+            host.woke()
     return None
 
 

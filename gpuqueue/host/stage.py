@@ -56,6 +56,10 @@ class Described:
 # and holds at most this many batches: the queue's bound counts bundles.
 _BUNDLE_BUDGET_S = 100e-6
 _BUNDLE_MOST = 8
+# A bundle still reading this long after its first read began is late: its reads are not
+# the fast ones bundles are for, and what it has read goes to the queue at once. (Ten
+# budgets: a fast bundle on a loaded machine is not taken apart.)
+_BUNDLE_LATE_S = 10 * _BUNDLE_BUDGET_S
 
 _SKIPPED = Described(TreeDef("leaf"), [], skipped=True)
 
@@ -195,6 +199,8 @@ class HostStage:
         self._reading: dict[str, Task | str] = {}
         # Bundles being read, by id: the consumer takes a finished prefix from them.
         self._open: dict[int, _OpenBundle] = {}
+        self._sleepers = 0  # consumers waiting with no bundle's budget to wait for
+        self._sleepers_lock = threading.Lock()
 
     def enqueue_op(self, number: int) -> Callable[[], None]:
         """Worker ``number``'s enqueue op: claim, read, then hand the item in to be committed."""
@@ -255,9 +261,10 @@ class HostStage:
         """Reads a bundle of tasks and submits it as one queue item, less what went early.
 
         Its finished prefix is handed over before the bundle is complete
-        (``_hand_over``) once the bundle has outlasted its budget: after each
-        of its reads from then on (here), and while a read is still running if
-        the consumer waits for a batch the bundle holds (``hand_over_waited``).
+        (``_hand_over``) once the bundle is late (``_BUNDLE_LATE_S``): after
+        each of its reads from then on (here), and while a read is still
+        running if the consumer waits for a batch the bundle holds
+        (``hand_over_waited``), or before each read while a consumer sleeps.
         Bundles are for fast reads; a slow one must never hold a batch back,
         nor a read that waits for the consumer to take an earlier batch hang.
         """
@@ -274,6 +281,10 @@ class HostStage:
         try:
             for task in claimed:
                 reading[me] = task
+                if self._sleepers and bundle.items:
+                    # A consumer sleeps (it found no bundle to wait for): this read may be
+                    # slow, or wait for it to take a batch this bundle holds.
+                    self._hand_over(bundle)
                 try:
                     if task.failure is not None:
                         raise task.failure
@@ -288,8 +299,8 @@ class HostStage:
                     break  # an error ends the bundle (and the run)
                 if not item.described.skipped:  # type: ignore[union-attr]
                     batches += 1
-                if time.perf_counter() - began > _BUNDLE_BUDGET_S:
-                    # Over its budget: its reads are slow, and what they read goes now.
+                if time.perf_counter() - began > _BUNDLE_LATE_S:
+                    # Late: its reads are slow, and what they read goes now.
                     self._hand_over(bundle)
         finally:
             reading.pop(me, None)
@@ -314,26 +325,44 @@ class HostStage:
         """Whether fast reads are read and queued in bundles (``hand_over_waited`` matters)."""
         return self._bundles
 
-    def hand_over_waited(self) -> float | None:
-        """The consumer is about to wait: a bundle over its budget that holds the next batch
-        hands its finished prefix over now.
+    def hand_over_waited(self, *, sleeping: bool = False) -> float | None:
+        """The consumer is about to wait: a late bundle that holds the next batch hands its
+        finished prefix over now.
 
         Called by the consumer when the queue is empty. What it commits fits
         the queue (``_hand_over`` checks), so the consumer never blocks here.
 
+        Args:
+            sleeping: The consumer will now wait without a limit (between
+                ``sleep()`` and ``woke()``): whatever a bundle holding the next
+                batch has read goes now, whatever its budget.
+
         Returns:
-            The seconds left of that bundle's budget if it is still within it
-            (its reads are fast, and it will come whole): the consumer may wait
-            that long, then calls again. None otherwise.
+            How long the consumer may wait before it calls again with
+            ``sleeping``: what is left before that bundle is late (its reads
+            are fast, and it will come whole), or, with no bundle holding the
+            next batch yet, the time a bundle has before it is late. None
+            with ``sleeping``.
         """
         next_seq_no = self.sequencer.next_seq_no
         for bundle in list(self._open.values()):
             if bundle.start <= next_seq_no < bundle.start + bundle.count:
-                left = bundle.began + _BUNDLE_BUDGET_S - time.perf_counter()
-                if left > 0:
+                left = bundle.began + _BUNDLE_LATE_S - time.perf_counter()
+                if left > 0 and not sleeping:
                     return left
                 self._hand_over(bundle)
-        return None
+                return None
+        return None if sleeping else _BUNDLE_LATE_S
+
+    def sleep(self) -> None:
+        """A consumer waits without a limit: bundles hand over each read from now on."""
+        with self._sleepers_lock:
+            self._sleepers += 1
+
+    def woke(self) -> None:
+        """Ends a ``sleep()``."""
+        with self._sleepers_lock:
+            self._sleepers -= 1
 
     def _hand_over(self, bundle: _OpenBundle) -> None:
         """Commits a bundle's finished prefix now, if it is next in order and the queue has room.
