@@ -181,3 +181,51 @@ def test_bad_depth_settings_are_named(keywords: dict[str, Any], message: str) ->
     keywords = {"device": "cpu", **keywords}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         OrderedEnqueuer(Gated(), **keywords)
+
+
+class OneMiB(gpuqueue.Sequence):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> Any:
+        return np.full(1 << 20, index, np.uint8)
+
+
+def test_a_budget_below_one_batch_shrinks_the_depth_and_warns_once_naming_why(
+    running: list[Any],
+) -> None:
+    """Regression: max_device_bytes=2 MiB with 1 MiB batches stayed at depth 2 (3.75 MiB
+    at its peak) without a word, and the reason said "holds at 2: the consumer waited
+    for 0 ...", as if the budget played no part."""
+    budget = 2 << 20
+    enqueuer = OrderedEnqueuer(
+        OneMiB(), device="cpu", prefetch_depth="auto", max_device_bytes=budget, shard=None
+    )
+    with pytest.warns(RuntimeWarning) as warned:
+        start(running, enqueuer, workers=1)
+        for _ in islice(enqueuer.get(), 3 * WINDOW):
+            pass
+    ours = [w for w in warned if "prefetch_depth='auto'" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in warned]
+    assert str(ours[0].message).startswith(
+        f"prefetch_depth='auto': one batch of {1 << 20} bytes needs "
+        f"{device_bytes_for(1, 1 << 20)} bytes of device memory at depth 1, over the budget "
+        f"of {budget} bytes (max_device_bytes)"
+    ), str(ours[0].message)
+    stats = enqueuer.stats()
+    assert stats["prefetch_depth"] == 1
+    assert stats["prefetch_depth_reason"].startswith(
+        f"holds at 1, the least: one batch of {1 << 20} bytes needs "
+        f"{device_bytes_for(1, 1 << 20)} bytes at depth 1, over the budget of {budget}"
+    ), stats["prefetch_depth_reason"]
+
+
+def test_a_budget_that_fits_a_shallower_depth_makes_the_run_that_shallow() -> None:
+    arenas = FakeArenas(largest=1000)
+    budget = device_bytes_for(1, 1000)  # depth 1 fits, depth 2 (the start) does not
+    tuner = DepthTuner(arenas, budget=budget, budget_source="max_device_bytes")  # type: ignore[arg-type]
+    tuner.observe(starved=True, staged=True)  # the first batch: its size is known now
+    assert tuner.depth == 1 and arenas.depths == [1]
+    assert tuner.reason.startswith("went to 1: depth 2 may need "), tuner.reason
+    window(tuner, starved=WINDOW)  # starving: still never past the budget
+    assert tuner.depth == 1 and "depth 2 may need" in tuner.reason

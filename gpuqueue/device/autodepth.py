@@ -29,6 +29,7 @@ the reason says that more workers would.
 from __future__ import annotations
 
 import threading
+import warnings
 
 from ..batch.layout import GROWTH
 from .arenas import DeviceArenas
@@ -66,6 +67,8 @@ class DepthTuner:
         self._lock = threading.Lock()  # several threads may consume one run
         self._seen = self._starved = self._unstaged = 0
         self._warming = WARMUP
+        self._fitted = 0  # the largest batch the depth was last fitted to the budget for
+        self._warned = False
 
     @classmethod
     def for_run(cls, arenas: DeviceArenas, max_device_bytes: int | None) -> DepthTuner:
@@ -84,6 +87,8 @@ class DepthTuner:
         """One batch taken: ``starved`` if the consumer had to wait for it, ``staged``
         if batches were waiting for their copy at that moment."""
         with self._lock:
+            if self._arenas.largest != self._fitted:
+                self._fit()
             if self._warming:
                 self._warming -= 1
                 return
@@ -95,8 +100,53 @@ class DepthTuner:
                 self._decide()
                 self._seen = self._starved = self._unstaged = 0
 
+    def _fit(self) -> None:
+        """Makes the depth one the budget holds, for the largest batch seen (it grew).
+
+        Never below 1: if even that is over the budget (one batch is too
+        large for it), the run says so once, with a ``RuntimeWarning``, and
+        goes on at depth 1.
+        """
+        arenas = self._arenas
+        self._fitted = largest = arenas.largest
+        depth = self.depth
+        while depth > 1 and self._need(depth) > self.budget:
+            depth -= 1
+        if depth < self.depth:
+            self.reason = (
+                f"went to {depth}: depth {depth + 1} may need {self._need(depth + 1)} bytes, "
+                f"over the budget of {self.budget} ({self._budget_source})"
+            )
+            self.depth = depth
+            arenas.set_depth(depth)
+        if self._need(1) > self.budget:
+            self.reason = self._over_budget()
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"prefetch_depth='auto': one batch of {largest} bytes needs "
+                    f"{self._need(1)} bytes of device memory at depth 1, over the budget of "
+                    f"{self.budget} bytes ({self._budget_source}); the run goes on at depth 1, "
+                    "over the budget (raise max_device_bytes, or use smaller batches)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+    def _need(self, depth: int) -> int:
+        return device_bytes_for(depth, self._arenas.largest, self._arenas.largest_output)
+
+    def _over_budget(self) -> str:
+        return (
+            f"holds at 1, the least: one batch of {self._arenas.largest} bytes needs "
+            f"{self._need(1)} bytes at depth 1, over the budget of {self.budget} "
+            f"({self._budget_source})"
+        )
+
     def _decide(self) -> None:
         depth = self.depth
+        if depth == 1 and self._need(1) > self.budget:
+            self.reason = self._over_budget()
+            return
         waited = f"the consumer waited for {self._starved} of the last {self._seen} batches"
         if self._starved <= STARVED * WINDOW:
             self.reason = f"holds at {depth}: {waited}"
