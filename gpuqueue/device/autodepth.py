@@ -6,10 +6,13 @@ windows of ``WINDOW`` batches after the first ``WARMUP`` (which wait while
 the pipeline fills). As soon as more than ``STARVED`` of a window waited,
 and one more batch ahead still fits the budget, it goes one deeper (up to
 ``CAP``) and starts a new window: a run that starves deepens within a few
-batches, one that does not holds. It never goes shallower: a depth that was
-once needed is kept for the rest of the run, so a run never oscillates, and
-memory only grows while it buys something. ``stats()`` reports the depth and
-the reason for it.
+batches, one that does not holds. It never goes shallower for want of waits:
+a depth that was once needed is kept for the rest of the run, so a run never
+oscillates, and memory only grows while it buys something. The budget is a
+bound: once the largest batch is known (or grows), the depth shrinks to one
+the budget holds, down to 1; if even depth 1 is over it (one batch is too
+large for the budget), the run warns once (``RuntimeWarning``) and the reason
+says so. ``stats()`` reports the depth and the reason for it.
 
 Device memory for depth ``d`` is bounded by ``(d + 3) x largest batch x
 1.25``: ``d`` batches ahead, the one the loop holds and the one it just
