@@ -281,6 +281,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
 
     def _make_tasks(self) -> SequenceTasks:
         order = self._order
+        order.restart_if_finished(len(self.sequence))
         announce_shard(self._name, order.shard, len(self.sequence), order.drop_last)
         return SequenceTasks.resuming(order, self.sequence)
 

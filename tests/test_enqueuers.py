@@ -453,3 +453,27 @@ def test_without_on_epoch_end_the_next_epoch_does_not_wait_for_the_last_reads(
     got = [tuple(int(v) for v in batch) for batch in enqueuer.get()]
     assert [index for index, _ in got] == [0, 1, 2, 3] * 2
     assert got[3] == (3, 1), "epoch 0's last read ended before epoch 1's first began"
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_finished_run_starts_again_from_epoch_0(shuffle: bool) -> None:
+    """Regression (issue 26, fault 6): three start/read/stop cycles of an ``epochs=1``
+    enqueuer gave 10, 0 and 0 batches, silently. A Sequence can be read again, and a
+    Keras user's start() reads it again (a stop before the end still resumes)."""
+    from tests.seqs import Numbered
+
+    enqueuer = OrderedEnqueuer(Numbered(length=10), shuffle=shuffle, seed=3, epochs=1, shard=None)
+    cycles = []
+    for _ in range(3):
+        enqueuer.start(workers=2)
+        cycles.append([int(batch[1]["index"]) for batch in enqueuer.get()])
+        enqueuer.stop()
+    assert [sorted(cycle) for cycle in cycles] == [list(range(10))] * 3
+    assert cycles[0] == cycles[1] == cycles[2]  # epoch 0's order each time
+    enqueuer.start(workers=1)
+    first = [int(batch[1]["index"]) for _, batch in zip(range(4), enqueuer.get(), strict=False)]
+    enqueuer.stop()
+    enqueuer.start(workers=1)  # stopped before the end: it resumes after what was received
+    rest = [int(batch[1]["index"]) for batch in enqueuer.get()]
+    enqueuer.stop()
+    assert first + rest == cycles[0]

@@ -224,6 +224,29 @@ class ReadingOrder:
         seed = seed if seed is not None else secrets.randbits(63)
         return cls(bool(shuffle), seed, resolved, bool(drop_last), epochs)
 
+    def restart_if_finished(self, length: int) -> None:
+        """Goes back to epoch 0 if the consumer received every batch of the last epoch.
+
+        A ``start()`` after a finished run reads the Sequence again, as
+        Keras's ``OrderedEnqueuer`` does (a Sequence, unlike a generator, can
+        be read again); a run stopped before its end resumes where it was.
+
+        Args:
+            length: The Sequence's ``len()`` now.
+        """
+        if self.epochs is None or self.epoch < self.epochs - 1:
+            return
+        last = epoch_order(
+            length,
+            self.epoch,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            shard=self.shard.pair,
+            drop_last=self.drop_last,
+        )
+        if self.epoch >= self.epochs or self.position >= len(last):
+            self.epoch = self.position = 0
+
     def received(self, task: Task) -> None:
         """The consumer received ``task``: the next to deliver is the one after it."""
         self.epoch, self.position = task.epoch, task.position + 1
