@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..batch.layout import layout, pack
-from ..batch.tree import describe
+from ..batch.tree import TreeDef, describe
 from ..errors import PipelineError, add_note
 from .segments import receive_segment
 
@@ -83,6 +83,52 @@ def _send(conn: multiprocessing.connection.Connection, message: Any) -> None:
         conn.send(message)
     except (EOFError, OSError) as error:  # BrokenPipeError is an OSError
         raise _ParentGone from error
+
+
+def _send_bytes(conn: multiprocessing.connection.Connection, data: bytes) -> None:
+    try:
+        conn.send_bytes(data)
+    except (EOFError, OSError) as error:  # BrokenPipeError is an OSError
+        raise _ParentGone from error
+
+
+def _pickled_reply(reply: Any) -> bytes:
+    """``reply`` pickled for the parent; if a leaf of the batch cannot be, the error instead.
+
+    Host leaves travel pickled in the batch's structure; one that cannot be
+    (a lambda, an open file) is the read's error, sent back in its place with
+    the field named, not a worker process dying with exit code 1.
+    """
+    try:
+        return pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as error:
+        field = _unpicklable_field(reply[1]) if reply[0] == "ok" else None
+        if field is not None:
+            add_note(
+                error,
+                f"{field} cannot be pickled to go back from worker process "
+                f"{_process_name()} to the parent: return leaves that pickle, or use threads",
+            )
+        return pickle.dumps(("error", portable_error(error)), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpicklable_field(treedef: TreeDef, path: str = "") -> str | None:
+    """``"field <path> (a <type>)"`` for the first host leaf that does not pickle, or None."""
+    if treedef.kind == "host":
+        try:
+            pickle.dumps(treedef.value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return f"field {path or '<batch>'} (a {type(treedef.value).__name__})"
+        return None
+    if treedef.kind == "dict":
+        paths = [f"{path}[{key!r}]" for key in treedef.keys]
+    else:
+        paths = [f"{path}[{i}]" for i in range(len(treedef.children))]
+    for child, child_path in zip(treedef.children, paths, strict=True):
+        found = _unpicklable_field(child, child_path)
+        if found is not None:
+            return found
+    return None
 
 
 def _process_name() -> str:
@@ -169,7 +215,7 @@ def worker_main(
             if reply is None:
                 return
             iterator = reply[1]
-            _send(conn, reply[0])
+            _send_bytes(conn, _pickled_reply(reply[0]))
     except _ParentGone:
         return
     finally:
