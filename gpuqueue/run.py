@@ -194,6 +194,7 @@ class Run:
             pinned=self.pinned,
             processes=self.processes,
             device=self.backend is not None,
+            stopping=coord.should_stop,
         )
         self.host = host
         ops = [host.enqueue_op(number) for number in range(counts.workers)]

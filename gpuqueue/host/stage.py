@@ -166,6 +166,9 @@ class HostStage:
             (byte order, dtypes) by the worker that read it, and checked against
             the first batch's dtypes and ranks. Without one, batches are handed
             over as they are and only their structure is checked.
+        stopping: True once the run is stopping (``Coordinator.should_stop``):
+            a ``CancelledError`` raised then is gpuqueue's own; one raised
+            before is the source's, and goes in its batch's place.
     """
 
     def __init__(
@@ -178,8 +181,10 @@ class HostStage:
         pinned: PinnedPool | None,
         processes: Any,
         device: bool,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self._tasks, self._host_queue, self._counters = tasks, host_queue, counters
+        self._stopping = stopping
         self._pinned, self._processes, self._device = pinned, processes, device
         self._spec: BatchSpec | None = None  # the first batch's structure, dtypes and ranks
         self._plan: Plan | None = None  # splits batches shaped like one read earlier
@@ -205,7 +210,7 @@ class HostStage:
     def enqueue_op(self, number: int) -> Callable[[], None]:
         """Worker ``number``'s enqueue op: claim, read, then hand the item in to be committed."""
         tasks, sequencer, reading = self._tasks, self.sequencer, self._reading
-        read, failed_read = self._read, self._failed_read
+        read, failed_read, stopping = self._read, self._failed_read, self._stopping
 
         def enqueue_one() -> None:
             started = time.monotonic()
@@ -234,8 +239,12 @@ class HostStage:
                         if task.failure is not None:
                             raise task.failure
                         item = read(task)
-                    except (CancelledError, GeneratorExit):
+                    except GeneratorExit:
                         raise
+                    except CancelledError as error:
+                        if stopping():  # gpuqueue's own: the pipeline is stopping
+                            raise
+                        item = failed_read(task, error)  # the source's own: in its place
                     except BaseException as error:  # SystemExit too: it belongs in its place
                         item = failed_read(task, error)
                     items.append(item)
@@ -289,8 +298,12 @@ class HostStage:
                     if task.failure is not None:
                         raise task.failure
                     item = read(task)
-                except (CancelledError, GeneratorExit):
+                except GeneratorExit:
                     raise
+                except CancelledError as error:
+                    if self._stopping():  # gpuqueue's own: the pipeline is stopping
+                        raise
+                    item = failed_read(task, error)  # the source's own: in its place
                 except BaseException as error:  # SystemExit too: it belongs in its place
                     item = failed_read(task, error)
                 bundle.items.append(item)  # (atomic: _hand_over reads it under the lock)
