@@ -61,7 +61,7 @@ class Copied:
     batch: Any = None  # what the transform returned, until it is delivered
     kinds: list[str | None] | None = None  # per leaf of batch: the input leaf's kind if kept
     owner: _Owner | None = None
-    error: Exception | None = None  # the transform raised it; nothing is left to deliver
+    error: BaseException | None = None  # the transform raised it; nothing is left to deliver
     # Small leaves copied out of the arena (``batch.layout.small_leaves``): by position,
     # their memory and the lease whose death frees it. Until delivery only.
     small: dict[int, tuple[Any, _Lease]] | None = None
@@ -276,7 +276,11 @@ class DeviceArenas:
             copied.batch, copied.kinds = self._apply(copied, owner, stream)
             # (its temporaries are gone: what is left goes with the batch)
             self.largest_output = max(self.largest_output, owner.live)
-        except Exception as error:
+        except BaseException as error:  # SystemExit too: it belongs in its batch's place
+            if isinstance(error, KeyboardInterrupt) and (
+                threading.current_thread() is threading.main_thread()
+            ):
+                raise  # Ctrl-C in the consumer's own get() (depth 0): it goes up at once
             traceback.clear_frames(error.__traceback__)
             copied.error = error
         finally:
