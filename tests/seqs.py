@@ -266,3 +266,43 @@ class DetectionBatches(gpuqueue.Sequence):
             for i in range(first, min(first + self.BATCH, self.SAMPLES))
         ]
         return tuple(zip(*samples, strict=True))
+
+
+class SparseLabels(gpuqueue.Sequence):
+    """Batch i is ``(dense, sparse)``: a torch sparse COO tensor, as some collates make."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> Any:
+        import torch
+
+        sparse = torch.sparse_coo_tensor([[0, 2]], [float(index), 1.0], (4,))
+        return torch.full((2,), float(index)), sparse
+
+
+class CancelsAt(Numbered):
+    """``__getitem__(bad_index)`` raises the user's own ``gpuqueue.CancelledError``."""
+
+    def __init__(self, bad_index: int, length: int = 12) -> None:
+        super().__init__(length)
+        self.bad_index = bad_index
+
+    def __getitem__(self, index: int) -> Any:
+        if index == self.bad_index:
+            raise gpuqueue.CancelledError(f"the user's own, at {index}")
+        return super().__getitem__(index)
+
+
+class Unpicklable(Numbered):
+    """Batch ``bad_index`` holds a lambda, which a worker process cannot send back."""
+
+    def __init__(self, bad_index: int, length: int = 8) -> None:
+        super().__init__(length)
+        self.bad_index = bad_index
+
+    def __getitem__(self, index: int) -> Any:
+        x, extra = super().__getitem__(index)
+        if index == self.bad_index:
+            extra["hook"] = lambda: index
+        return x, extra

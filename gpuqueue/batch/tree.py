@@ -182,7 +182,8 @@ class LeafMeta:
     shape: tuple[int, ...]
     offset: int = 0
     # What the source gave: "array", "scalar" (a NumPy scalar), "number" (a
-    # Python number), "list"/"tuple" (of numbers), "torch" or "torch:bfloat16".
+    # Python number), "list"/"tuple" (of numbers), "torch" or "torch:bfloat16",
+    # "ml:bfloat16" (an ml_dtypes bfloat16 array, carried as its bits).
     kind: str = "array"
 
 
@@ -250,6 +251,12 @@ def tensor_array(path: str, tensor: Any) -> tuple[np.ndarray, str]:
             f"field {path} is a torch tensor on {tensor.device}; gpuqueue reads host "
             "batches: return CPU tensors (the copy to the device is gpuqueue's job)"
         )
+    if tensor.layout != torch.strided:
+        raise BatchError(
+            f"field {path} is a sparse torch tensor (layout {tensor.layout}); a device takes "
+            "dense arrays: return tensor.to_dense(), or use device=None to pass it through "
+            "as it is"
+        )
     tensor = tensor.detach().resolve_conj().resolve_neg()
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy(), "torch:bfloat16"
@@ -264,7 +271,11 @@ def tensor_array(path: str, tensor: Any) -> tuple[np.ndarray, str]:
 
 def _describe(node: Any, path: str, leaves: Leaves, top: bool, packed: bool) -> TreeDef:
     if isinstance(node, np.ndarray):
-        leaves.add(path or "<batch>", node, "array")
+        if packed and node.dtype.kind == "V" and node.dtype.name == "bfloat16":
+            # ml_dtypes' bfloat16 (what JAX makes): its bits, as a torch bfloat16 travels.
+            leaves.add(path or "<batch>", node.view(np.int16), "ml:bfloat16")
+        else:
+            leaves.add(path or "<batch>", node, "array")
         return TreeDef("leaf")
     if isinstance(node, dict):
         keys = tuple(node)
@@ -293,6 +304,8 @@ def _describe(node: Any, path: str, leaves: Leaves, top: bool, packed: bool) -> 
     elif isinstance(node, np.generic) and not isinstance(node, (np.str_, np.bytes_)):
         leaves.add(where, np.asarray(node), "scalar")
     elif _is_torch_tensor(node):
+        if not packed and str(getattr(node, "layout", "torch.strided")) != "torch.strided":
+            return TreeDef("host", value=node)  # a sparse tensor: nothing packs it
         leaves.add(where, *tensor_array(where, node))
     elif hasattr(node, "__array__") and hasattr(node, "shape") and hasattr(node, "dtype"):
         leaves.add(where, np.asarray(node), "array")
@@ -389,12 +402,22 @@ def as_source(meta: LeafMeta, array: np.ndarray) -> Any:
         return array.tolist()
     if kind == "tuple":
         return tuple(array.tolist())
+    if kind == "ml:bfloat16":
+        return array.view(ml_bfloat16())
     if kind.startswith("torch"):
         import torch
 
         tensor = torch.from_numpy(array)
         return tensor.view(torch.bfloat16) if kind == "torch:bfloat16" else tensor
     return array
+
+
+def ml_bfloat16() -> np.dtype[Any]:
+    """ml_dtypes' bfloat16 dtype (imported only once a batch holds one)."""
+    import ml_dtypes
+
+    dtype: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+    return dtype
 
 
 class BatchSpec:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import Backend
-from ..batch.tree import LeafMeta, TreeDef, flatten, map_arrays, rebuild
+from ..batch.tree import LeafMeta, TreeDef, flatten, map_arrays, ml_bfloat16, rebuild
 from ..device.transforms import BFloat16
 from ..errors import BatchError, PipelineError
 
@@ -36,14 +36,17 @@ __all__ = [
 # ``LeafMeta.kind`` ``kind``) as the output library's array.
 Converter = Callable[[str, str, Any], Any]
 
-# Leaf kinds carried as 16-bit patterns: a torch.bfloat16 tensor, a transform's BFloat16.
-_BFLOAT16 = ("torch:bfloat16", "bfloat16")
+# Leaf kinds carried as 16-bit patterns: a torch.bfloat16 tensor, a transform's BFloat16,
+# an ml_dtypes bfloat16 array.
+_BFLOAT16 = ("torch:bfloat16", "bfloat16", "ml:bfloat16")
 
 
 def _backend_arrays(backend: Backend) -> Converter:
     """The backend's own arrays (CuPy, or NumPy on the CPU), which have no bfloat16."""
 
     def convert(kind: str, path: str, leaf: Any) -> Any:
+        if kind == "ml:bfloat16" and isinstance(leaf, np.ndarray):
+            return leaf.view(ml_bfloat16())  # NumPy has it, through ml_dtypes
         if kind in _BFLOAT16:
             what = "a torch.bfloat16 tensor" if kind == "torch:bfloat16" else "bfloat16"
             raise BatchError(
