@@ -277,7 +277,7 @@ class SparseLabels(gpuqueue.Sequence):
     def __getitem__(self, index: int) -> Any:
         import torch
 
-        sparse = torch.sparse_coo_tensor([[0, 2]], [float(index), 1.0], (4,))
+        sparse = torch.sparse_coo_tensor([[0, 2]], [float(index), 1.0], (4,), check_invariants=True)
         return torch.full((2,), float(index)), sparse
 
 

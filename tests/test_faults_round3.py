@@ -126,19 +126,22 @@ class MlBfloat16(gpuqueue.Sequence):
         return np.arange(4, dtype=np.float32).astype(ml_dtypes.bfloat16) + index, index
 
 
-@pytest.mark.parametrize("output", ["torch", None])
+@pytest.mark.parametrize("output", ["torch", "jax", None])
 def test_an_ml_dtypes_bfloat16_array_reaches_torch_as_bfloat16(output: str | None) -> None:
     """Regression: BatchError "... (raw or structured data)", although torch has
     bfloat16. Without an output on NumPy, the array comes back as it went."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
-    torch = pytest.importorskip("torch") if output == "torch" else None
+    library = pytest.importorskip(output) if output is not None else None
     enqueuer = OrderedEnqueuer(MlBfloat16(), device="cpu", output=output, shard=None, epochs=1)
     with enqueuer:
         got = [x for x, _ in enqueuer.get()]
     for index, x in enumerate(got):
-        if torch is not None:
-            assert x.dtype == torch.bfloat16
+        if output == "torch":
+            assert x.dtype == library.bfloat16
             assert x.float().tolist() == [float(i + index) for i in range(4)]
+        elif output == "jax":
+            assert x.dtype == library.numpy.bfloat16
+            assert np.asarray(x, np.float32).tolist() == [float(i + index) for i in range(4)]
         else:
             assert x.dtype == ml_dtypes.bfloat16
             assert x.astype(np.float32).tolist() == [float(i + index) for i in range(4)]
