@@ -186,6 +186,8 @@ class Run:
                 tasks.fetch = lambda position: processes.read(None, f"generator item {position}")
             elif overrides_on_epoch_end(source):
                 tasks.epoch_ended = processes.sequence_changed
+        if isinstance(tasks, GeneratorTasks):
+            tasks.stopping = coord.should_stop
         host = HostStage(
             tasks,
             self.host_queue,

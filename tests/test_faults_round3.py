@@ -196,3 +196,24 @@ def test_system_exit_in_a_transform_arrives_after_every_earlier_batch(depth: int
         for _, extra in enqueuer.get():
             got.append(int(extra["index"]))
     assert got == [0, 1, 2, 3, 4]
+
+
+def cancels_after_five() -> Any:
+    for index in range(5):
+        yield np.full(2, index, np.int64)
+    raise gpuqueue.CancelledError("the user's own, after 5")
+
+
+def test_the_users_own_cancelled_error_from_a_generator_arrives_after_its_items() -> None:
+    """As for a Sequence: gpuqueue took a generator's own CancelledError for a stop, and
+    the consumer saw a clean end after 5 items instead of the error."""
+    enqueuer = gpuqueue.GeneratorEnqueuer(cancels_after_five())
+    got: list[int] = []
+    enqueuer.start(workers=2)
+    try:
+        with pytest.raises(gpuqueue.CancelledError, match=r"^the user's own, after 5"):
+            for batch in enqueuer.get():
+                got.append(int(batch[0]))
+    finally:
+        enqueuer.stop()
+    assert got == [0, 1, 2, 3, 4]

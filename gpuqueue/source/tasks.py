@@ -297,6 +297,9 @@ class GeneratorTasks(_TaskSource):
                 return next(iterator)
 
         self.fetch = fetch
+        # True once the run is stopping (the run sets Coordinator.should_stop): a
+        # CancelledError from fetch then is gpuqueue's own, else the generator's.
+        self.stopping: Callable[[], bool] = lambda: False
 
     def claim(self) -> Task:
         with self._read_lock:  # one reader at a time; held while user code runs
@@ -311,8 +314,12 @@ class GeneratorTasks(_TaskSource):
                 self.snapshot = None  # (it holds the source: let it go with the iterator)
                 self.close()
                 raise OutOfRangeError("the generator is exhausted") from None
-            except CancelledError:
-                raise
+            except CancelledError as cancelled:
+                if self.stopping():  # gpuqueue's own: the pipeline is stopping
+                    raise
+                with self._cond:  # the generator's own: it goes in its place
+                    self._ended = True
+                    return Task(self._next_seq_no(), 0, position, failure=cancelled)
             except BaseException as error:
                 with self._cond:
                     self._ended = True
