@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib
 import os
 import sys
 import threading
@@ -135,6 +136,10 @@ def strict_cuda(
     # gpuqueue's backend module must be imported anew, against the double.
     monkeypatch.delitem(sys.modules, "gpuqueue.backends.cupy", raising=False)
     monkeypatch.delattr(gpuqueue.backends, "cupy", raising=False)
+    # The runtime and driver calls CuPy does not wrap go to the double, not through ctypes.
+    backend_module = importlib.import_module("gpuqueue.backends.cupy")
+    monkeypatch.setattr(backend_module, "_CUDART", cuda.native, raising=False)
+    monkeypatch.setattr(backend_module, "_LIBCUDA", cuda.native, raising=False)
     for variable in (
         "LOCAL_RANK",
         "OMPI_COMM_WORLD_LOCAL_RANK",

@@ -36,6 +36,22 @@ timing them before they are done fails as CUDA does. Handle 0 is the
 legacy default stream of the calling thread's device. Violations are
 collected in ``violations``; the ``strict_cuda`` fixture fails a test that
 has any, and one that leaves device memory allocated.
+
+It also keeps the state CUDA keeps behind a caller's back:
+
+- a per-thread last error: ``eventQuery``'s "not ready" sets it (CuPy
+  returns the status and never clears it), ``native.cudaGetLastError``
+  reads and clears it, and ``torch_launch_check`` (what PyTorch does after
+  each of its kernel launches) turns it into a failure;
+- the driver API is not initialised until the first runtime call
+  (``ctxGetCurrent`` before one fails with ``CUDA_ERROR_NOT_INITIALIZED``);
+- a kernel's parameters must fit the parameter space (32 764 bytes), or it
+  does not compile;
+- a user's graph capture in global mode (``begin_capture``): a runtime call
+  from any other thread whose capture mode is not relaxed invalidates it;
+- ``ExternalStream`` warns as deprecated, as in CuPy 14 (``Stream.from_external``
+  replaces it); allocations from the device's default pool
+  (``mallocAsync``) are counted.
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ import re
 import sys
 import threading
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +127,12 @@ class _Pinned:
     reads: list[_PendingRead] = field(default_factory=list)
 
 
+class CUDADriverError(RuntimeError):
+    def __init__(self, status: int) -> None:
+        super().__init__(f"CUresult {status}")
+        self.status = status
+
+
 class CUDARuntimeError(RuntimeError):
     def __init__(self, status: int) -> None:
         super().__init__(f"cudaError {status}")
@@ -134,6 +157,12 @@ class StrictCuda:
         self.events: dict[int, _Event] = {}
         self.allocations: dict[int, _Allocation] = {}
         self.pinned: dict[int, _Pinned] = {}
+        self.initialized = False  # the driver API, until the first runtime call (cuInit)
+        self.capturing: int | None = None  # the thread id capturing a graph in global mode
+        self.default_pool_allocations = 0  # mallocAsync: the device's pool, shared by all
+        self.pools_created: dict[int, dict[int, int]] = {}  # pool handle -> attributes set
+        self.kernels: dict[tuple[str, str], int] = {}  # (source, name) -> times compiled
+        self.native = _Native(self)
         self._handles = itertools.count(0x1000, 0x10)
         self._addresses = itertools.count(0x7F0000000000, 1 << 24)
         for device in range(devices):
@@ -155,8 +184,34 @@ class StrictCuda:
         with self.lock:
             self.violations.append(f"{threading.current_thread().name}: {message}")
 
+    def runtime_call(self, call: str) -> None:
+        """Any runtime call: it initialises the driver; during a user's global-mode
+        capture, a potentially unsafe call from another thread that is not in relaxed
+        mode invalidates it."""
+        self.initialized = True
+        capturing = self.capturing
+        unsafe = call in _UNSAFE_DURING_CAPTURE
+        relaxed = getattr(self.local, "capture_mode", 0) == _CAPTURE_RELAXED
+        if unsafe and capturing not in (None, threading.get_ident()) and not relaxed:
+            self.violate(f"{call} during another thread's graph capture (global mode)")
+
+    def begin_capture(self) -> None:
+        """The calling thread begins a graph capture in global mode, as torch.cuda.graph does."""
+        self.capturing = threading.get_ident()
+
+    def end_capture(self) -> None:
+        self.capturing = None
+
+    def torch_launch_check(self) -> None:
+        """What PyTorch does after each kernel it launches: ``cudaGetLastError``, raising if set."""
+        error = getattr(self.local, "last_error", 0)
+        self.local.last_error = 0
+        if error:
+            raise RuntimeError(f"CUDA error: device not ready (cudaError {error})")
+
     def current(self, call: str) -> int:
         """The calling thread's device for ``call``; with no context, device 0's is made."""
+        self.runtime_call(call)
         with self.lock:
             self.calls.append((threading.current_thread().name, call))
             device = getattr(self.local, "device", None)
@@ -295,26 +350,82 @@ class StrictCuda:
 
 
 _WRITES = ("copy", "kernel write")
+_CAPTURE_GLOBAL, _CAPTURE_THREAD_LOCAL, _CAPTURE_RELAXED = 0, 1, 2
+# CUDA's "potentially unsafe" calls: those that may synchronize implicitly, refused
+# (and the capture invalidated) outside relaxed mode while a global-mode capture runs.
+_UNSAFE_DURING_CAPTURE = frozenset(
+    (
+        "eventQuery",
+        "eventSynchronize",
+        "deviceSynchronize",
+        "hostAlloc",
+        "freeHost",
+        "hostRegister",
+        "hostUnregister",
+        "malloc",
+        "free",
+    )
+)
+PARAMETER_SPACE = 32764  # bytes of kernel parameters (Volta and later, CUDA 12.1 and later)
+
+
+class _Native:
+    """What gpuqueue reaches through ctypes, CuPy wrapping neither: libcudart's
+    ``cudaGetLastError`` and the driver's ``cuThreadExchangeStreamCaptureMode``."""
+
+    def __init__(self, cuda: StrictCuda) -> None:
+        self._cuda = cuda
+
+    def cudaGetLastError(self) -> int:
+        local = self._cuda.local
+        error = int(getattr(local, "last_error", 0))
+        local.last_error = 0
+        return error
+
+    def cuThreadExchangeStreamCaptureMode(self, mode: Any) -> int:
+        """``mode`` is a ctypes int by reference: swapped with the thread's mode."""
+        local = self._cuda.local
+        target = mode._obj if hasattr(mode, "_obj") else mode
+        previous = getattr(local, "capture_mode", _CAPTURE_GLOBAL)
+        local.capture_mode = int(target.value)
+        target.value = previous
+        return 0
+
+
+class MemPoolProps:
+    """``cupy.cuda.runtime.MemPoolProps(allocType, handleType, locationType, devId)``."""
+
+    def __init__(self, allocType: int, handleType: int, locationType: int, devId: int) -> None:
+        self.allocType, self.handleType = allocType, handleType
+        self.locationType, self.devId = locationType, devId
 
 
 class _Runtime(types.ModuleType):
     """``cupy.cuda.runtime``: the calls gpuqueue's backend makes, checked."""
 
     CUDARuntimeError = CUDARuntimeError
+    MemPoolProps = MemPoolProps
+    cudaMemPoolAttrReleaseThreshold = 4
 
     def __init__(self, cuda: StrictCuda) -> None:
         super().__init__("cupy.cuda.runtime")
         self._cuda = cuda
 
     def getDeviceCount(self) -> int:
+        self._cuda.runtime_call("getDeviceCount")
         return self._cuda.devices
 
     def getDevice(self) -> int:
-        device = getattr(self._cuda.local, "device", None)
+        cuda = self._cuda
+        cuda.runtime_call("getDevice")
+        with cuda.lock:
+            cuda.calls.append((threading.current_thread().name, "getDevice"))
+        device = getattr(cuda.local, "device", None)
         return 0 if device is None else int(device)
 
     def setDevice(self, device: int) -> None:
         cuda = self._cuda
+        cuda.runtime_call("setDevice")
         if not 0 <= device < cuda.devices:
             raise CUDARuntimeError(101)
         with cuda.lock:
@@ -361,6 +472,37 @@ class _Runtime(types.ModuleType):
         with cuda.lock:
             stream = cuda.stream(stream_handle)
             cuda.in_context("mallocAsync", stream.device)
+            cuda.default_pool_allocations += 1
+            return self._allocate(nbytes, stream.device, cuda.tick(stream))
+
+    def memPoolCreate(self, props: Any) -> int:
+        cuda = self._cuda
+        with cuda.lock:
+            cuda.current("memPoolCreate")
+            handle = next(cuda._handles)
+            cuda.pools_created[handle] = {}
+            return handle
+
+    def memPoolSetAttribute(self, pool: int, attr: int, value: Any) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            cuda.current("memPoolSetAttribute")
+            cuda.pools_created[pool][attr] = int(value)
+
+    def memPoolDestroy(self, pool: int) -> None:
+        cuda = self._cuda
+        with cuda.lock:
+            cuda.current("memPoolDestroy")
+            if cuda.pools_created.pop(pool, None) is None:
+                cuda.violate(f"memPoolDestroy of {pool:#x}: not a pool, or destroyed twice")
+
+    def mallocFromPoolAsync(self, nbytes: int, pool: int, stream_handle: int) -> int:
+        cuda = self._cuda
+        with cuda.lock:
+            stream = cuda.stream(stream_handle)
+            cuda.in_context("mallocFromPoolAsync", stream.device)
+            if pool not in cuda.pools_created:
+                cuda.violate(f"mallocFromPoolAsync from {pool:#x}: not a pool, or destroyed")
             return self._allocate(nbytes, stream.device, cuda.tick(stream))
 
     def _allocate(self, nbytes: int, device: int, made: tuple[int, int] | None) -> int:
@@ -540,6 +682,7 @@ class _Runtime(types.ModuleType):
         return total - used, total
 
     def deviceGetAttribute(self, attribute: int, device: int) -> int:
+        self._cuda.runtime_call("deviceGetAttribute")
         if attribute != 115:  # cudaDevAttrMemoryPoolsSupported
             raise AssertionError(f"the double knows no device attribute {attribute}")
         return int(self._cuda.pools)
@@ -559,6 +702,7 @@ class _Runtime(types.ModuleType):
             if self._completed(event) or event.queried:
                 return 0
             event.queried = True
+            cuda.local.last_error = 600  # sticky until cudaGetLastError: CuPy never calls it
             return 600
 
     def eventElapsedTime(self, start: int, end: int) -> float:
@@ -575,12 +719,19 @@ class _Runtime(types.ModuleType):
 
 
 class _Driver(types.ModuleType):
+    CUDADriverError = CUDADriverError
+
     def __init__(self, cuda: StrictCuda) -> None:
         super().__init__("cupy.cuda.driver")
         self._cuda = cuda
 
     def ctxGetCurrent(self) -> int:
-        device = getattr(self._cuda.local, "device", None)
+        cuda = self._cuda
+        if not cuda.initialized:
+            raise CUDADriverError(3)  # CUDA_ERROR_NOT_INITIALIZED: no runtime call has run cuInit
+        with cuda.lock:
+            cuda.calls.append((threading.current_thread().name, "ctxGetCurrent"))
+        device = getattr(cuda.local, "device", None)
         return 0 if device is None else 0xC0 + device
 
 
@@ -662,7 +813,13 @@ class _StreamObject:
 class ExternalStream(_StreamObject):
     """CuPy's wrapper of a raw stream; ``with`` makes it current in the calling thread."""
 
-    def __init__(self, ptr: int, device_id: int = -1) -> None:
+    def __init__(self, ptr: int, device_id: int = -1, *, _warn: bool = True) -> None:
+        if _warn:
+            warnings.warn(
+                "cupy.cuda.ExternalStream is deprecated; use cupy.cuda.Stream.from_external",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         super().__init__(ptr)
         self.device_id = device_id
 
@@ -675,6 +832,16 @@ class ExternalStream(_StreamObject):
 
     def __exit__(self, *exc_info: object) -> None:
         _installed().local.streams.pop()
+
+
+class Stream:
+    """CuPy 14's ``Stream``: only ``from_external``, which takes the CUDA stream protocol."""
+
+    @classmethod
+    def from_external(cls, obj: Any) -> ExternalStream:
+        version, handle = obj.__cuda_stream__()
+        assert version == 0, version
+        return ExternalStream(handle, _warn=False)
 
 
 @contextlib.contextmanager
@@ -702,10 +869,10 @@ def empty(shape: Any, dtype: Any) -> ndarray:
 
 def _normalize_model(name: str, scalars: list[Any], out: ndarray) -> Any:
     """The fused normalize kernel, as the GPU computes it (written apart from gpuqueue's)."""
-    hw, rest = int(scalars[1]), [float(v) for v in scalars[2:]]
-    channels = len(rest) // 2
-    mean = np.array(rest[:channels], np.float32)
-    std = np.array(rest[channels:], np.float32)
+    hw, channels, rest = int(scalars[1]), int(scalars[2]), [float(v) for v in scalars[3:]]
+    values = len(rest) // 2  # per channel, or one for every channel
+    mean = np.resize(np.array(rest[:values], np.float32), channels)
+    std = np.resize(np.array(rest[values:], np.float32), channels)
 
     def model(inputs: list[np.ndarray]) -> list[np.ndarray]:
         flat = inputs[0].reshape(-1)
@@ -737,6 +904,23 @@ KERNEL_MODELS = {
 _SIGNATURE = re.compile(r"__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.DOTALL)
 
 
+class CompileException(Exception):
+    """``cupy.cuda.compiler.CompileException``."""
+
+
+_SIZES = {"float": 4, "int": 4, "unsigned int": 4, "short": 2, "long long": 8}
+
+
+def _parameter_bytes(params: list[str]) -> int:
+    """The bytes a kernel's parameters take, each aligned to its size."""
+    total = 0
+    for param in params:
+        kind = param.rsplit(" ", 1)[0].replace("const ", "").strip()
+        size = 8 if "*" in param else _SIZES[kind]
+        total = -(-total // size) * size + size
+    return total
+
+
 class RawKernel:
     """A kernel: its pointer parameters (``const``: read) and its model; runs at once."""
 
@@ -750,6 +934,16 @@ class RawKernel:
         if name not in KERNEL_MODELS:
             raise AssertionError(f"the double has no model of kernel {name}")
         self.name = name
+        cuda = _installed()
+        with cuda.lock:
+            cuda.kernels[(code, name)] = cuda.kernels.get((code, name), 0) + 1
+        size = _parameter_bytes(self.params)
+        if size > PARAMETER_SPACE:
+            # What NVRTC says (12.9 and 13.x), at compile time.
+            raise CompileException(
+                f"Formal parameter space overflowed ({size} bytes required, "
+                f"max {PARAMETER_SPACE} bytes allowed) in function {name}"
+            )
 
     def __call__(self, grid: Any, block: Any, args: Any, **options: Any) -> None:
         assert len(args) == len(self.params), (args, self.params)
@@ -778,6 +972,7 @@ def make_module(cuda: StrictCuda) -> types.ModuleType:
 
     cuda_module.get_current_stream = get_current_stream  # type: ignore[attr-defined]
     cuda_module.ExternalStream = ExternalStream  # type: ignore[attr-defined]
+    cuda_module.Stream = Stream  # type: ignore[attr-defined]
     cuda_module.using_allocator = using_allocator  # type: ignore[attr-defined]
     cupy.cuda = cuda_module  # type: ignore[attr-defined]
     cupy.ndarray = ndarray  # type: ignore[attr-defined]

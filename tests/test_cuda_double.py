@@ -293,7 +293,7 @@ def test_growing_arenas_never_synchronize_the_copy_thread(strict_cuda: StrictCud
     finally:
         enqueuer.stop()
     copy_thread = [call for name, call in calls if name == "OrderedEnqueuer-copy"]
-    assert "memcpyAsync" in copy_thread and "mallocAsync" in copy_thread
+    assert "memcpyAsync" in copy_thread and "mallocFromPoolAsync" in copy_thread
     assert not [call for call in copy_thread if "synchronize" in call]
     arenas = enqueuer._run.arenas
     timed = arenas.timed_s / (strict_cuda.elapsed_ms / 1e3)
@@ -310,7 +310,7 @@ def test_without_memory_pools_arenas_come_from_cuda_malloc(strict_cuda: StrictCu
         read = strict_cuda.read(batch, stream)
         assert np.array_equal(read, np.arange(read.size, dtype=np.int32))
     calls = [call for _, call in strict_cuda.calls]
-    assert "malloc" in calls and "mallocAsync" not in calls
+    assert "malloc" in calls and "mallocFromPoolAsync" not in calls
 
 
 # -- 8. an abandoned enqueuer lets its backend go ----------------------------------------

@@ -348,7 +348,7 @@ def _deliver(run: RunState, item: Item) -> Any:
     if copied.transformed:
         assert copied.kinds is not None
         return transformed_output(config.output, backend, batch, copied.kinds, stream)
-    return to_output(config.output, backend, batch, copied.treedef, copied.metas)
+    return to_output(config.output, backend, batch, copied.treedef, copied.metas, stream)
 
 
 def _lent(staged: Staged) -> Any:

@@ -41,7 +41,7 @@ Converter = Callable[[str, str, Any], Any]
 _BFLOAT16 = ("torch:bfloat16", "bfloat16", "ml:bfloat16")
 
 
-def _backend_arrays(backend: Backend) -> Converter:
+def _backend_arrays(backend: Backend, stream: Any) -> Converter:
     """The backend's own arrays (CuPy, or NumPy on the CPU), which have no bfloat16."""
 
     def convert(kind: str, path: str, leaf: Any) -> Any:
@@ -58,7 +58,7 @@ def _backend_arrays(backend: Backend) -> Converter:
     return convert
 
 
-def _torch_tensors(backend: Backend) -> Converter:
+def _torch_tensors(backend: Backend, stream: Any) -> Converter:
     import torch
     import torch.utils.dlpack
 
@@ -77,15 +77,22 @@ def _torch_tensors(backend: Backend) -> Converter:
     return convert
 
 
-def _jax_arrays(backend: Backend) -> Converter:
+def _jax_arrays(backend: Backend, stream: Any) -> Converter:
     # JAX orders its read after CuPy's current stream of the thread's current
-    # device: on a GPU, have the enqueuer's device current in the consumer.
+    # device: on a GPU that must be the batch's device and ``stream``, the one
+    # the batch is ordered on, whatever device the consumer has current.
     import jax.dlpack
     import jax.numpy as jnp
 
+    export_scope = getattr(backend, "export_scope", None)
+
     def convert(kind: str, path: str, leaf: Any) -> Any:
         try:
-            array = jax.dlpack.from_dlpack(leaf)
+            if export_scope is None:
+                array = jax.dlpack.from_dlpack(leaf)
+            else:
+                with export_scope(stream):
+                    array = jax.dlpack.from_dlpack(leaf)
         except BufferError:  # a read-only NumPy array: DLPack cannot say so
             array = jnp.asarray(leaf)
         return array.view(jnp.bfloat16) if kind in _BFLOAT16 else array
@@ -105,7 +112,8 @@ class Output:
         bfloat16: It has a bfloat16 dtype (a bfloat16 leaf can be delivered).
         needs_device: Its arrays come through DLPack from the device path.
         torch_stream: The consumer's work runs on PyTorch's current stream.
-        converter: Makes the ``convert`` of a backend.
+        converter: Makes the ``convert`` of a backend, for batches ordered on
+            the consumer's stream it is given.
     """
 
     module: str | None
@@ -114,7 +122,7 @@ class Output:
     bfloat16: bool
     needs_device: bool
     torch_stream: bool
-    converter: Callable[[Backend], Converter]
+    converter: Callable[[Backend, Any], Converter]
 
 
 OUTPUTS: dict[str | None, Output] = {
@@ -179,15 +187,21 @@ def consumer_stream(backend: Backend, output: str | None, stream: Any) -> Any:
 
 
 def to_output(
-    output: str | None, backend: Backend, batch: Any, treedef: TreeDef, metas: list[LeafMeta]
+    output: str | None,
+    backend: Backend,
+    batch: Any,
+    treedef: TreeDef,
+    metas: list[LeafMeta],
+    stream: Any,
 ) -> Any:
     """Converts the device batch's array leaves to the library ``output`` names.
 
     Host leaves (``None``, strings) pass through. A ``bfloat16`` tensor, which
     travels as its bits, becomes ``bfloat16`` again in torch and JAX; NumPy
     and CuPy have no such dtype, so without one of those it is an error.
+    ``stream`` is the consumer's, which the batch is ordered on.
     """
-    convert = OUTPUTS[output].converter(backend)
+    convert = OUTPUTS[output].converter(backend, stream)
     return map_arrays(treedef, metas, batch, lambda meta, leaf: convert(meta.kind, meta.path, leaf))
 
 
@@ -202,7 +216,7 @@ def transformed_output(
     stream is recorded on the consumer's stream (``record_stream``), so
     PyTorch's allocator reuses its memory only after the consumer's work.
     """
-    convert = OUTPUTS[output].converter(backend)
+    convert = OUTPUTS[output].converter(backend, stream)
     array_type = getattr(backend, "array_type", np.ndarray)
     torch_stream = None
     treedef, leaves = flatten(batch)

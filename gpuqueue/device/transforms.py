@@ -28,7 +28,13 @@ import numpy as np
 
 from ..errors import BatchError, add_note
 
-__all__ = ["BFloat16", "BatchTransform", "Normalize", "as_transform"]
+__all__ = ["MAX_CHANNELS", "BFloat16", "BatchTransform", "Normalize", "as_transform"]
+
+# The most per-channel values the kernel takes: 2 floats each as kernel parameters, and
+# as an array of that size per thread. 64 keeps both at 512 bytes; thousands would not
+# compile (the parameter space is 32 764 bytes) and would spill to local memory well
+# before. A single mean and std serve any number of channels with one kernel.
+MAX_CHANNELS = 64
 
 _DTYPES = ("float32", "float16", "bfloat16")
 _LAYOUTS = (None, "NHWC", "NCHW")
@@ -216,6 +222,12 @@ class Normalize:
                 "give one value per channel to both"
             )
         channels = max(len(self.mean), len(self.std))
+        if channels > MAX_CHANNELS:
+            raise ValueError(
+                f"Normalize: mean and std have {channels} channels; the kernel takes at most "
+                f"{MAX_CHANNELS} per-channel values (its parameters): give one number for "
+                "every channel, or write a transform of your own"
+            )
         self.mean = self.mean * channels if len(self.mean) == 1 else self.mean
         self.std = self.std * channels if len(self.std) == 1 else self.std
         if any(s == 0 for s in self.std):
@@ -253,21 +265,21 @@ class Normalize:
         """
         shape = self._check(images, field)
         channels = shape[-1]
-        mean = self.mean * channels if self.every_channel else self.mean
-        std = self.std * channels if self.every_channel else self.std
+        # One value each for every channel stays one: the kernel indexes it with 0, so
+        # one compiled kernel serves every width of the last axis.
+        mean, std = self.mean, self.std
         nchw = self.layout == "NCHW"
         out_shape = (*shape[:-3], shape[-1], *shape[-3:-1]) if nchw else shape
         if isinstance(images, np.ndarray):
             return self._on_host(images, out_shape, mean, std)
         from ..backends import cupy as cupy_backend
 
-        source, name = kernel_source(images.dtype.name, self.dtype, channels, nchw)
+        source, name = kernel_source(images.dtype.name, self.dtype, len(mean), nchw)
         out_dtype = np.int16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
         pixels = math.prod(shape[-3:-1]) if nchw else 1
-        scalars = [np.float32(v) for v in (*mean, *std)]
-        out = cupy_backend.launch_elementwise(
-            source, name, images, out_shape, out_dtype, [np.int64(pixels), *scalars]
-        )
+        scalars = [np.int64(pixels), np.int64(channels)]
+        scalars += [np.float32(v) for v in (*mean, *std)]
+        out = cupy_backend.launch_elementwise(source, name, images, out_shape, out_dtype, scalars)
         return BFloat16(out) if self.dtype == "bfloat16" else out
 
     def _check(self, images: Any, field: str) -> tuple[int, ...]:
@@ -336,22 +348,35 @@ def bfloat16_bits(values: np.ndarray) -> np.ndarray:
     return patterns
 
 
-def kernel_source(in_dtype: str, out_dtype: str, channels: int, nchw: bool) -> tuple[str, str]:
+def kernel_source(in_dtype: str, out_dtype: str, values: int, nchw: bool) -> tuple[str, str]:
     """The CUDA source of the fused normalize kernel, and its name.
 
     One thread per input element (grid-stride): read the integer, convert
     to float, subtract the channel's mean, divide by its std (IEEE float32,
     as NumPy), round to ``out_dtype``, and write it at its place in the
-    output (channels last, or moved before the image axes). mean and std are
-    ``channels`` float arguments each, so one compiled kernel serves every
-    ``Normalize`` with as many channels.
+    output (channels last, or moved before the image axes). The kernel takes
+    ``(x, y, n, hw, channels, m0.., s0..)``: ``values`` floats each of mean
+    and std, as parameters, one per channel or one for every channel (then
+    ``channels`` comes at run time, so one kernel serves every width).
+
+    The subtraction and division are written in PTX without ``.ftz``: CuPy
+    compiles every RawKernel with ``-ftz=true`` (after the caller's options,
+    so ``-ftz=false`` cannot undo it), which would flush a subnormal result
+    to zero where NumPy keeps it; ``Normalize`` promises NumPy's numbers.
+
+    Raises:
+        ValueError: If ``values`` is not between 1 and ``MAX_CHANNELS``.
     """
+    if not 1 <= values <= MAX_CHANNELS:
+        raise ValueError(
+            f"kernel_source: {values} per-channel values, expected 1 to {MAX_CHANNELS}"
+        )
     name = f"gpuqueue_normalize_{'nchw' if nchw else 'nhwc'}"
     params = ", ".join(
-        [f"float m{c}" for c in range(channels)] + [f"float s{c}" for c in range(channels)]
+        [f"float m{c}" for c in range(values)] + [f"float s{c}" for c in range(values)]
     )
-    means = ", ".join(f"m{c}" for c in range(channels))
-    stds = ", ".join(f"s{c}" for c in range(channels))
+    means = ", ".join(f"m{c}" for c in range(values))
+    stds = ", ".join(f"s{c}" for c in range(values))
     out_type = {"float32": "float", "float16": "__half", "bfloat16": "short"}[out_dtype]
     if out_dtype == "float16":
         store = "__float2half_rn(v)"
@@ -361,20 +386,40 @@ def kernel_source(in_dtype: str, out_dtype: str, channels: int, nchw: bool) -> t
         store = "v"
     place = "long long p = i / C; o = ((p / hw) * C + c) * hw + p % hw;" if nchw else "(void)hw;"
     source = f"""#include <cuda_fp16.h>
-#define C {channels}
+#define K {values}
 __device__ short to_bfloat16(float v) {{
     unsigned int u = __float_as_uint(v);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (short)((u >> 16) | 0x40u);
     return (short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }}
+__device__ __forceinline__ float exact_sub(float a, float b) {{
+#ifdef __CUDA_ARCH__
+    float r;
+    asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#else
+    return a - b;
+#endif
+}}
+__device__ __forceinline__ float exact_div(float a, float b) {{
+#ifdef __CUDA_ARCH__
+    float r;
+    asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#else
+    return a / b;
+#endif
+}}
 extern "C" __global__ void {name}(const {_C_TYPES[in_dtype]}* x, {out_type}* y,
-                                 long long n, long long hw, {params}) {{
-    const float mean[C] = {{{means}}};
-    const float std_[C] = {{{stds}}};
+                                 long long n, long long hw, long long channels, {params}) {{
+    const float mean[K] = {{{means}}};
+    const float std_[K] = {{{stds}}};
+    const long long C = K > 1 ? K : channels;
     long long stride = (long long)blockDim.x * gridDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {{
-        int c = (int)(i % C);
-        float v = ((float)x[i] - mean[c]) / std_[c];
+        long long c = i % C;
+        int k = K > 1 ? (int)c : 0;
+        float v = exact_div(exact_sub((float)x[i], mean[k]), std_[k]);
         long long o = i;
         {place}
         y[o] = {store};
