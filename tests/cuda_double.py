@@ -644,7 +644,7 @@ class _Runtime(types.ModuleType):
             cuda.tick(stream)
             event.snapshot = dict(stream.clock)
 
-    def streamWaitEvent(self, stream_handle: int, handle: int, flags: int) -> None:
+    def streamWaitEvent(self, stream_handle: int, handle: int, flags: int = 0) -> None:
         cuda = self._cuda
         with cuda.lock:
             event, stream = cuda.events[handle], cuda.stream(stream_handle)
