@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -41,6 +42,14 @@ from gpuqueue.device.transforms import _C_TYPES, _DTYPES, MAX_CHANNELS, BFloat16
 ARCHES = ("80", "90")
 IN_DTYPES = tuple(_C_TYPES)
 VALUES = (1, 3, MAX_CHANNELS)  # one for every channel, ImageNet's three, the most taken
+
+
+def _missing(reason: str) -> None:
+    """Skips, or fails where CI installed the tools (``GPUQUEUE_CI_EXPECT_KERNEL_TOOLS=1``):
+    a check CI means to run must not pass by skipping."""
+    if os.environ.get("GPUQUEUE_CI_EXPECT_KERNEL_TOOLS") == "1":
+        pytest.fail(f"CI installed the kernel tools, yet: {reason}")
+    pytest.skip(reason)
 
 
 def _package_dir(name: str) -> Path | None:
@@ -118,11 +127,11 @@ def _nvrtc() -> Any:
     try:
         from cupy_backends.cuda.libs import nvrtc
     except ImportError as error:  # no CuPy
-        pytest.skip(f"NVRTC not reachable through CuPy here ({error})")
+        _missing(f"NVRTC not reachable through CuPy here ({error})")
     try:
         nvrtc.getVersion()
     except Exception as error:  # CuPy without libnvrtc
-        pytest.skip(f"libnvrtc not installed: pip install 'cuda-toolkit[nvrtc]==12.*' ({error})")
+        _missing(f"libnvrtc not installed: pip install 'cuda-toolkit[nvrtc]==12.*' ({error})")
     return nvrtc
 
 
@@ -132,7 +141,7 @@ def _cupy_options(arch: str) -> list[str]:
     include path is where CuPy finds cuda_fp16.h in the CUDA wheels."""
     runtime = _include_dirs()["runtime"]
     if runtime is None:
-        pytest.skip("nvidia-cuda-runtime's headers not installed")
+        _missing("nvidia-cuda-runtime's headers not installed")
     return [
         "-ftz=true",
         f"-arch=sm_{arch}",
@@ -259,11 +268,11 @@ def build_on_cpu(sources: list[tuple[str, int]], where: Path) -> ctypes.CDLL:
     """One shared library running each ``(source, values)`` as ``gq_run_v{i}``."""
     compiler = shutil.which("g++")
     if compiler is None:
-        pytest.skip("g++ not installed")
+        _missing("g++ not installed")
     includes = _include_dirs()
     missing = [what for what, path in includes.items() if path is None]
     if missing:
-        pytest.skip(
+        _missing(
             f"headers missing for the CPU run: {missing} (nvidia-cuda-runtime-cu12, "
             "nvidia-cuda-nvcc-cu12, cupy)"
         )
@@ -439,7 +448,7 @@ def _real_runtime() -> Any:
     try:
         from cupy_backends.cuda.api import runtime
     except ImportError:
-        pytest.skip("CuPy not installed")
+        _missing("CuPy not installed")
     try:
         runtime.getDeviceCount()
     except runtime.CUDARuntimeError:
