@@ -164,7 +164,7 @@ class StrictCuda:
         self.kernels: dict[tuple[str, str], int] = {}  # (source, name) -> times compiled
         self.native = _Native(self)
         self._handles = itertools.count(0x1000, 0x10)
-        self._addresses = itertools.count(0x7F0000000000, 1 << 24)
+        self._next_address = 0x7F0000000000  # made-up device addresses, never overlapping
         for device in range(devices):
             self._new_stream(self.default_stream(device), device)
 
@@ -305,7 +305,8 @@ class StrictCuda:
                     )
             stream_tick = self.tick(stream)
             allocation.accesses.append((*stream_tick, "read"))
-            return array._host_copy()
+            values: np.ndarray = array._host_copy()
+            return values
 
     def current_stream(self) -> int:
         """The handle of CuPy's current stream in the calling thread (0: the default)."""
@@ -508,7 +509,10 @@ class _Runtime(types.ModuleType):
     def _allocate(self, nbytes: int, device: int, made: tuple[int, int] | None) -> int:
         cuda = self._cuda
         storage = ctypes.create_string_buffer(max(1, nbytes))
-        ptr = next(cuda._addresses)
+        # Each allocation its own range, a gap after it: 16 MiB steps, as before, let an
+        # allocation over 16 MiB overlap the next, and a copy into it overran its storage.
+        ptr = cuda._next_address
+        cuda._next_address += -(-max(1, nbytes) // (1 << 24)) * (1 << 24) + (1 << 24)
         cuda.allocations[ptr] = _Allocation(ptr, nbytes, device, storage, made)
         return ptr
 
@@ -770,13 +774,14 @@ class ndarray:  # CuPy's name
 
     @property
     def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
+        return int(self.size * self.dtype.itemsize)
 
     def _host_copy(self) -> np.ndarray:
         allocation = self._cuda.allocation(self.data.ptr)
         start = self.data.ptr - allocation.ptr
         raw = ctypes.string_at(ctypes.addressof(allocation.storage) + start, self.nbytes)
-        return np.frombuffer(raw, dtype=self.dtype).reshape(self.shape).copy()
+        values: np.ndarray = np.frombuffer(raw, dtype=self.dtype).reshape(self.shape).copy()
+        return values
 
     def __getitem__(self, key: slice) -> ndarray:
         assert len(self.shape) == 1 and isinstance(key, slice) and key.step is None
@@ -947,7 +952,9 @@ class RawKernel:
 
     def __call__(self, grid: Any, block: Any, args: Any, **options: Any) -> None:
         assert len(args) == len(self.params), (args, self.params)
-        reads, writes, scalars = [], [], []
+        reads: list[ndarray] = []
+        writes: list[ndarray] = []
+        scalars: list[Any] = []
         for param, arg in zip(self.params, args, strict=True):
             if "*" in param:
                 assert isinstance(arg, ndarray), f"{param} needs a device array"

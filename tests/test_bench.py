@@ -255,3 +255,87 @@ def test_normalize_smoke_run_measures_both_paths_in_one_report(tmp_path: Path) -
     device = report["paths"]["device"]["bytes_copied_per_batch"]["median"]
     host = report["paths"]["host"]["bytes_copied_per_batch"]["median"]
     assert 4 * 16 * 16 * 3 <= device < host and host >= 4 * 16 * 16 * 3 * 4
+
+
+# -- gpu_check: a dry run on the strict CUDA double ---------------------------------------
+
+GPU_CHECK_ROWS = 3 + 3 * 10 + 1  # tests/gpu, ownership, 10 per size, LOCAL_RANK, the double
+
+
+@pytest.mark.timeout(120)
+def test_gpu_check_dry_run_writes_every_row_on_the_double(tmp_path: Path) -> None:
+    """Every row of a GPU run, on the CPU, in CI's budget: no GPU minute finds a bug here."""
+    import time
+
+    from bench import gpu_check
+
+    out = tmp_path / "check.json"
+    began = time.perf_counter()
+    returned = gpu_check.main(["--dry-run", "--out", str(out)])
+    assert time.perf_counter() - began < 30
+    written = json.loads(out.read_text())
+    assert [row["row"] for row in written["rows"]] == [row["row"] for row in returned["rows"]]
+    assert len(written["rows"]) == GPU_CHECK_ROWS
+    statuses = {row["row"]: row["status"] for row in written["rows"]}
+    # The DataLoader rows need torch, which the 3.10/3.13 venvs do not install.
+    assert {s for r, s in statuses.items() if "DataLoader" not in r} == {"ok"}
+    for row in written["rows"]:
+        if row["row"].endswith("behind the step") and row["status"] == "ok":
+            result = row["result"]
+            assert result["windows"] >= 3 and 0.0 <= result["hidden_fraction"] <= 1.0
+            assert result["stats"]["batches_consumed"] > 0  # read once, after the windows
+
+
+@pytest.mark.timeout(120)
+def test_gpu_check_writes_a_row_per_case_when_cases_raise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error is that row's result, traceback and all, the JSON is on disk after each
+    row, and the rows after it still run."""
+    from bench import gpu_check
+
+    out = tmp_path / "check.json"
+    seen_on_disk: list[int] = []
+    real_row = gpu_check.Report.row
+
+    def row(self: Any, name: str, case: Any) -> Any:
+        if out.exists():  # what a run killed now would have left
+            seen_on_disk.append(len(json.loads(out.read_text())["rows"]))
+        return real_row(self, name, case)
+
+    def broken_ownership(kit: Any) -> Any:
+        raise RuntimeError("an ownership check that breaks")
+
+    def broken_one_ahead(self: Any, nbytes: int) -> Any:
+        raise ValueError(f"a one-ahead loop that breaks at {nbytes}")
+
+    monkeypatch.setattr(gpu_check.Report, "row", row)
+    monkeypatch.setattr(gpu_check, "ownership_check", broken_ownership)
+    monkeypatch.setattr(gpu_check.DryKit, "one_ahead", broken_one_ahead)
+    gpu_check.main(["--dry-run", "--out", str(out), "--sizes", "64KiB"])
+    rows = {row["row"]: row for row in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 3 + 10 + 1
+    assert rows["ownership"]["status"] == "error"
+    assert "an ownership check that breaks" in rows["ownership"]["traceback"]
+    failed = rows["64KiB one-ahead, packed ahead"]
+    assert failed["status"] == "error" and "ValueError" in failed["traceback"]
+    assert rows["64KiB gpuqueue depth 4 behind the step"]["status"] == "ok"
+    assert seen_on_disk == list(range(len(seen_on_disk)))  # row n found n rows written
+
+
+def test_gpu_check_without_cupy_names_the_extra_in_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text("import sys\nsys.modules['cupy'] = None\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path / "x.json")],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install -e '.[test,bench,cuda12]'" in lines[0], done.stderr
+    assert not (tmp_path / "x.json").exists()
