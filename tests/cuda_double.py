@@ -882,7 +882,7 @@ def _normalize_model(name: str, scalars: list[Any], out: ndarray) -> Any:
     def model(inputs: list[np.ndarray]) -> list[np.ndarray]:
         flat = inputs[0].reshape(-1)
         position = np.arange(flat.size)
-        channel = position % channels
+        channel = (position // hw) % channels if name.endswith("_cfirst") else position % channels
         values = (flat.astype(np.float32) - mean[channel]) / std[channel]
         target = position
         if name.endswith("_nchw"):
@@ -904,6 +904,7 @@ def _normalize_model(name: str, scalars: list[Any], out: ndarray) -> Any:
 KERNEL_MODELS = {
     "gpuqueue_normalize_nhwc": _normalize_model,
     "gpuqueue_normalize_nchw": _normalize_model,
+    "gpuqueue_normalize_cfirst": _normalize_model,
 }
 
 _SIGNATURE = re.compile(r"__global__\s+void\s+(\w+)\s*\(([^)]*)\)", re.DOTALL)

@@ -1,7 +1,8 @@
 """The device code and the CuPy surface, checked without a GPU.
 
 - Every ``Normalize`` kernel variant gpuqueue can build (input and output
-  dtypes, one value or per-channel values, both layouts) compiles with
+  dtypes, one value or per-channel values, channels last kept or moved
+  first, channels-first input) compiles with
   NVRTC to a cubin for sm_80 and sm_90, with the options CuPy's RawKernel
   adds (``-ftz=true`` last among them), and its PTX parameters are what the
   launcher passes; its float arithmetic carries no ``.ftz`` (defect 10).
@@ -42,6 +43,7 @@ from gpuqueue.device.transforms import _C_TYPES, _DTYPES, MAX_CHANNELS, BFloat16
 ARCHES = ("80", "90")
 IN_DTYPES = tuple(_C_TYPES)
 VALUES = (1, 3, MAX_CHANNELS)  # one for every channel, ImageNet's three, the most taken
+MODES = ("nhwc", "nchw", "cfirst")  # channels last kept, moved first, channels-first input
 
 
 def _missing(reason: str) -> None:
@@ -73,14 +75,23 @@ def _include_dirs() -> dict[str, Path | None]:
     }
 
 
-def _normalize_for(values: int, channels: int, out: str, nchw: bool) -> Normalize:
+def _normalize_for(values: int, channels: int, out: str, mode: str) -> Normalize:
     rng = np.random.default_rng(values * 7 + channels)
     if values == 1:
         mean, std = 101.25, 47.5
     else:
         mean = rng.uniform(-50, 200, channels).round(3).tolist()
         std = rng.uniform(0.5, 80, channels).round(3).tolist()
-    return Normalize(mean, std, dtype=out, layout="NCHW" if nchw else None)
+    layout = "NCHW" if mode == "nchw" else None
+    return Normalize(
+        mean, std, dtype=out, layout=layout, input_layout="NCHW" if mode == "cfirst" else "NHWC"
+    )
+
+
+def _shape(mode: str, batch: int, channels: int, height: int, width: int) -> tuple[int, ...]:
+    if mode == "cfirst":
+        return (batch, channels, height, width)
+    return (batch, height, width, channels)
 
 
 def _launch_of(normalize: Normalize, in_dtype: str, shape: tuple[int, ...]) -> tuple[Any, ...]:
@@ -109,13 +120,13 @@ def _launch_of(normalize: Normalize, in_dtype: str, shape: tuple[int, ...]) -> t
     return found
 
 
-def _variants() -> list[tuple[str, str, int, bool]]:
+def _variants() -> list[tuple[str, str, int, str]]:
     return [
-        (in_dtype, out, values, nchw)
+        (in_dtype, out, values, mode)
         for in_dtype in IN_DTYPES
         for out in _DTYPES
         for values in VALUES
-        for nchw in (False, True)
+        for mode in MODES
     ]
 
 
@@ -177,21 +188,23 @@ def _ptx_parameters(ptx: str, name: str) -> list[str]:
 @pytest.mark.parametrize("arch", ARCHES)
 def test_every_normalize_variant_compiles_with_the_launchers_parameters(arch: str) -> None:
     compiled = 0
-    for in_dtype, out, values, nchw in _variants():
+    for variant in _variants():
+        in_dtype, out, values, mode = variant
         channels = 5 if values == 1 else values
-        shape = (2, 3, 4, channels)
+        shape = _shape(mode, 2, channels, 3, 4)
         source, name, arguments = _launch_of(
-            _normalize_for(values, channels, out, nchw), in_dtype, shape
+            _normalize_for(values, channels, out, mode), in_dtype, shape
         )
+        assert name.endswith(mode), (variant, name)
         cubin, ptx = compile_kernel(source, arch)
-        assert cubin[:4] == b"\x7fELF", (in_dtype, out, values, nchw)
+        assert cubin[:4] == b"\x7fELF", variant
         wanted = [_PTX_TYPE[a if isinstance(a, str) else type(a)] for a in arguments]
-        assert _ptx_parameters(ptx, name) == wanted, (in_dtype, out, values, nchw)
+        assert _ptx_parameters(ptx, name) == wanted, variant
         # Defect 10: CuPy's -ftz=true must not reach the arithmetic NumPy does.
         flushed = [line.strip() for line in ptx.splitlines() if ".ftz" in line]
-        assert flushed == [], (in_dtype, out, values, nchw, flushed)
+        assert flushed == [], (variant, flushed)
         compiled += 1
-    assert compiled == len(IN_DTYPES) * len(_DTYPES) * len(VALUES) * 2
+    assert compiled == len(IN_DTYPES) * len(_DTYPES) * len(VALUES) * len(MODES)
 
 
 # -- 2. the CUDA C source on the CPU ------------------------------------------------------
@@ -357,8 +370,11 @@ def check_variant(
         if got.tobytes() != want.tobytes():
             differ = int(np.sum(got.view(np.uint8) != want.view(np.uint8)))
             problems.append(f"grid {grid}: not bit for bit the NumPy path ({differ} bytes differ)")
-        mean = np.resize(np.float32(normalize.mean), images.shape[-1])
-        std = np.resize(np.float32(normalize.std), images.shape[-1]).astype(np.float64)
+        first = normalize.input_layout == "NCHW"
+        channels = images.shape[-3] if first else images.shape[-1]
+        along = (channels, 1, 1) if first else (channels,)
+        mean = np.resize(np.float32(normalize.mean), channels).reshape(along)
+        std = np.resize(np.float32(normalize.std), channels).astype(np.float64).reshape(along)
         exact = (images.astype(np.float64) - mean.astype(np.float64)) / std
         # The kernel's one rounding past the subtraction: its float32 difference, divided
         # in float64.
@@ -366,7 +382,7 @@ def check_variant(
         got64 = _as_float64(got, normalize.dtype)
         for reference, ulps, what in ((exact, EXACT_ULPS[normalize.dtype], "exact"),
                                       (divided, 1.0, "its difference divided")):  # fmt: skip
-            if normalize.layout == "NCHW":
+            if normalize.layout == "NCHW" and not first:
                 reference = np.moveaxis(reference, -1, -3)
             reference = reference.reshape(-1)
             error = np.abs(got64 - reference) / _ulp(reference, normalize.dtype)
@@ -377,7 +393,7 @@ def check_variant(
     return problems
 
 
-def _cpu_variants() -> list[tuple[str, str, int, bool]]:
+def _cpu_variants() -> list[tuple[str, str, int, str]]:
     return [v for v in _variants() if v[2] != MAX_CHANNELS or v[0] == "uint8"]
 
 
@@ -386,8 +402,9 @@ def cpu_kernels(tmp_path_factory: pytest.TempPathFactory) -> tuple[ctypes.CDLL, 
     """Every CPU-run variant, plus two broken ones at the end, in one library."""
     variants = _cpu_variants()
     sources = []
-    for in_dtype, out, values, nchw in variants:
-        source, _name = kernel_source(in_dtype, out, values, nchw)
+    for in_dtype, out, values, mode in variants:
+        nchw, first = mode == "nchw", mode == "cfirst"
+        source, _name = kernel_source(in_dtype, out, values, nchw, channels_first=first)
         sources.append((source, values))
     nchw_source, _name = kernel_source("uint8", "float32", 3, True)
     broken_index = nchw_source.replace("p % hw;", "(p + 1) % hw;")
@@ -402,23 +419,23 @@ def test_every_normalize_variant_runs_on_the_cpu_as_numpy_computes(
 ) -> None:
     library, variants = cpu_kernels
     failures = {}
-    for index, (in_dtype, out, values, nchw) in enumerate(variants):
+    for index, (in_dtype, out, values, mode) in enumerate(variants):
         channels = 7 if values == 1 else values
-        shape = (2, 3, 5, channels) if values != MAX_CHANNELS else (1, 2, 3, channels)
-        normalize = _normalize_for(values, channels, out, nchw)
-        images = _images(in_dtype, shape, seed=index)
+        sizes = (2, channels, 3, 5) if values != MAX_CHANNELS else (1, channels, 2, 3)
+        normalize = _normalize_for(values, channels, out, mode)
+        images = _images(in_dtype, _shape(mode, *sizes), seed=index)
         problems = check_variant(library, index, normalize, images, ftz=False)
         if problems:
-            failures[(in_dtype, out, values, nchw)] = problems
+            failures[(in_dtype, out, values, mode)] = problems
     assert failures == {}
-    assert len(variants) >= 90
+    assert len(variants) >= 140
 
 
 def test_a_variant_with_broken_index_math_or_bounds_fails_the_cpu_run(
     cpu_kernels: tuple[ctypes.CDLL, list[Any]],
 ) -> None:
     library, variants = cpu_kernels
-    normalize = _normalize_for(3, 3, "float32", True)
+    normalize = _normalize_for(3, 3, "float32", "nchw")
     images = _images("uint8", (2, 3, 5, 3), seed=1)
     broken_index = check_variant(library, len(variants), normalize, images, ftz=False)
     assert any("not bit for bit" in p for p in broken_index), broken_index
@@ -433,7 +450,7 @@ def test_subnormal_results_agree_with_numpy_on_the_cpu_run(
     (checked above), so the CPU runs without FTZ/DAZ too, and agrees with NumPy; with
     them (what CuPy's -ftz=true gives plain float arithmetic) it would not."""
     library, variants = cpu_kernels
-    index = variants.index(("uint8", "float32", 1, False))
+    index = variants.index(("uint8", "float32", 1, "nhwc"))
     normalize = Normalize(0.0, 3e38)
     images = np.arange(256, dtype=np.uint8).reshape(2, 2, 64)
     assert check_variant(library, index, normalize, images, ftz=False) == []

@@ -544,3 +544,62 @@ def test_auto_depth_counts_what_the_transform_allocates_within_the_budget(
     assert stats["device_bytes"] <= budget, (stats["prefetch_depth"], stats["device_bytes"])
     assert stats["prefetch_depth"] == 3, stats["prefetch_depth_reason"]
     del batch, batches
+
+
+# -- 7. channels-first input (issue 23, item 6) ----------------------------------------------
+
+
+class ImagesFirst(Images):
+    """Batch i: Images' batch i with the channels moved first (N, C, H, W)."""
+
+    def __getitem__(self, index: int) -> Any:
+        images, labels, weights = super().__getitem__(index)
+        return np.ascontiguousarray(np.moveaxis(images, -1, -3)), labels, weights
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("shape", [(5, 4, 3), (2, 5, 4, 3)], ids=["CHW", "NCHW"])
+def test_channels_first_input_stays_nchw_and_equals_the_moved_channels_last_result(
+    dtype: str, shape: tuple[int, ...]
+) -> None:
+    images = np.random.default_rng(7).integers(0, 256, shape, dtype=np.uint8)
+    first = np.ascontiguousarray(np.moveaxis(images, -1, -3))
+    got = Normalize(MEAN, STD, dtype=dtype, input_layout="NCHW")(first)
+    assert got.shape == first.shape and got.dtype == np.dtype(dtype)
+    moved = Normalize(MEAN, STD, dtype=dtype, layout="NCHW")(images)
+    assert got.tobytes() == moved.tobytes()  # the same arithmetic, bit for bit
+    close(got, reference(images, dtype, "NCHW"), dtype)
+
+
+def test_channels_first_arguments_and_input_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"^Normalize: input_layout must be one of"):
+        Normalize(MEAN, STD, input_layout="CHW")
+    with pytest.raises(ValueError, match=r"keeps the channels first .* got layout='NHWC'"):
+        Normalize(MEAN, STD, input_layout="NCHW", layout="NHWC")
+    norm = Normalize(MEAN, STD, input_layout="NCHW")
+    with pytest.raises(BatchError, match=r"field \[0\] has 5 channels \(axis -3 .*expected 3"):
+        norm.apply(np.zeros((2, 5, 4, 3), np.uint8), "[0]")
+    with pytest.raises(BatchError, match=r"field \[0\] has shape \(4, 3\), expected rank 3"):
+        norm.apply(np.zeros((4, 3), np.uint8), "[0]")
+    # One number for every channel: any channel count.
+    wide = np.arange(2 * 7 * 2 * 2, dtype=np.uint8).reshape(2, 7, 2, 2)
+    got = Normalize(2.0, 4.0, input_layout="NCHW")(wide)
+    np.testing.assert_array_equal(got, (wide.astype(np.float32) - 2) / 4)
+
+
+@pytest.mark.parametrize("depth", [2, 0])
+def test_channels_first_normalize_on_the_double(strict_cuda: StrictCuda, depth: int) -> None:
+    transform = {0: Normalize(MEAN, STD, dtype="float16", input_layout="NCHW")}
+    enqueuer = OrderedEnqueuer(
+        ImagesFirst(), device=0, prefetch_depth=depth, epochs=1, shard=None, transform=transform
+    )
+    enqueuer.start(workers=2)
+    stream = strict_cuda.default_stream(0)
+    held = list(enqueuer.get())
+    for position, batch in enumerate(held):
+        images, _labels = read_all(strict_cuda, batch, stream)
+        close(images, reference(Images()[position][0], "float16", "NCHW"), "float16")
+    kernels = {c[1] for c in strict_cuda.calls if c[1].startswith("kernel gpuqueue_normalize")}
+    assert kernels == {"kernel gpuqueue_normalize_cfirst"}
+    del held, batch
+    gc.collect()

@@ -38,6 +38,7 @@ MAX_CHANNELS = 64
 
 _DTYPES = ("float32", "float16", "bfloat16")
 _LAYOUTS = (None, "NHWC", "NCHW")
+_INPUT_LAYOUTS = ("NHWC", "NCHW")
 # Integer dtypes a kernel reads, as C types.
 _C_TYPES = {
     "uint8": "unsigned char",
@@ -197,6 +198,11 @@ class Normalize:
         layout: ``None`` (or ``"NHWC"``) keeps channels last; ``"NCHW"`` moves
             them before the image axes: (N, H, W, C) to (N, C, H, W), and
             (H, W, C) to (C, H, W).
+        input_layout: Where the input's channels are: ``"NHWC"`` (the last
+            axis, the default) or ``"NCHW"`` (channels first: (N, C, H, W)
+            or (C, H, W), as a PyTorch dataset often gives them), which stays
+            NCHW out (``layout`` None or ``"NCHW"``), through the same fused
+            kernel.
 
     Computed in float32, ``(float(x) - mean) / std``, then rounded to
     ``dtype`` (to nearest, ties to even) on every backend, subnormal results
@@ -208,11 +214,18 @@ class Normalize:
     Raises:
         ValueError: If ``mean`` and ``std`` differ in length, are empty or
             not finite, have more than ``MAX_CHANNELS`` values, ``std`` has a
-            zero, or ``dtype`` or ``layout`` is not one of those above.
+            zero, ``dtype``, ``layout`` or ``input_layout`` is not one of those
+            above, or channels-first input is asked for channels last out.
     """
 
     def __init__(
-        self, mean: Any, std: Any, *, dtype: Any = "float32", layout: str | None = None
+        self,
+        mean: Any,
+        std: Any,
+        *,
+        dtype: Any = "float32",
+        layout: str | None = None,
+        input_layout: str = "NHWC",
     ) -> None:
         self.mean = _per_channel("mean", mean)
         self.std = _per_channel("std", std)
@@ -239,12 +252,22 @@ class Normalize:
             raise ValueError(f"Normalize: dtype must be one of {_DTYPES}, got {dtype!r}")
         if layout not in _LAYOUTS:
             raise ValueError(f"Normalize: layout must be one of {_LAYOUTS}, got {layout!r}")
-        self.layout = layout
+        if input_layout not in _INPUT_LAYOUTS:
+            raise ValueError(
+                f"Normalize: input_layout must be one of {_INPUT_LAYOUTS}, got {input_layout!r}"
+            )
+        if input_layout == "NCHW" and layout == "NHWC":
+            raise ValueError(
+                "Normalize: input_layout='NCHW' keeps the channels first (layout=None or "
+                "'NCHW'); moving them last is not supported, got layout='NHWC'"
+            )
+        self.layout = "NCHW" if input_layout == "NCHW" else layout
+        self.input_layout = input_layout
 
     def __repr__(self) -> str:
         return (
             f"Normalize(mean={self.mean}, std={self.std}, dtype={self.dtype!r}, "
-            f"layout={self.layout!r})"
+            f"layout={self.layout!r}, input_layout={self.input_layout!r})"
         )
 
     def __call__(self, batch: Any) -> Any:
@@ -263,22 +286,25 @@ class Normalize:
 
         Raises:
             BatchError: If ``images`` is not an integer array with the channels
-                last, or has a rank ``layout`` cannot take.
+                where ``input_layout`` says, or has a rank it cannot take.
         """
         shape = self._check(images, field)
-        channels = shape[-1]
+        first = self.input_layout == "NCHW"
+        channels = shape[-3] if first else shape[-1]
         # One value each for every channel stays one: the kernel indexes it with 0, so
-        # one compiled kernel serves every width of the last axis.
+        # one compiled kernel serves every channel count.
         mean, std = self.mean, self.std
-        nchw = self.layout == "NCHW"
-        out_shape = (*shape[:-3], shape[-1], *shape[-3:-1]) if nchw else shape
+        move = self.layout == "NCHW" and not first
+        out_shape = (*shape[:-3], shape[-1], *shape[-3:-1]) if move else shape
         if isinstance(images, np.ndarray):
             return self._on_host(images, out_shape, mean, std)
         from ..backends import cupy as cupy_backend
 
-        source, name = kernel_source(images.dtype.name, self.dtype, len(mean), nchw)
+        source, name = kernel_source(
+            images.dtype.name, self.dtype, len(mean), move, channels_first=first
+        )
         out_dtype = np.int16 if self.dtype == "bfloat16" else np.dtype(self.dtype)
-        pixels = math.prod(shape[-3:-1]) if nchw else 1
+        pixels = math.prod(shape[-2:]) if first else math.prod(shape[-3:-1]) if move else 1
         scalars = [np.int64(pixels), np.int64(channels)]
         scalars += [np.float32(v) for v in (*mean, *std)]
         out = cupy_backend.launch_elementwise(source, name, images, out_shape, out_dtype, scalars)
@@ -300,6 +326,18 @@ class Normalize:
                 "(uint8, say): send the images as integers and let Normalize make the floats"
             )
         shape = tuple(int(n) for n in images.shape)
+        if self.input_layout == "NCHW":
+            if len(shape) not in (3, 4):
+                raise BatchError(
+                    f"Normalize: field {field} has shape {shape}, expected rank 3 (C, H, W) "
+                    "or 4 (N, C, H, W) for input_layout='NCHW'"
+                )
+            if shape[-3] != channels and not self.every_channel:
+                raise BatchError(
+                    f"Normalize: field {field} has {shape[-3]} channels (axis -3 of shape "
+                    f"{shape}, input_layout='NCHW'), expected {channels} as mean and std have"
+                )
+            return shape
         ranks = (3, 4) if self.layout == "NCHW" else None
         if (ranks is not None and len(shape) not in ranks) or not shape:
             wanted = "rank 3 (H, W, C) or 4 (N, H, W, C)" if ranks else "at least rank 1"
@@ -317,9 +355,13 @@ class Normalize:
     def _on_host(
         self, images: np.ndarray, out_shape: tuple[int, ...], mean: list[float], std: list[float]
     ) -> Any:
-        values = np.subtract(images, np.asarray(mean, np.float32), dtype=np.float32)
-        np.divide(values, np.asarray(std, np.float32), out=values)
-        if self.layout == "NCHW":
+        # Per channel along the channel axis: the last, or -3 for channels-first input.
+        along = (-1, 1, 1) if self.input_layout == "NCHW" else (-1,)
+        means = np.asarray(mean, np.float32).reshape(along)
+        stds = np.asarray(std, np.float32).reshape(along)
+        values = np.subtract(images, means, dtype=np.float32)
+        np.divide(values, stds, out=values)
+        if self.layout == "NCHW" and self.input_layout == "NHWC":
             values = np.moveaxis(values, -1, -3)
         if self.dtype == "bfloat16":
             return BFloat16(bfloat16_bits(values))
@@ -350,13 +392,17 @@ def bfloat16_bits(values: np.ndarray) -> np.ndarray:
     return patterns
 
 
-def kernel_source(in_dtype: str, out_dtype: str, values: int, nchw: bool) -> tuple[str, str]:
+def kernel_source(
+    in_dtype: str, out_dtype: str, values: int, nchw: bool, *, channels_first: bool = False
+) -> tuple[str, str]:
     """The CUDA source of the fused normalize kernel, and its name.
 
     One thread per input element (grid-stride): read the integer, convert
     to float, subtract the channel's mean, divide by its std (IEEE float32,
     as NumPy), round to ``out_dtype``, and write it at its place in the
-    output (channels last, or moved before the image axes). The kernel takes
+    output (channels last, or moved before the image axes; channels-first
+    input, ``channels_first``, is read and written in place: its channel is
+    ``(i / hw) % C``). The kernel takes
     ``(x, y, n, hw, channels, m0.., s0..)``: ``values`` floats each of mean
     and std, as parameters, one per channel or one for every channel (then
     ``channels`` comes at run time, so one kernel serves every width).
@@ -373,7 +419,10 @@ def kernel_source(in_dtype: str, out_dtype: str, values: int, nchw: bool) -> tup
         raise ValueError(
             f"kernel_source: {values} per-channel values, expected 1 to {MAX_CHANNELS}"
         )
-    name = f"gpuqueue_normalize_{'nchw' if nchw else 'nhwc'}"
+    if channels_first and nchw:
+        raise ValueError("kernel_source: channels-first input is written in place, not moved")
+    mode = "cfirst" if channels_first else "nchw" if nchw else "nhwc"
+    name = f"gpuqueue_normalize_{mode}"
     params = ", ".join(
         [f"float m{c}" for c in range(values)] + [f"float s{c}" for c in range(values)]
     )
@@ -387,6 +436,7 @@ def kernel_source(in_dtype: str, out_dtype: str, values: int, nchw: bool) -> tup
     else:
         store = "v"
     place = "long long p = i / C; o = ((p / hw) * C + c) * hw + p % hw;" if nchw else "(void)hw;"
+    channel = "(i / hw) % C" if channels_first else "i % C"
     source = f"""#include <cuda_fp16.h>
 #define K {values}
 __device__ short to_bfloat16(float v) {{
@@ -419,7 +469,7 @@ extern "C" __global__ void {name}(const {_C_TYPES[in_dtype]}* x, {out_type}* y,
     const long long C = K > 1 ? K : channels;
     long long stride = (long long)blockDim.x * gridDim.x;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {{
-        long long c = i % C;
+        long long c = {channel};
         int k = K > 1 ? (int)c : 0;
         float v = exact_div(exact_sub((float)x[i], mean[k]), std_[k]);
         long long o = i;
