@@ -227,7 +227,8 @@ class _StreamProtocol:
 
 
 def _cupy_view(torch_stream: Any) -> Any:
-    """PyTorch's stream as a CuPy stream, so CuPy work runs in its order."""
-    import cupy
+    """PyTorch's stream as a CuPy stream, so CuPy work runs in its order (``from_external``
+    on CuPy 14 and later, ``ExternalStream`` on the CuPy 13 that ``pyproject`` allows)."""
+    from gpuqueue.backends.cupy import external_stream
 
-    return cupy.cuda.Stream.from_external(_StreamProtocol(int(torch_stream.cuda_stream)))
+    return external_stream(_StreamProtocol(int(torch_stream.cuda_stream)))

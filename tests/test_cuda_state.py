@@ -218,3 +218,19 @@ def test_the_copy_thread_makes_no_device_bookkeeping_calls_per_batch(
         if thread == "OrderedEnqueuer-copy" and call in ("ctxGetCurrent", "getDevice", "setDevice")
     ]
     assert bookkeeping == ["setDevice"]
+
+
+def test_a_cupy_without_from_external_gets_external_stream(
+    strict_cuda: StrictCuda, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CuPy 13 (which ``pyproject`` still allows) has no ``Stream.from_external``."""
+    monkeypatch.delattr(sys.modules["cupy"].cuda.Stream, "from_external")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        enqueuer = OrderedEnqueuer(
+            Images(length=2), device=0, epochs=1, shard=None, transform={0: Normalize(MEAN, STD)}
+        )
+        enqueuer.start(workers=1)
+        assert len(list(enqueuer.get())) == 2
+    assert any("ExternalStream is deprecated" in str(w.message) for w in caught)
+    gc.collect()
