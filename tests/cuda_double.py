@@ -600,14 +600,14 @@ class _Runtime(types.ModuleType):
             cuda.violate(f"{what} of {nbytes} bytes runs past the end of an allocation")
         cuda._check_device_access(target, stream, what)
         cuda._check_ordered_after_all(target, stream, what)
-        tick = cuda.tick(stream)
+        stamp = cuda.tick(stream)
         ctypes.memmove(
             ctypes.addressof(target.storage) + dst - target.ptr,
             ctypes.addressof(source.storage) + src - source.ptr,
             nbytes,
         )
-        source.accesses.append((*tick, "copy read"))
-        target.accesses.append((*tick, "copy"))
+        source.accesses.append((*stamp, "copy read"))
+        target.accesses.append((*stamp, "copy"))
 
     def streamCreateWithFlags(self, flags: int) -> int:
         cuda = self._cuda

@@ -582,6 +582,7 @@ def test_the_double_has_cupys_arity_and_the_backend_cupys_constants() -> None:
     import gpuqueue.backends.cupy as backend
 
     assert runtime.memcpyHostToDevice == backend._HOST_TO_DEVICE
+    assert runtime.memcpyDeviceToDevice == backend._DEVICE_TO_DEVICE
     assert runtime.hostAllocPortable == backend._HOST_ALLOC_PORTABLE
     assert runtime.eventBlockingSync == backend._EVENT_BLOCKING_SYNC
     assert runtime.eventDisableTiming == backend._EVENT_DISABLE_TIMING

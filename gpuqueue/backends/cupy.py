@@ -491,9 +491,9 @@ class CupyBackend:
     def copy_on_device(
         self, dst: Arena, src: Arena, offset: int, nbytes: int, stream: Stream
     ) -> None:
-        with _on_device(self._index):
-            source = src.ptr + offset
-            _runtime.memcpyAsync(dst.ptr, source, nbytes, _DEVICE_TO_DEVICE, stream.handle)
+        source = src.ptr + offset
+        copy = _runtime.memcpyAsync
+        _call(self._index, copy, dst.ptr, source, nbytes, _DEVICE_TO_DEVICE, stream.handle)
 
     @contextlib.contextmanager
     def transform_scope(
