@@ -6,7 +6,7 @@ code written for those runs after changing the import.
 """
 
 from .consumer.outputs import keep
-from .device.transforms import Normalize
+from .device.normalize import Normalize
 from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
 from .errors import (
     BatchError,

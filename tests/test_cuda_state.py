@@ -98,7 +98,7 @@ def test_one_mean_and_std_build_one_kernel_for_any_last_axis(strict_cuda: Strict
 
 
 def test_per_channel_values_past_the_kernel_s_limit_are_refused_where_normalize_is_made() -> None:
-    from gpuqueue.device.transforms import MAX_CHANNELS
+    from gpuqueue.device.normalize import MAX_CHANNELS
 
     Normalize([0.0] * MAX_CHANNELS, [1.0] * MAX_CHANNELS)
     with pytest.raises(ValueError, match=rf"{MAX_CHANNELS + 1} channels.*at most {MAX_CHANNELS}"):

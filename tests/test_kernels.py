@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 
 from gpuqueue import Normalize
-from gpuqueue.device.transforms import _C_TYPES, _DTYPES, MAX_CHANNELS, BFloat16, kernel_source
+from gpuqueue.device.normalize import _C_TYPES, _DTYPES, MAX_CHANNELS, BFloat16, kernel_source
 
 ARCHES = ("80", "90")
 IN_DTYPES = tuple(_C_TYPES)
@@ -55,7 +55,10 @@ def _missing(reason: str) -> None:
 
 
 def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
+    try:
+        spec = importlib.util.find_spec(name)
+    except ModuleNotFoundError:  # its parent package (``nvidia``) is not installed
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))

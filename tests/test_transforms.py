@@ -193,7 +193,7 @@ def test_bfloat16_on_torch_and_jax_outputs() -> None:
 
 
 def test_bfloat16_rounds_to_nearest_even_and_keeps_nan() -> None:
-    from gpuqueue.device.transforms import bfloat16_bits
+    from gpuqueue.device.normalize import bfloat16_bits
 
     # 1 + 2^-8 is halfway between two bfloat16 values: ties go to the even one (1.0);
     # 1 + 3 * 2^-8 goes up to 1 + 2^-6.

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..backends.base import Backend
 from ..batch.tree import LeafMeta, TreeDef, flatten, map_arrays, ml_bfloat16, rebuild
-from ..device.transforms import BFloat16
+from ..device.normalize import BFloat16
 from ..errors import BatchError, PipelineError
 
 __all__ = [

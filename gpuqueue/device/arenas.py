@@ -1,22 +1,15 @@
 """Device stage, arenas: memory the consumer owns, one arena per batch, reused once dropped.
 
-The copy stage takes an arena for each batch (reusing a free one, or
-allocating one in the copy stream's order), copies into it, and records the
-batch's "ready" event. The consumer gets views of the arena that all keep one
-lease alive; when the last of them dies, "released" is recorded on the
-consumer's stream and the arena goes back for reuse, and the copy stream
-waits on "released" before writing it again: the semantics of PyTorch's
-caching allocator with ``record_stream``, so a batch stays valid for as long
-as it is held. No host synchronize on this path, growth included.
-
-With a transform (``transforms.py``), the copy stage runs it right after
-the copy, on the copy stream, before "ready": the batch's views (and their
-lease) exist before delivery, so the lease's stream is learned late
-(``_Owner``): the copy stream until the batch is delivered, the consumer's
-from then on. Device memory the transform allocates comes from here too
-(``alloc_owned``), each allocation owned the same way: a temporary dies on
-the copy stream and is freed in its order; an output the consumer holds is
-freed in the consumer's order once it is dropped.
+The copy stage takes an arena for each batch (a free one, or one allocated
+in the copy stream's order), copies into it and records "ready". The
+consumer's views of it all keep one lease; when the last dies, "released"
+is recorded on the consumer's stream and the copy stream waits on it before
+writing the arena again (PyTorch's caching allocator with ``record_stream``):
+a batch stays valid as long as it is held, and nothing synchronizes the host.
+A transform (``transforms.py``) runs after the copy, on the copy stream,
+before "ready"; memory it allocates comes from here (``alloc_owned``), owned
+the same way (``copied.Owner``: the copy stream's until delivery, the
+consumer's after).
 """
 
 from __future__ import annotations
@@ -27,65 +20,15 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..backends.base import Backend
 from ..batch.layout import GROWTH, Staged, arena_view, leaf_nbytes, small_leaves
-from ..batch.tree import LeafMeta, TreeDef, flatten, rebuild
+from ..batch.tree import flatten, rebuild
 from ..errors import CancelledError
+from .copied import Copied, DeviceArena, Lease, Owner
 
-__all__ = ["Copied", "DeviceArena", "DeviceArenas"]
-
-
-@dataclass(eq=False)
-class DeviceArena:
-    """Device memory for one batch at a time, and the event its last consumer recorded."""
-
-    memory: Any
-    capacity: int
-    released: Any  # recorded on the consumer's stream when the last view of its batch died
-    released_once: bool = False
-
-
-@dataclass(eq=False)
-class Copied:
-    """A batch copied (or being copied) into an arena; ``ready`` marks the copy complete."""
-
-    arena: DeviceArena
-    ready: Any
-    treedef: TreeDef
-    metas: list[LeafMeta]
-    nbytes: int
-    transformed: bool = False
-    batch: Any = None  # what the transform returned, until it is delivered
-    kinds: list[str | None] | None = None  # per leaf of batch: the input leaf's kind if kept
-    owner: _Owner | None = None
-    error: BaseException | None = None  # the transform raised it; nothing is left to deliver
-    # Small leaves copied out of the arena (``batch.layout.small_leaves``): by position,
-    # their memory and the lease whose death frees it. Until delivery only.
-    small: dict[int, tuple[Any, _Lease]] | None = None
-
-
-class _Owner:
-    """The stream of a batch's last user: memory the batch holds is reused in its order.
-
-    The copy stream while the batch is the copy stage's (a transform's
-    temporaries, a batch dropped undelivered), the consumer's once delivered.
-    """
-
-    __slots__ = ("live", "stream")
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.live = 0  # bytes the transform allocated for the batch and still held
-
-
-class _Lease:
-    """Owns device memory: its finaliser runs when the last view of that memory dies."""
-
-    __slots__ = ("__weakref__",)
-
+__all__ = ["DeviceArenas"]
 
 _TIMING_EVERY = 16  # one copy in this many is timed with device events
 
@@ -183,7 +126,7 @@ class DeviceArenas:
         elif arena.released_once:
             backend.wait_event(stream, arena.released)
         copied = Copied(arena, None, staged.treedef, staged.metas, staged.nbytes)
-        copied.owner = _Owner(stream)  # the copy stream's until the batch is delivered
+        copied.owner = Owner(stream)  # the copy stream's until the batch is delivered
         try:
             copied.ready = ready = backend.create_event()
             timed = not adopt and self._copies % _TIMING_EVERY == 0
@@ -240,7 +183,7 @@ class DeviceArenas:
             if nbytes:
                 copy_on_device(memory, copied.arena.memory, meta.offset, nbytes, stream)
 
-    def _views(self, copied: Copied, owner: _Owner) -> list[Any]:
+    def _views(self, copied: Copied, owner: Owner) -> list[Any]:
         """The batch's leaves as device arrays: views of its arena, or of their own memory.
 
         The arena's views keep one lease of the arena alive; each small
@@ -286,7 +229,7 @@ class DeviceArenas:
         finally:
             self.transform_s += time.perf_counter() - started
 
-    def _apply(self, copied: Copied, owner: _Owner, stream: Any) -> tuple[Any, list[str | None]]:
+    def _apply(self, copied: Copied, owner: Owner, stream: Any) -> tuple[Any, list[str | None]]:
         assert self._transform is not None
         backend = self.backend
         views = self._views(copied, owner)
@@ -296,7 +239,7 @@ class DeviceArenas:
         kinds = {id(view): meta.kind for view, meta in zip(views, copied.metas, strict=True)}
         return batch, [kinds.get(id(leaf)) for _, leaf in flatten(batch)[1]]
 
-    def alloc_owned(self, nbytes: int, owner: _Owner) -> tuple[Any, _Lease]:
+    def alloc_owned(self, nbytes: int, owner: Owner) -> tuple[Any, Lease]:
         """Device memory for a transform, and the lease whose death frees it.
 
         It is allocated in ``owner.stream``'s order, and freed in the order of
@@ -305,7 +248,7 @@ class DeviceArenas:
         """
         nbytes = max(1, nbytes)
         memory = self.backend.alloc_device(nbytes, owner.stream)
-        lease = _Lease()
+        lease = Lease()
         finalizer = weakref.finalize(lease, self._free_owned, memory, nbytes, owner)
         finalizer.atexit = False
         with self._cond:
@@ -313,7 +256,7 @@ class DeviceArenas:
             owner.live += nbytes
         return memory, lease
 
-    def _free_owned(self, memory: Any, nbytes: int, owner: _Owner) -> None:
+    def _free_owned(self, memory: Any, nbytes: int, owner: Owner) -> None:
         # As in _give_back: a finaliser has nobody to raise to; the safety net frees it.
         with contextlib.suppress(Exception):
             self.backend.free_device(memory, owner.stream)
@@ -321,8 +264,8 @@ class DeviceArenas:
             self.device_bytes -= nbytes
             owner.live -= nbytes
 
-    def _lease(self, copied: Copied, owner: _Owner) -> _Lease:
-        lease = _Lease()
+    def _lease(self, copied: Copied, owner: Owner) -> Lease:
+        lease = Lease()
         # Not at exit: the interpreter's end frees everything, and the device may be gone.
         weakref.finalize(lease, self._give_back, copied.arena, owner).atexit = False
         return lease
@@ -405,7 +348,7 @@ class DeviceArenas:
         owner.stream = consumer_stream
         return rebuild(copied.treedef, self._views(copied, owner))
 
-    def _give_back(self, arena: DeviceArena, owner: _Owner) -> None:
+    def _give_back(self, arena: DeviceArena, owner: Owner) -> None:
         """The last view of a batch died: its arena is reusable after its last user's work."""
         stream = owner.stream
         with self._cond:

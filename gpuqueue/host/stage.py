@@ -75,7 +75,7 @@ class Item:
     described: Described | None = None
     batch: Any = None  # the user's own batch, handed over as it is (device=None, threads)
     error: BaseException | None = None
-    # Its device copy (``device.arenas.Copied``), once the copy stage made it; typed
+    # Its device copy (``device.copied.Copied``), once the copy stage made it; typed
     # loosely so that the host stage does not import the device stage.
     copied: Any = None
     # Several batches claimed and read together (this item first), as one queue item.
