@@ -13,7 +13,7 @@ is made (a bad keyword fails in the constructor, before anything starts).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,11 @@ class PipelineConfig:
         random_seed: Seeds NumPy in a generator's worker process.
         even_batches: Every ``torch.distributed`` rank stops at the same step
             (``consumer/even.py``); None: for an iterable, with several ranks.
+        batch_size: The source's items are samples, this many to a batch
+            (``source/collate.py``); None: its items are batches.
+        collate: The user's function from a list of samples to one batch,
+            in place of the default collate; needs ``batch_size`` (or a
+            ``batch_sampler``).
 
     Raises:
         ValueError: If a setting is out of range or settings contradict
@@ -100,6 +105,8 @@ class PipelineConfig:
     transform: BatchTransform | None = None
     random_seed: int | None = None
     even_batches: bool | None = None
+    batch_size: int | None = None
+    collate: Callable[[list[Any]], Any] | None = None
 
     @classmethod
     def of(cls, name: str, arguments: Mapping[str, Any]) -> PipelineConfig:
@@ -115,6 +122,13 @@ class PipelineConfig:
         object.__setattr__(self, "use_multiprocessing", bool(self.use_multiprocessing))
         if self.even_batches not in (None, True, False):
             raise ValueError(f"even_batches must be None, True or False, got {self.even_batches!r}")
+        if self.batch_size is not None:
+            _check_count("batch_size", self.batch_size, 1)
+        if self.collate is not None and not callable(self.collate):
+            raise TypeError(
+                "collate must be a function from a list of samples to one batch, "
+                f"got {type(self.collate).__name__}"
+            )
         timeout = self.timeout
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0

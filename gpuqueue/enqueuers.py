@@ -22,8 +22,10 @@ from .run import EMPTY_STATS, Run
 from .source.iterables import IterableOrder, check_iterable_source
 from .source.kinds import check_sequence
 from .source.order import ReadingOrder, Task
+from .source.samplers import SampleOrder
+from .source.samples import SampleChunks, order_and_reader
 from .source.shard import announce_shard
-from .source.tasks import GeneratorTasks, SequenceTasks
+from .source.tasks import GeneratorTasks, SampleTasks, SequenceTasks
 from .sync.coordinator import DEFAULT_STOP_TIMEOUT
 
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]
@@ -72,7 +74,7 @@ class SequenceEnqueuer:
     """
 
     _name = "SequenceEnqueuer"
-    _order: ReadingOrder | IterableOrder  # where the consumer is in the source
+    _order: ReadingOrder | SampleOrder | IterableOrder  # where the consumer is in the source
 
     def __init__(
         self,
@@ -96,9 +98,13 @@ class SequenceEnqueuer:
         enqueuer._setup(sequence, config, *more)
         return enqueuer
 
-    def _setup(self, sequence: Any, config: PipelineConfig, order: Any = None) -> None:
+    def _setup(
+        self, sequence: Any, config: PipelineConfig, order: Any = None, reads: Any = None
+    ) -> None:
         self._config, self._order = config, order
         self.sequence = sequence
+        # What the workers read: the source, or what reads its samples (batch_size=).
+        self._reads = sequence if reads is None else reads
         self.use_multiprocessing = config.use_multiprocessing
         self.workers = 0
         self.max_queue_size = 0
@@ -129,7 +135,7 @@ class SequenceEnqueuer:
             if self._run is not None and not self._run.closed:
                 self._run.stop(DEFAULT_STOP_TIMEOUT)
             self.workers, self.max_queue_size = workers, max_queue_size
-            self._run = Run.start(self._config, counts, self.sequence, self._make_tasks, self)
+            self._run = Run.start(self._config, counts, self._reads, self._make_tasks, self)
 
     def _make_tasks(self) -> SequenceTasks | GeneratorTasks:
         raise NotImplementedError
@@ -186,7 +192,9 @@ class SequenceEnqueuer:
 
         Returns:
             ``OrderedEnqueuer``: ``{"epoch", "position", "seed", "shuffle", "shard",
-            "drop_last"}``. ``GeneratorEnqueuer`` (threads only): ``{"epoch",
+            "drop_last"}``; with ``batch_size``, ``"sample"`` (the next sample, so
+            any batch size resumes there) in place of ``"position"``, and
+            ``"batch_size"``. ``GeneratorEnqueuer`` (threads only): ``{"epoch",
             "position", "source"}``, ``source`` being the iterable's own
             ``state_dict()`` right after the last item received, where it has one.
         """
@@ -237,21 +245,36 @@ class OrderedEnqueuer(SequenceEnqueuer):
             many batches on every rank (as ``DistributedSampler``). ``"auto"``:
             from ``torch.distributed``, else the launcher's variables (torchrun,
             MPI, SLURM), else everything. ``None``: everything.
-        drop_last: With several ranks, drop each epoch's tail instead of
-            padding it by wrapping around the epoch's order.
+        drop_last: Drop the epoch's tail that does not give every rank a whole
+            batch, instead of padding the ranks by wrapping around the epoch
+            (and, with ``batch_size``, keeping a short last batch): DataLoader's
+            ``drop_last`` on one rank, DistributedSampler's and its on several.
         epochs: Stop after this many epochs (counted from epoch 0); None
             (the default, as Keras) is endless.
+        batch_size: The items are samples: this many (by ``__getitems__`` if
+            any) are written straight into each batch's slot by torch's
+            ``default_collate`` rules; order, shards and ``state_dict()`` count
+            samples (``source/samplers.py``). None: items are batches.
+        collate: A function from a list of samples to one batch, instead of
+            the default collate; its batch is then packed as any batch (one
+            more host copy, in the worker).
+        sampler: With ``batch_size``, each epoch's indices: a torch
+            ``Sampler``, a list; ``set_epoch(epoch)`` first where it has one.
+        batch_sampler: The index lists of each epoch's batches (variable
+            sizes, buckets), in place of ``batch_size``, ``shuffle``,
+            ``sampler`` and ``drop_last``.
         device, prefetch_depth, ...: The device keywords of ``SequenceEnqueuer``.
 
     Raises:
-        ValueError: If ``shard`` (or a launcher's variable) is malformed, or
-            several ranks shuffle without a shared ``seed``.
+        ValueError: If ``shard`` (or a launcher's variable) is malformed,
+            several ranks shuffle without a shared ``seed``, or per-sample
+            keywords contradict each other.
         PipelineError: If the Sequence is empty, or ``drop_last`` leaves a
             rank nothing to read.
     """
 
     _name = "OrderedEnqueuer"
-    _order: ReadingOrder
+    _order: ReadingOrder | SampleOrder
 
     def __init__(
         self,
@@ -270,18 +293,35 @@ class OrderedEnqueuer(SequenceEnqueuer):
         stream: Any = None,
         timeout: float | None = None,
         transform: Any = None,
+        batch_size: int | None = None,
+        collate: Callable[[list[Any]], Any] | None = None,
+        sampler: Any = None,
+        batch_sampler: Any = None,
     ) -> None:
         check_sequence(sequence)
-        order = ReadingOrder.of(
-            sequence, shuffle=shuffle, seed=seed, shard=shard, drop_last=drop_last, epochs=epochs
+        config = PipelineConfig.of(self._name, locals())
+        order, reads = order_and_reader(
+            sequence,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            shard=shard,
+            drop_last=drop_last,
+            epochs=epochs,
+            sampler=sampler,
+            batch_sampler=batch_sampler,
+            collate=collate,
+            stacklevel=2,
         )
-        self._setup(sequence, PipelineConfig.of(self._name, locals()), order)
+        self._setup(sequence, config, order, reads)
 
     shuffle = property(lambda self: self._order.shuffle, doc="Each epoch in a seeded permutation.")
 
     def _make_tasks(self) -> SequenceTasks:
         order = self._order
         order.restart_if_finished(len(self.sequence))
+        if isinstance(order, SampleOrder):
+            return SampleTasks(order, self._reads)
         announce_shard(self._name, order.shard, len(self.sequence), order.drop_last)
         return SequenceTasks.resuming(order, self.sequence)
 
@@ -308,6 +348,10 @@ class GeneratorEnqueuer(SequenceEnqueuer):
             Keras does; unused with threads.
         even_batches: Stop every ``torch.distributed`` rank at the first step where
             one has no batch (DDP would wait for ever); None: with several ranks.
+        batch_size: The generator's items are samples: batch this many,
+            written straight into the batch's slot (see ``OrderedEnqueuer``).
+        drop_last, collate: With ``batch_size``: drop the short last batch;
+            a function from a list of samples to one batch.
         device, prefetch_depth, ...: The device keywords of ``SequenceEnqueuer``.
 
     Raises:
@@ -334,14 +378,18 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         stream: Any = None,
         timeout: float | None = None,
         transform: Any = None,
+        batch_size: int | None = None,
+        drop_last: bool = False,
+        collate: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         check_iterable_source(generator, epochs=None, use_multiprocessing=use_multiprocessing)
-        if use_multiprocessing:
-            check_picklable(generator, "the generator function or a picklable iterable")
         config = PipelineConfig.of(self._name, locals())
-        self._setup(generator, config, IterableOrder(processes=config.use_multiprocessing))
+        reads = SampleChunks.of(generator, batch_size, drop_last=drop_last, collate=collate)
+        if use_multiprocessing:
+            check_picklable(reads, "the generator function or a picklable iterable")
+        self._setup(generator, config, IterableOrder(processes=config.use_multiprocessing), reads)
 
     random_seed = property(lambda self: self._config.random_seed, doc="NumPy's seed (processes).")
 
     def _make_tasks(self) -> GeneratorTasks:
-        return self._order.tasks(self.sequence)
+        return self._order.tasks(self._reads)

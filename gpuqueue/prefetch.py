@@ -6,15 +6,16 @@ enqueuer it picks is built from that config (``SequenceEnqueuer._configured``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from .config import PipelineConfig
 from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
 from .host.pickling import check_picklable
+from .source.engines import EngineBatches, reads_in_batches
 from .source.iterables import IterableOrder, check_iterable_source
-from .source.kinds import reads_by_index
-from .source.order import ReadingOrder
+from .source.kinds import check_loader_keywords, reads_by_index
+from .source.samples import SampleChunks, order_and_reader
 from .source.shard import check_iterable_shard
 
 __all__ = ["Prefetched", "prefetch"]
@@ -81,6 +82,10 @@ def prefetch(
     transform: Any = None,
     even_batches: bool | None = None,
     state: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    collate: Callable[[list[Any]], Any] | None = None,
+    sampler: Any = None,
+    batch_sampler: Any = None,
 ) -> Prefetched:
     """A run of device batches from a Sequence or any iterable, to enter with ``with``.
 
@@ -134,8 +139,9 @@ def prefetch(
             iterable (a generator, a DataLoader, an IterableDataset) is never
             split: ``"auto"`` reads it as it is, since it is split at its
             source if at all, and ``(rank, world_size)`` is an error.
-        drop_last: With several ranks, drop each epoch's tail instead of
-            padding it, as ``OrderedEnqueuer``.
+        drop_last: Drop the epoch's tail that does not give every rank a
+            whole batch instead of padding it (and, with ``batch_size``,
+            keeping a short last batch), as ``OrderedEnqueuer``.
         timeout: Seconds to wait for each batch before ``BatchTimeoutError``.
         transform: Applied to each batch on the device right after its copy,
             on the copy stream: a callable, or a mapping from field to
@@ -146,6 +152,17 @@ def prefetch(
             wait for ever); None (the default): for an iterable, whenever
             there are several ranks. See ``consumer/even.py``.
         state: A ``state_dict()`` taken earlier: go on with the batch after it.
+        batch_size: The source's items are samples (a per-sample torch
+            ``Dataset``, a Hugging Face ``datasets.Dataset``, an iterable of
+            samples): each batch is this many, written straight into its
+            pinned or shared-memory slot by torch's ``default_collate``
+            rules; see ``OrderedEnqueuer``. Not for a ``DataLoader``, which
+            batches itself.
+        collate: A function from a list of samples to one batch, instead of
+            the default collate (its batch is then packed: one more host copy).
+        sampler: With ``batch_size`` on a map-style source, each epoch's
+            indices (a torch ``Sampler``, a list).
+        batch_sampler: On a map-style source, each epoch's batches as index lists.
 
     Returns:
         A ``Prefetched``: ``with`` it for the batches (each with the source's
@@ -162,19 +179,45 @@ def prefetch(
         Whatever the source raised, as its own type, in place of the batch
         it was reading.
     """
+    check_loader_keywords(source, batch_size=batch_size, shuffle=shuffle, workers=workers)
     by_index = reads_by_index(source)
     config = PipelineConfig.of("OrderedEnqueuer" if by_index else "GeneratorEnqueuer", locals())
     enqueuer: SequenceEnqueuer
     if by_index:
-        order = ReadingOrder.of(
-            source, shuffle=shuffle, seed=seed, shard=shard, drop_last=drop_last, epochs=epochs
+        order, reads = order_and_reader(
+            source,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            shard=shard,
+            drop_last=drop_last,
+            epochs=epochs,
+            sampler=sampler,
+            batch_sampler=batch_sampler,
+            collate=collate,
+            stacklevel=2,  # prefetch's body, then the user's line
         )
-        enqueuer = OrderedEnqueuer._configured(source, config, order)
+        enqueuer = OrderedEnqueuer._configured(source, config, order, reads)
     else:
         check_iterable_shard(source, shard)
+        for name, value in (("sampler", sampler), ("batch_sampler", batch_sampler)):
+            if value is not None:
+                raise ValueError(
+                    f"{name}= picks indices of a map-style source; {type(source).__name__} "
+                    "is read as an iterable"
+                )
         iterable = check_iterable_source(
             source, epochs=epochs, use_multiprocessing=use_multiprocessing
         )
+        if batch_size is not None and reads_in_batches(source):  # the engine batches (Ray)
+            iterable = check_iterable_source(
+                EngineBatches(source, batch_size), epochs=epochs, use_multiprocessing=False
+            )
+        elif batch_size is not None or collate is not None:  # an iterable of samples
+            chunks = SampleChunks.of(source, batch_size, drop_last=drop_last, collate=collate)
+            iterable = check_iterable_source(
+                chunks, epochs=epochs, use_multiprocessing=use_multiprocessing
+            )
         if use_multiprocessing:
             check_picklable(iterable, "the generator function or a picklable iterable")
         position = IterableOrder(processes=config.use_multiprocessing)

@@ -46,6 +46,8 @@ from .device.copy import Copy, CopyLooper
 from .host.pinned import PinnedPool
 from .host.processes import check_main_guard, main_without_file
 from .host.stage import Counters, HostStage, Item
+from .source.kinds import is_torch_class
+from .source.samples import gives_samples
 from .source.tasks import GeneratorTasks, SequenceTasks, overrides_on_epoch_end
 from .sync.channel import FIFOQueue
 from .sync.coordinator import DEFAULT_STOP_TIMEOUT, Coordinator
@@ -197,6 +199,8 @@ class Run:
             processes=self.processes,
             device=self.backend is not None,
             stopping=coord.should_stop,
+            samples=gives_samples(source),
+            look_for_samples=type(tasks) is SequenceTasks and not is_torch_class(source, "Dataset"),
         )
         self.host = host
         ops = [host.enqueue_op(number) for number in range(counts.workers)]

@@ -26,3 +26,18 @@ class TorchImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
         images = torch.full(self.shape, index, dtype=torch.uint8)
         labels = torch.full((self.shape[0],), index, dtype=torch.int64)
         return images, labels
+
+
+class TorchSamples(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """A per-sample torch Dataset, as most are: a uint8 3x8x8 image filled with i, label i."""
+
+    def __init__(self, length: int = 20) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return torch.full((3, 8, 8), index % 256, dtype=torch.uint8), index

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,10 +128,20 @@ class PinnedPool:
 
     def stage(self, treedef: TreeDef, metas: list[LeafMeta], nbytes: int, leaves: Any) -> Staged:
         """Packs ``leaves`` into a slot (the per-batch work a worker does)."""
+        return self.stage_with(treedef, metas, nbytes, lambda buffer: pack(leaves, metas, buffer))
+
+    def stage_with(
+        self,
+        treedef: TreeDef,
+        metas: list[LeafMeta],
+        nbytes: int,
+        write: Callable[[np.ndarray], None],
+    ) -> Staged:
+        """Has ``write`` fill a slot of ``nbytes`` laid out as ``metas`` (samples, row by row)."""
         slot = self.acquire(nbytes)
         try:
             assert slot.buffer is not None
-            pack(leaves, metas, slot.buffer)
+            write(slot.buffer)
         except BaseException:
             self.release(slot)
             raise

@@ -11,6 +11,7 @@ parent's side is ``processes.ProcessPool``.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import multiprocessing.connection
 import pickle
@@ -21,8 +22,10 @@ from typing import Any
 import numpy as np
 
 from ..batch.layout import layout, pack
+from ..batch.rows import row_layout, write_rows
 from ..batch.tree import TreeDef, describe
 from ..errors import PipelineError, add_note
+from ..source.collate import Samples
 from .segments import receive_segment
 
 __all__ = ["portable_error", "worker_main"]
@@ -248,15 +251,21 @@ def _read_one(
                 return ("end",), iterator
         if batch is None:
             return ("none",), iterator
-        treedef, leaves = describe(batch, packed=packed)
-        metas, nbytes = layout(leaves)
+        if type(batch) is Samples:  # batch_size=: each sample is written at its row
+            values, hosts = batch.split()
+            treedef, metas, nbytes = row_layout(batch, len(values), batch.host_lists(hosts))
+            write = functools.partial(write_rows, values)
+        else:
+            treedef, leaves = describe(batch, packed=packed)
+            metas, nbytes = layout(leaves)
+            write = functools.partial(pack, leaves)
         if nbytes > len(mappings.buffer(slot)):
             _send(conn, ("grow", nbytes))
             grown = _receive_or_stop(conn, stop)
             if grown is None:
                 return None
             mappings.receive(conn, *grown)
-        pack(leaves, metas, mappings.buffer(slot))
+        write(metas, mappings.buffer(slot))
         return ("ok", treedef, metas, nbytes), iterator
     except _ParentGone:
         raise

@@ -27,8 +27,10 @@ from typing import Any
 
 from ..batch.layout import Staged, device_ready, layout
 from ..batch.plan import Plan
+from ..batch.rows import row_layout, write_rows
 from ..batch.tree import BatchSpec, LeafMeta, TreeDef, describe
 from ..errors import CancelledError, note_thread
+from ..source.collate import Samples, default_collate, warn_if_a_sample
 from ..source.order import Task
 from ..source.tasks import GeneratorTasks, SequenceTasks
 from ..sync.channel import FIFOQueue
@@ -62,6 +64,9 @@ _BUNDLE_MOST = 8
 _BUNDLE_LATE_S = 10 * _BUNDLE_BUDGET_S
 
 _SKIPPED = Described(TreeDef("leaf"), [], skipped=True)
+
+_UNREAD: Any = object()  # _read_in_thread's batch when it is to read the batch itself
+
 
 # What a worker is at while it claims a task (for a generator, that is its next()).
 _CLAIMING = "the next item (a generator's next(), or on_epoch_end() between epochs)"
@@ -169,6 +174,11 @@ class HostStage:
         stopping: True once the run is stopping (``Coordinator.should_stop``):
             a ``CancelledError`` raised then is gpuqueue's own; one raised
             before is the source's, and goes in its batch's place.
+        samples: The source's items are ``Samples`` (``batch_size=``): a thread
+            with a pinned slot writes them into it row by row; one without
+            stacks them (``default_collate``).
+        look_for_samples: Warn if the first batch looks like one sample
+            (a map-style source read as batches, not already warned about).
     """
 
     def __init__(
@@ -182,6 +192,8 @@ class HostStage:
         processes: Any,
         device: bool,
         stopping: Callable[[], bool] = lambda: False,
+        samples: bool = False,
+        look_for_samples: bool = False,
     ) -> None:
         self._tasks, self._host_queue, self._counters = tasks, host_queue, counters
         self._stopping = stopping
@@ -195,6 +207,9 @@ class HostStage:
             self._commit, Item.release_staging, limit=workers
         )
         self._read = self._read_in_process if processes is not None else self._read_in_thread
+        if samples and processes is None:
+            self._read = self._read_samples_in_thread
+        self._look_for_samples = look_for_samples
         # Fast reads handed to the consumer as they are are claimed and queued in
         # bundles, so that the claim, the queue and the wake-up cost once a bundle.
         self._bundles = pinned is None and processes is None and isinstance(tasks, SequenceTasks)
@@ -422,15 +437,39 @@ class HostStage:
 
     def _read_in_process(self, task: Task) -> Item:
         # A generator's item was read by the process while claiming it.
-        staged = (
-            task.batch if task.index is None else self._processes.read(task.index, task.where())
-        )
+        if task.index is None:  # (a generator's item was read while claiming it)
+            staged = task.batch
+        else:
+            what = task.index if task.samples is None else task.samples
+            staged = self._processes.read(what, task.where())
         if staged is None:
             return Item(task, _SKIPPED)
         return Item(task, self._staged(staged, task))
 
-    def _read_in_thread(self, task: Task) -> Item:
-        batch = self._tasks.read(task)
+    def _read_samples_in_thread(self, task: Task) -> Item:
+        """Writes a batch's samples straight into a pinned slot, each at its row.
+
+        Without a slot (``device=None``) the batch is stacked once instead.
+        Either way the batch's structure is the first sample's, each host
+        leaf one list (``batch/rows.py``), so a short last batch matches.
+        """
+        samples = self._tasks.read(task)
+        if type(samples) is not Samples:  # the user's collate= made a batch: packed as any
+            return self._read_in_thread(task, samples)
+        values, hosts = samples.split()
+        host_lists = samples.host_lists(hosts)
+        treedef, metas, nbytes = row_layout(samples, len(values), host_lists)
+        if self._pinned is None:
+            batch = default_collate(samples.spec, values, host_lists)
+            return Item(task, Described(treedef, metas), batch)
+        staged = self._pinned.stage_with(
+            treedef, metas, nbytes, lambda buffer: write_rows(values, metas, buffer)
+        )
+        return Item(task, self._staged(staged, task))
+
+    def _read_in_thread(self, task: Task, batch: Any = _UNREAD) -> Item:
+        if batch is _UNREAD:
+            batch = self._tasks.read(task)
         if batch is None:
             return Item(task, _SKIPPED)
         as_is = self._as_is
@@ -488,6 +527,8 @@ class HostStage:
         try:
             if self._spec is None:
                 self._spec = BatchSpec.of(described.treedef, described.metas)
+                if self._look_for_samples:
+                    warn_if_a_sample(described.metas, item.task.where())
             else:
                 self._spec.check(
                     described.treedef, described.metas, item.task.where(), dtypes=self._device

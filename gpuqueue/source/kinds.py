@@ -19,6 +19,7 @@ from typing import Any
 from .engines import reads_in_batches
 
 __all__ = [
+    "check_loader_keywords",
     "check_sequence",
     "is_sequence",
     "is_torch_class",
@@ -75,4 +76,31 @@ def check_sequence(sequence: Any) -> None:
         raise TypeError(
             f"OrderedEnqueuer needs a Sequence (with __getitem__ and __len__), "
             f"got {type(sequence).__name__}"
+        )
+
+
+def check_loader_keywords(source: Any, *, batch_size: Any, shuffle: bool, workers: int) -> None:
+    """Raises ``ValueError`` if a torch ``DataLoader`` comes with keywords that are its own.
+
+    A DataLoader batches, shuffles and reads in its own workers; gpuqueue
+    pins, copies and overlaps its batches, so ``batch_size=``, ``shuffle=``
+    and ``workers=`` (other than 1) would silently do nothing, or the wrong thing.
+    """
+    if not is_torch_dataloader(source):
+        return
+    given = [
+        f"{name}={value!r}"
+        for name, value, default in (
+            ("batch_size", batch_size, None),
+            ("shuffle", shuffle, False),
+            ("workers", workers, 1),
+        )
+        if value != default
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: a DataLoader batches, shuffles and reads in its own workers, "
+            "so these belong to it (DataLoader(dataset, batch_size=..., shuffle=..., "
+            "num_workers=...)); pass the DataLoader to gpuqueue without them, or pass the "
+            "dataset itself with batch_size="
         )

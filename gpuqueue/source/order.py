@@ -41,13 +41,25 @@ class Task:
     failure: BaseException | None = None  # an error that belongs at this point
     boundary: bool = False  # the end of epoch ``epoch - 1`` (on_epoch_end), not a read
     state: Any = None  # an iterable's own state right after this item (GeneratorTasks.snapshot)
+    # With batch_size=: the batch's sample indices, and the epoch's samples once it is read.
+    samples: list[int] | None = None
+    samples_end: int = 0
 
     def where(self) -> str:
         if self.boundary:
             return f"the end of epoch {self.epoch - 1} (on_epoch_end)"
+        if self.samples is not None:
+            return (
+                f"batch {self.position} of epoch {self.epoch} (samples {_first_few(self.samples)})"
+            )
         if self.index is None:
             return f"generator item {self.position}"
         return f"batch index {self.index} (epoch {self.epoch}, position {self.position})"
+
+
+def _first_few(indices: list[int]) -> str:
+    shown = ", ".join(map(str, indices[:4]))
+    return f"{shown}, ... ({len(indices)} in all)" if len(indices) > 4 else shown
 
 
 class Sequence:
