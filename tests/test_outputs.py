@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,3 +62,37 @@ def test_auto_says_once_why_it_fell_back_to_numpy() -> None:
     assert len(warnings) == 1, result.stderr
     assert "device='auto' found no usable GPU and uses NumPy on the CPU (" in warnings[0]
     assert "CuPy" in warnings[0] or "CUDA" in warnings[0] or "GPU" in warnings[0]
+
+
+NO_GPU_SCRIPT = """\
+import numpy as np
+import gpuqueue
+
+if __name__ == "__main__":
+    batches = [np.zeros(2)] * 2
+    with gpuqueue.prefetch(batches, epochs=1) as got:  # line 6: the first pipeline
+        list(got)
+    with gpuqueue.prefetch(batches, epochs=1) as got:  # line 8: a second one, said already
+        list(got)
+    enqueuer = gpuqueue.OrderedEnqueuer(batches, device="auto", epochs=1)
+    enqueuer.start()  # line 11
+    enqueuer.stop()
+"""
+
+
+def test_the_no_gpu_warning_points_at_the_users_line_once_per_process(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(NO_GPU_SCRIPT, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-W", "default", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    if "found no usable GPU" not in result.stderr and result.returncode == 0:
+        pytest.skip("a GPU is usable here")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "UserWarning" in line]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith(f"{script}:6: UserWarning: gpuqueue: device='auto' found no")

@@ -18,9 +18,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -192,13 +194,7 @@ def resolve(device: Any) -> Backend:
         else:
             why = "0 GPU(s) visible"
         if count < 1:
-            # stacklevel=1 on purpose: the warning registry is then this line's,
-            # so Python's default filter shows each reason once per process.
-            warnings.warn(
-                f"gpuqueue: device='auto' found no usable GPU and uses NumPy on the CPU ({why})",
-                UserWarning,
-                stacklevel=1,
-            )
+            _warn_no_gpu(why)
             from .numpy import NumpyBackend
 
             return NumpyBackend()
@@ -207,3 +203,36 @@ def resolve(device: Any) -> Backend:
     if _names_a_gpu(device):
         return _cupy_backend(device, _device_index(device))
     return device  # type: ignore[no-any-return]
+
+
+# The reasons device="auto" fell back to NumPy that were already said: each once per process.
+_SAID_NO_GPU: set[str] = set()
+
+
+def _warn_no_gpu(why: str) -> None:
+    """Says once per process (per reason) that ``device="auto"`` uses NumPy, at the user's line.
+
+    Once by a set of our own, not by the warning registry, which counts once
+    per line: a program that starts two pipelines would hear it twice.
+    """
+    if why in _SAID_NO_GPU:
+        return
+    _SAID_NO_GPU.add(why)
+    warnings.warn(
+        f"gpuqueue: device='auto' found no usable GPU and uses NumPy on the CPU ({why})",
+        UserWarning,
+        stacklevel=_users_frame(),
+    )
+
+
+def _users_frame() -> int:
+    """The ``stacklevel`` (for the caller's ``warnings.warn``) of the first frame outside
+    gpuqueue and contextlib: the line of the user's that started the pipeline."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    internal = (package + os.sep, contextlib.__file__)
+    frame = sys._getframe(1)  # the frame that calls warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
