@@ -283,14 +283,16 @@ def test_join_ignore_live_threads_logs_them(caplog: pytest.LogCaptureFixture) ->
     assert "threads still running: stuck-worker" in caplog.text
 
 
-def test_join_raises_the_recorded_error_in_preference_to_stragglers() -> None:
+def test_join_raises_the_recorded_error_in_preference_to_stragglers_and_names_them() -> None:
     coord = Coordinator()
     release = threading.Event()
     straggler = threading.Thread(target=release.wait, args=(10,), name="stuck-worker")
     straggler.start()
     coord.request_stop(BoomError("first"))
     try:
-        with pytest.raises(BoomError, match=r"^first$"):
+        # ... with a note naming the threads still alive (they may be stuck because of it).
+        stuck = r"^first\nCoordinator stopped with threads still running: stuck-worker$"
+        with pytest.raises(BoomError, match=stuck):
             coord.join([straggler], stop_grace_period_secs=0.01)
     finally:
         release.set()

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeAlias
 
-from ..errors import OutOfRangeError
+from ..errors import OutOfRangeError, add_note
 
 __all__ = ["DEFAULT_STOP_TIMEOUT", "Coordinator", "LooperThread"]
 
@@ -241,7 +241,8 @@ class Coordinator:
 
         Raises:
             The first exception reported to the coordinator, if any (in
-            preference to the error below).
+            preference to the error below), with a note naming the threads
+            still alive after the grace period, if any are.
             RuntimeError: If threads are still alive after the grace period
                 and ``ignore_live_threads`` is false; it names each one.
         """
@@ -263,12 +264,14 @@ class Coordinator:
             self._joined = True
             self._registered_threads = []
             error = self._exception
+        message = "Coordinator stopped with threads still running: " + " ".join(stragglers)
         if error is not None:
+            if stragglers:  # they may be stuck because of it: the error names them
+                add_note(error[0], message)
             raise error[0].with_traceback(error[1])
+        if stragglers and not ignore_live_threads:
+            raise RuntimeError(message)
         if stragglers:
-            message = "Coordinator stopped with threads still running: " + " ".join(stragglers)
-            if not ignore_live_threads:
-                raise RuntimeError(message)
             logger.info(message)
 
     def _wait_for_threads_or_stop(self, threads: list[threading.Thread]) -> threading.Thread | None:
@@ -359,11 +362,7 @@ class LooperThread(threading.Thread):
         *,
         name: str | None = None,
     ) -> LooperThread:
-        """Creates and starts a LooperThread that calls ``target``.
-
-        Returns:
-            The started thread.
-        """
+        """Creates and starts a LooperThread that calls ``target``; returns the thread."""
         looper = LooperThread(coord, timer_interval_secs, target, args, kwargs, name=name)
         looper.start()
         return looper
