@@ -157,6 +157,25 @@ def test_a_class_defined_in_a_function_reaches_worker_processes_by_value() -> No
         assert [int(b[0]) for b in batches] == [0, 1]
 
 
+def test_a_class_pickled_by_value_shows_its_file_and_line_in_a_workers_traceback() -> None:
+    class Local:  # pickled by value: cloudpickle would name its code <dynamic-code>
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> Any:
+            raise ValueError("bad read")  # the line the traceback must show
+
+    line = Local.__getitem__.__code__.co_firstlineno + 1
+    with (
+        pytest.raises(ValueError, match=r"^bad read") as raised,
+        prefetch(Local(), None, epochs=1, use_multiprocessing=True) as batches,
+    ):
+        list(batches)
+    remote = next(n for n in raised.value.__notes__ if n.startswith("traceback in the worker"))
+    assert f'File "{__file__}", line {line}, in __getitem__' in remote, remote
+    assert 'raise ValueError("bad read")' in remote and "<dynamic-code>" not in remote
+
+
 NOTEBOOK_CODE = textwrap.dedent(
     """
     import numpy as np

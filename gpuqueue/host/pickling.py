@@ -10,11 +10,12 @@ form with plain ``pickle.loads``.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import io
 import pickle
 import types
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import PipelineError
 
@@ -57,10 +58,8 @@ def pickle_source(source: Any) -> bytes:
         by_name_error: Exception | None = error
     else:
         by_name_error = None
-    import cloudpickle
-
     try:
-        return bytes(cloudpickle.dumps(source, protocol=pickle.HIGHEST_PROTOCOL))
+        return _by_value(source)
     except Exception:
         if by_name_error is not None:
             raise by_name_error from None
@@ -86,3 +85,38 @@ def check_picklable(source: Any, what: str) -> bytes:
             f"use_multiprocessing=True needs {what}, but pickling "
             f"{type(source).__name__} failed: {error}; {hint}"
         ) from error
+
+
+def _by_value(source: Any) -> bytes:
+    """``source`` pickled by cloudpickle, its code keeping the file it came from.
+
+    cloudpickle 3.1 names every code object it pickles ``<dynamic-code>``
+    (for payloads that do not depend on where the code was defined), so a
+    worker process's traceback would lose the file (the line number stays);
+    the file is put back, and linecache then shows the line too.
+    """
+    buffer = io.BytesIO()
+    _pickler_class()(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(source)
+    return buffer.getvalue()
+
+
+def _code_keeping_filename(code: types.CodeType) -> Any:
+    import cloudpickle.cloudpickle as internals
+
+    rebuild, args = internals._code_reduce(code)
+    return rebuild, tuple(code.co_filename if arg == "<dynamic-code>" else arg for arg in args)
+
+
+def _pickler_class() -> type:
+    import cloudpickle
+    import cloudpickle.cloudpickle as internals
+
+    if not hasattr(internals, "_code_reduce"):  # another cloudpickle: it pickles code its way
+        return cloudpickle.Pickler  # type: ignore[no-any-return]
+
+    class KeepsFilenames(cloudpickle.Pickler):  # type: ignore[misc]
+        dispatch_table: ClassVar[Any] = collections.ChainMap(
+            {types.CodeType: _code_keeping_filename}, cloudpickle.Pickler.dispatch_table
+        )
+
+    return KeepsFilenames
