@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,16 +372,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Which prefetch depth to use on this machine, against what users pick instead.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Results go to OUT/prefetch_depth.json (every round of every case, the machine) "
+        "and OUT/prefetch_depth.png; the table is printed. A file an earlier run left there is "
+        "kept, renamed with its time (prefetch_depth.YYYYmmdd-HHMMSS.json), and the run says so.",
     )
-    parser.add_argument("--sizes", default="4MiB,16MiB", help="batch sizes (default: 4MiB,16MiB)")
+    parser.add_argument("--sizes", default="4MiB,16MiB", help="batch sizes")
     parser.add_argument("--depths", default="0,1,2,3,4,8", help="prefetch depths to sweep")
     parser.add_argument("--step-ms", type=float, default=5.0, help="synthetic step duration")
     parser.add_argument("--host-work-ms", type=float, default=0.0, help="host work per batch")
     parser.add_argument("--batches", type=int, default=25, help="measured batches per run")
     parser.add_argument("--warmup", type=int, default=4, help="unmeasured batches per run")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (at least 5)")
-    parser.add_argument("--workers", type=int, default=None, help="worker threads")
-    parser.add_argument("--max-queue-size", type=int, default=4)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker threads (None: half the CPUs, between 2 and 8)",
+    )
+    parser.add_argument("--max-queue-size", type=int, default=4, help="the enqueuers' queue")
     parser.add_argument(
         "--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N' or a GPU index N"
     )
@@ -388,6 +398,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--smoke", action="store_true", help="tiny, fast run (CI)")
     return parser
+
+
+def keep_previous(path: Path) -> tuple[Path, Path] | None:
+    """Renames an earlier run's ``path`` after its time, so a new run never overwrites it.
+
+    Returns:
+        ``(path, new path)``, or None if there was nothing to keep.
+    """
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    kept = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    number = 1
+    while kept.exists():  # two runs within a second
+        kept = path.with_name(f"{path.stem}.{stamp}-{number}{path.suffix}")
+        number += 1
+    path.rename(kept)
+    return path, kept
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -467,6 +495,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "prefetch_depth.json"
+    kept = [keep_previous(json_path)]
+    if not args.no_plot:
+        kept.append(keep_previous(args.out / "prefetch_depth.png"))
+    for old, new in filter(None, kept):
+        print(f"kept the last run's {old.name} as {new}")
     json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print_report(report)
     for section in SECTIONS:

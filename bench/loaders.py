@@ -19,7 +19,9 @@ within a round:
   whose tree's PSS is sampled from outside (``bench/memory.py``), with its
   own peak RSS;
 - a 5 ms consumer step (a sleep, and a NumPy step) on the image batches: the
-  share of the load time hidden behind it, threads and processes.
+  share of the load time hidden behind it, threads and processes;
+- per-sample datasets (``batch_size=``) against ``DataLoader``, each in a
+  fresh process (``bench/samples.py``).
 
 It prints each goal of the issue as a row (goal, median [min-max], met or
 not: computed from the rounds) and writes the JSON, with the machine, to
@@ -39,7 +41,7 @@ from typing import Any
 import numpy as np
 
 import gpuqueue
-from bench import memory
+from bench import memory, samples
 from bench.baselines import tf_keras_missing
 from bench.loaders_report import goals, print_report
 from bench.machine import describe_machine, results_folder
@@ -56,6 +58,8 @@ SMOKE = {
     **FULL, "image_shape": (4, 3, 32, 32), "image_batches": 8, "trivial_batches": 100,
     "epoch_batches": 10, "overlap_batches": 6, "step_ms": 1.0,
 }  # fmt: skip
+FULL.update(samples.FULL)
+SMOKE.update(samples.SMOKE)
 
 
 class Trivial(gpuqueue.Sequence):
@@ -168,13 +172,16 @@ def epoch_time(batches: Iterator[Any], total: int) -> float:
 
 
 def _image_case(name: str, p: dict[str, Any]) -> Figures:
-    """One image case, run in this (fresh) process; returns its figures."""
+    """One image case (or per-sample case), run in this (fresh) process; returns its figures."""
     seq = Images(p["image_shape"])
     workers, n = p["workers"], p["image_batches"]
-    if name.startswith("dataloader"):
+    if "dataloader" in name:
         import torch.utils.data  # noqa: F401  # its users have it loaded before their loader
     memory.child_handshake()
     figures: Figures = {}
+    if name.startswith("samples/"):
+        figures = samples.run_case(name.removeprefix("samples/"), p, workers)
+        return {**figures, "rss_peak_bytes": memory.peak_rss_bytes()}
     if name == "threads":
         seconds = per_batch(gpuqueue_feed(seq, p, workers), n)
     elif name == "processes":
@@ -262,6 +269,11 @@ def build_cases(p: dict[str, Any]) -> list[Case]:
         cases.append(
             Case(f"image/{name}", lambda name=name: memory.run_fresh(  # type: ignore[misc]
                 "bench.loaders", name, p, timeout=300), label=f"images: {label}")
+        )  # fmt: skip
+    for name, label in samples.CASES.items():
+        cases.append(
+            Case(f"samples/{name}", lambda name=name: memory.run_fresh(  # type: ignore[misc]
+                "bench.loaders", f"samples/{name}", p, timeout=300), label=f"samples: {label}")
         )  # fmt: skip
     images = Images(p["image_shape"])
     resident = images[0]

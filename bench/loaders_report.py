@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from bench import samples
 from bench.rounds import Figures, spread, summary
 
 MB = 1e6
@@ -81,6 +82,7 @@ GOALS = [
      lambda auto, none: none["rss_peak_bytes"] / auto["rss_peak_bytes"],
      lambda s: s["median"] >= 0.9, ">= 0.9x (median)"),
 ]  # fmt: skip
+GOALS += samples.GOALS  # per-sample datasets (batch_size=), issue 23
 for _mode in ("threads", "processes"):
     for _step in ("sleep", "numpy"):
         GOALS.append(

@@ -123,13 +123,14 @@ def loaders_block(results: Path) -> str:
         lines.append(f"| {g['goal']} | {spread(g['measured'])}{unit} | {g['target']} | {verdict} |")
     lines += [
         "",
-        "| image batches, each case in a fresh process | ms per batch | peak RSS, MB "
+        "| image batches (and per-sample datasets), each case in a fresh process "
+        "| ms per batch | peak RSS, MB "
         "| process tree's PSS at its peak, MB | PSS added by the loader, MB |",
         "| --- | --- | --- | --- | --- |",
     ]
     for key, case in report["cases"].items():
         runs = report["rounds"][key]
-        if not key.startswith("image/") or not runs:
+        if not key.startswith(("image/", "samples/")) or not runs:
             continue
 
         def cell(name: str, scale: float, fmt: str, runs: list[dict[str, Any]] = runs) -> str:

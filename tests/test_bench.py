@@ -112,15 +112,15 @@ def test_readme_tables_are_made_from_the_json(depth_smoke: tuple[str, Path]) -> 
     assert readme.main(["--check"]) == 0, "README's bench tables differ from bench/results"
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)  # 11 cases in fresh processes, twice (6 of them per-sample)
 def test_loaders_smoke_run_computes_every_goal(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     out = tmp_path / "loaders.json"
-    stdout = _run_without_tf_keras("bench.loaders", ["--smoke", "--out", str(out)], 230)
+    stdout = _run_without_tf_keras("bench.loaders", ["--smoke", "--out", str(out)], 350)
     report = json.loads(out.read_text())
     assert report["config"]["rounds"] == 2 and report["machine"]["cpu_count"]
     goals = {g["goal"]: g for g in report["goals"]}
-    assert len(goals) == 16
+    assert len(goals) == 23  # 16, and 7 of per-sample datasets (bench/samples.py)
     keras = goals["trivial batches: gpuqueue threads vs tf_keras's enqueuer"]
     assert keras["measured"] is None and keras["met"] is None
     assert "skipped" in stdout and report["cases"]["trivial/tf_keras"]["skipped"]
@@ -131,8 +131,12 @@ def test_loaders_smoke_run_computes_every_goal(tmp_path: Path) -> None:
             assert (goal["met"] is None) == goal["target"].startswith("none")
     block = readme.loaders_block(tmp_path)  # the README's tables, from this JSON
     assert all(goal in block for goal in goals) and "| DataLoader num_workers=2 |" in block
+    assert "| samples: DataLoader num_workers=2 |" in block
     processes = report["rounds"]["image/processes"]
     assert all(r["tree_pss_peak_bytes"] >= r["tree_pss_base_bytes"] > 0 for r in processes)
+    for case in ("processes", "threads", "dataloader0", "dataloader2", "gil_threads"):
+        runs = report["rounds"][f"samples/{case}"]
+        assert len(runs) == 2 and all(r["s_per_batch"] > 0 for r in runs), case
     assert all(r["shared_memory_bytes"] > 0 and r["rss_peak_bytes"] > 0 for r in processes)
 
 
@@ -339,3 +343,38 @@ def test_gpu_check_without_cupy_names_the_extra_in_one_line(tmp_path: Path) -> N
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install -e '.[test,bench,cuda12]'" in lines[0], done.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_help_shows_every_default_and_where_results_go() -> None:
+    from bench import depth
+
+    parser = depth.build_parser()
+    text = parser.format_help()
+    # One entry per option, each with its help wrapped over however many lines.
+    entries = [" ".join(e.split()).lstrip("-") for e in text.split("options:")[1].split("\n  -")]
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        entry = next(e for e in entries if e.startswith(action.option_strings[0].lstrip("-")))
+        assert f"(default: {action.default})" in entry, (action.dest, entry)
+    assert "OUT/prefetch_depth.json" in " ".join(text.split())
+    assert "OUT/prefetch_depth.png" in " ".join(text.split())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:gpuqueue. device='auto' found no usable GPU:UserWarning")
+def test_a_second_bench_run_keeps_the_first_runs_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import depth
+
+    monkeypatch.setattr(depth, "BASELINES", depth.BASELINES[:1])  # the one-ahead loop only
+    monkeypatch.setattr(depth, "GPUQUEUE_VARIANTS", [])
+    monkeypatch.setattr(depth, "SECTIONS", [])
+    first = tmp_path / "prefetch_depth.json"
+    first.write_text('{"the first run": true}\n')
+    depth.main(["--smoke", "--no-plot", "--out", str(tmp_path)])
+    kept = [p for p in tmp_path.glob("prefetch_depth.*.json")]
+    assert len(kept) == 1 and kept[0].read_text() == '{"the first run": true}\n'
+    assert "the first run" not in first.read_text()
+    assert f"kept the last run's prefetch_depth.json as {kept[0]}" in capsys.readouterr().out
