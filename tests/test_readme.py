@@ -2,7 +2,10 @@
 
 A fenced ``python`` block preceded by ``<!-- readme-test: MODULES -->`` is
 run in a fresh interpreter (so a Keras backend choice stays there), and
-skipped where one of MODULES is not installed.
+skipped where one of MODULES is not installed. Two words are not modules:
+``gpu`` skips the block without a usable GPU, and ``torchrun`` runs it
+under ``torchrun`` with 3 ranks (CPU, gloo), as the README says to.
+Every ``python`` block of the README is marked: none is a fragment.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKED = re.compile(r"<!-- readme-test:([^>]*)-->\s*```python\n(.*?)```", re.DOTALL)
+NOT_MODULES = {"gpu", "torchrun"}
 
 
 def _examples() -> list[tuple[str, list[str], str]]:
@@ -36,20 +40,53 @@ EXAMPLES = _examples()
 def test_the_readme_marks_an_example_per_ecosystem() -> None:
     assert [modules for _, modules, _ in EXAMPLES] == [
         ["torch"],
+        ["cupy", "gpu"],
+        [],
+        ["torch"],
+        ["torch"],
         ["keras", "torch"],
         ["jax"],
         ["torch"],
+        ["torch", "torchrun"],
+        [],
     ]
+
+
+def test_every_python_block_of_the_readme_is_run() -> None:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert text.count("```python") == len(EXAMPLES)
+
+
+def _gpu_usable() -> bool:
+    try:
+        from gpuqueue.backends import cupy as cupy_backend
+
+        return bool(cupy_backend.device_count() > 0)
+    except Exception:  # CuPy missing, or no driver
+        return False
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(("where", "modules", "code"), EXAMPLES, ids=[e[0] for e in EXAMPLES])
-def test_readme_example_runs(where: str, modules: list[str], code: str) -> None:
-    for module in modules:
+def test_readme_example_runs(where: str, modules: list[str], code: str, tmp_path: Path) -> None:
+    for module in set(modules) - NOT_MODULES:
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{where} needs {module}")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning"}
+    if "gpu" in modules and not _gpu_usable():
+        pytest.skip(f"{where} needs a GPU")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", code]
+    if "torchrun" in modules:
+        script = tmp_path / "train.py"
+        script.write_text(code, encoding="utf-8")
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc-per-node", "3", str(script)]
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env
+        command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
     )
     assert result.returncode == 0, f"{where} failed:\n{result.stderr[-3000:]}"
+    if "torchrun" in modules:  # as the README says: 3 ranks, 8 steps each
+        for rank in range(3):
+            assert f"rank {rank} of 3: 8 steps" in result.stdout, result.stdout[-3000:]
