@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import gc
 import itertools
 import warnings
 from typing import Any
@@ -471,3 +472,30 @@ def test_a_finished_run_started_again_reads_every_sample_again() -> None:
     for _ in range(2):
         with enqueuer:
             assert labels(enqueuer.get()) == [[0, 1], [2, 3], [4]]
+
+
+@pytest.mark.parametrize("use_multiprocessing", [False, True], ids=["threads", "processes"])
+def test_rows_written_into_slots_reach_the_strict_cuda_double_intact(
+    strict_cuda: Any, use_multiprocessing: bool
+) -> None:
+    """The CUDA path: pinned (or registered shared) slots written row by row, one copy each."""
+    stream = strict_cuda.default_stream(0)
+    got = []
+    with prefetch(
+        Samples(6),
+        0,
+        batch_size=4,
+        epochs=1,
+        workers=2,
+        use_multiprocessing=use_multiprocessing,
+        shard=None,
+    ) as batches:
+        for batch in batches:
+            images = strict_cuda.read(batch["image"], stream)
+            labels = strict_cuda.read(batch["label"], stream)
+            assert (images == labels[:, None, None, None].astype(np.uint8)).all()
+            got.append((labels.tolist(), batch["name"]))
+            del batch
+    assert got == [([0, 1, 2, 3], ["s0", "s1", "s2", "s3"]), ([4, 5], ["s4", "s5"])]
+    gc.collect()
+    assert strict_cuda.violations == []
