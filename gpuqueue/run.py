@@ -39,6 +39,7 @@ from typing import Any
 from .backends import resolve
 from .backends.base import Backend
 from .config import PipelineConfig, Workers
+from .consumer.outputs import HostOutput, host_output
 from .device import autodepth
 from .device.arenas import DeviceArenas
 from .device.autodepth import DepthTuner
@@ -88,6 +89,8 @@ class Run:
     arenas: DeviceArenas | None = None
     looper: CopyLooper | None = None
     tuner: DepthTuner | None = None  # prefetch_depth="auto"
+    # device="auto" without a GPU: the host's batches, made the output's (consumer/outputs.py)
+    host_output: HostOutput | None = None
     closed: bool = False
     finalizer: weakref.finalize[Any, Any] | None = None  # abandons the run with its owner
     # Ctrl-C, or a batch timeout: stop waits for nothing user code could hold up.
@@ -133,6 +136,12 @@ class Run:
         backend = resolve(config.device) if config.device is not None else None
         host_queue: FIFOQueue[Item] = FIFOQueue(counts.max_queue_size, name=f"{config.name}-host")
         run = cls(config, counts, Coordinator(), make_tasks(), host_queue, host_queue)
+        if backend is not None and _host_is_the_device(config, backend):
+            # Staging would only copy each batch into other host memory: the workers'
+            # batches are delivered as with device=None (their structure checked).
+            run.host_output = host_output(config.output, backend)
+            backend.close()
+            backend = None
         if backend is not None:
             run.backend, run.own_backend = backend, backend is not config.device
             # What the consumer holds comes on top of the depth. One free arena is
@@ -375,6 +384,16 @@ class Run:
                     max_device_bytes=self.tuner.budget,
                 )
         return stats
+
+
+def _host_is_the_device(config: PipelineConfig, backend: Backend) -> bool:
+    """True where ``device="auto"`` found no GPU and nothing needs the staged path.
+
+    ``device="cpu"`` keeps staging (it is how the tests run the device path),
+    and so does ``transform=``, which runs on the staged batch's arena.
+    """
+    auto = isinstance(config.device, str) and config.device == "auto"
+    return auto and backend.name == "numpy" and config.transform is None
 
 
 EMPTY_STATS: dict[str, Any] = {
