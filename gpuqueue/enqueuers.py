@@ -216,7 +216,9 @@ class SequenceEnqueuer:
             (``producer_blocked_s``), queue occupancy; on a device the
             backend, depth (and with ``"auto"``, why), bytes copied,
             ``h2d_gbps``, pinned and device bytes; with processes
-            ``shared_memory_bytes``.
+            ``shared_memory_bytes``. ``startup_s``: seconds from ``start()``
+            to the first batch delivered (None until then), which with
+            processes includes starting them.
         """
         return dict(EMPTY_STATS) if self._run is None else self._run.stats()
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import warnings
 import weakref
 from collections import deque
@@ -132,10 +133,12 @@ class Run:
             PipelineError: If the device is unusable or the source cannot be
                 sent to worker processes.
         """
+        started = time.monotonic()
         # The device first: if it is unusable, nothing (a generator) has been consumed.
         backend = resolve(config.device) if config.device is not None else None
         host_queue: FIFOQueue[Item] = FIFOQueue(counts.max_queue_size, name=f"{config.name}-host")
         run = cls(config, counts, Coordinator(), make_tasks(), host_queue, host_queue)
+        run.counters.started = started
         if backend is not None and _host_is_the_device(config, backend):
             # Staging would only copy each batch into other host memory: the workers'
             # batches are delivered as with device=None (their structure checked).
@@ -362,6 +365,7 @@ class Run:
                 "mean_queue_occupancy": (
                     counters.occupancy_sum / counters.gets if counters.gets else 0.0
                 ),
+                "startup_s": counters.startup_s,
             }
         if self.processes is not None:
             stats["shared_memory_bytes"] = self.processes.pinned_bytes
@@ -404,4 +408,5 @@ EMPTY_STATS: dict[str, Any] = {
     "queue_size": 0,
     "queue_capacity": 0,
     "mean_queue_occupancy": 0.0,
+    "startup_s": None,
 }

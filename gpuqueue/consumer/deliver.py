@@ -220,6 +220,8 @@ def _batches(
                 note_thread(error, f"delivering {part.task.where()}")
                 _stop_with(run, error)
                 continue
+        if counters.startup_s is None:  # (two consumers' first batches may race: either will do)
+            counters.startup_s = time.monotonic() - counters.started
         delivered[0] += 1  # before the yield: stats() is exact while the consumer holds it
         # The batch is the consumer's: this frame must not keep it (and its arena)
         # alive while it waits here for the next call.
