@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.depth_report import human, recommendation
+from bench.loaders_report import STARTUP_ROWS
 from bench.rounds import spread, summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +142,16 @@ def loaders_block(results: Path) -> str:
             f"| {cell('tree_pss_peak_bytes', 1e-6, '{:.0f}')} "
             f"| {cell('tree_pss_added_bytes', 1e-6, '{:.0f}')} |"
         )
+    started = report["rounds"].get("startup")
+    if started:
+        lines += [
+            "",
+            f"| worker start, 2 processes, after `import {started[0]['imported']}` (a fresh "
+            "process per round) | seconds to the first batch |",
+            "| --- | --- |",
+        ]
+        for name, label in STARTUP_ROWS.items():
+            lines.append(f"| {label} | {spread(summary([r[name] for r in started]))} |")
     return "\n".join(lines)
 
 

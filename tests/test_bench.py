@@ -120,7 +120,13 @@ def test_loaders_smoke_run_computes_every_goal(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["config"]["rounds"] == 2 and report["machine"]["cpu_count"]
     goals = {g["goal"]: g for g in report["goals"]}
-    assert len(goals) == 16
+    assert len(goals) == 20
+    gil = goals["GIL-bound reads (a pure-Python loop per batch): worker processes vs threads"]
+    assert len(gil["measured"]["rounds"]) == 2 and gil["cases"] == ["gil/processes", "gil/threads"]
+    assert "GIL-bound reads: worker processes vs DataLoader num_workers=2" in goals
+    started = report["rounds"]["startup"]
+    assert [r["imported"] for r in started] == ["torch", "torch"]  # smoke: torch alone
+    assert all(0 < r["gpuqueue_again_s"] and 0 < r["dataloader2_s"] for r in started)
     keras = goals["trivial batches: gpuqueue threads vs tf_keras's enqueuer"]
     assert keras["measured"] is None and keras["met"] is None
     assert "skipped" in stdout and report["cases"]["trivial/tf_keras"]["skipped"]
@@ -131,6 +137,7 @@ def test_loaders_smoke_run_computes_every_goal(tmp_path: Path) -> None:
             assert (goal["met"] is None) == goal["target"].startswith("none")
     block = readme.loaders_block(tmp_path)  # the README's tables, from this JSON
     assert all(goal in block for goal in goals) and "| DataLoader num_workers=2 |" in block
+    assert "| gpuqueue processes, second run (forks from that server) | " in block
     processes = report["rounds"]["image/processes"]
     assert all(r["tree_pss_peak_bytes"] >= r["tree_pss_base_bytes"] > 0 for r in processes)
     assert all(r["shared_memory_bytes"] > 0 and r["rss_peak_bytes"] > 0 for r in processes)
