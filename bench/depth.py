@@ -1,7 +1,9 @@
 """The prefetch-depth benchmark: which depth to use here, and whether gpuqueue is ahead of the rest.
 
 For each batch size, a training loop of a synthetic step (``bench/workloads.py``)
-runs over gpuqueue's ``OrderedEnqueuer`` at each prefetch depth and over what
+runs over gpuqueue's ``OrderedEnqueuer`` at each prefetch depth (on a GPU;
+without one there is no copy to hide and the depth does nothing, so gpuqueue
+runs once, as ``device="auto"`` gives it there) and over what
 a user would write instead (``bench/baselines.py``): the hand-written
 one-ahead loop, ``torch.utils.data.DataLoader`` with ``num_workers`` 0 and 2
 (``pin_memory`` on a GPU), ``tf_keras``'s ``OrderedEnqueuer`` (a skipped row
@@ -10,9 +12,11 @@ saying why where it is not installed), and the step alone on a resident batch
 for at least five rounds; each figure is the median of its rounds with the
 minimum and maximum, and each ratio is taken within a round.
 
-It prints the table, a line for every column, the recommended depth (the
-smallest whose throughput is within 2 % of the best, with its memory) and
-whether that depth is ahead of the one-ahead loop at every size; it writes
+It prints the table, a line for every column, and one line of advice
+(``bench/advice.py``): on a GPU the smallest depth within noise of the best at
+every size (and the set of depths within noise), and whether it is ahead of
+the one-ahead loop at every size; without one, that no depth has an effect,
+and gpuqueue's throughput against each peer instead. It writes
 ``prefetch_depth.json`` and ``prefetch_depth.png`` (error bars: min-max).
 
 Rows and sections are registries: a new loader to compare is one entry in
@@ -29,13 +33,14 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import gpuqueue
 from bench import baselines, normalize
+from bench.advice import TOLERANCE, depth_verdict, noise, within_noise
 from bench.depth_report import plot, print_report
 from bench.machine import describe_machine
 from bench.nvml import Nvml, NvmlSampler
@@ -44,7 +49,6 @@ from bench.workloads import SyntheticBatches, make_step
 from gpuqueue.backends import resolve
 
 MiB = 1 << 20
-TOLERANCE = 0.02  # a depth within 2 % of the best throughput is as good as the best
 
 
 @dataclass
@@ -70,56 +74,15 @@ def human(nbytes: int) -> str:
     return f"{nbytes / MiB:g} MiB" if nbytes >= MiB else f"{nbytes / 1024:g} KiB"
 
 
-# ---------------------------------------------------------------- recommendation
-
-
-def recommend(throughput: Mapping[int, float], tolerance: float = TOLERANCE) -> int:
-    """The smallest depth whose throughput is within ``tolerance`` of the best.
-
-    Args:
-        throughput: Batches per second (medians) by prefetch depth.
-    """
-    if not throughput:
-        raise ValueError("no depth was measured")
-    best = max(throughput.values())
-    return min(depth for depth, rate in throughput.items() if rate >= best * (1 - tolerance))
-
-
-def recommend_everywhere(
-    by_size: Sequence[Mapping[int, float]], tolerance: float = TOLERANCE
-) -> int:
-    """The smallest depth within ``tolerance`` of the best at every size.
-
-    If no depth is within it at all sizes, the depth that falls least below
-    a size's best (``holds_everywhere`` says which case it is).
-    """
-    if not by_size:
-        raise ValueError("no size was measured")
-    common = sorted(set.intersection(*(set(t) for t in by_size)))
-    for depth in common:
-        if holds_everywhere(by_size, depth, tolerance):
-            return depth
-    return max(common, key=lambda d: (worst_ratio(by_size, d), -d))
-
-
-def worst_ratio(by_size: Sequence[Mapping[int, float]], depth: int) -> float:
-    """``depth``'s throughput over the best depth's, at the size where it is lowest."""
-    return min(t[depth] / max(t.values()) for t in by_size)
-
-
-def holds_everywhere(
-    by_size: Sequence[Mapping[int, float]], depth: int, tolerance: float = TOLERANCE
-) -> bool:
-    return worst_ratio(by_size, depth) >= 1 - tolerance
-
-
 # ---------------------------------------------------------------- rows
 
 
 def run_gpuqueue(ctx: Context, seq: Any, step: Any, n: int, **options: Any) -> Figures:
     """One run of the loop over gpuqueue, with NVML sampled beside it."""
     args = ctx.args
-    enqueuer = gpuqueue.OrderedEnqueuer(seq, device=args.device, shard=None, **options)
+    # --sweep without a GPU measures the staged path, where a depth does something.
+    device = "cpu" if args.sweep and ctx.backend != "cupy" else args.device
+    enqueuer = gpuqueue.OrderedEnqueuer(seq, device=device, shard=None, **options)
     coord = gpuqueue.Coordinator()
     sampler = NvmlSampler(coord, ctx.nvml)
     enqueuer.start(workers=args.workers, max_queue_size=args.max_queue_size)
@@ -198,6 +161,14 @@ REFERENCE = "one-ahead loop"  # every row's throughput is also shown as a ratio 
 GPUQUEUE_VARIANTS: list[tuple[str, dict[str, Any]]] = [("depth auto", {"prefetch_depth": "auto"})]
 
 
+NO_DEVICE_ROW = "(no device)"  # one row: the depth has no effect there
+
+
+def sweeps(ctx: Context) -> bool:
+    """Whether depths are swept: on a GPU, or where ``--sweep`` asks (harness checks)."""
+    return ctx.backend == "cupy" or bool(ctx.args.sweep)
+
+
 def depth_cases(ctx: Context, nbytes: int) -> list[Case]:
     """Every row of one size: the floor, each depth, each variant, each baseline, flat out."""
     args = ctx.args
@@ -219,7 +190,11 @@ def depth_cases(ctx: Context, nbytes: int) -> list[Case]:
             tags={"size": nbytes, "kind": "floor"},
         )
     ]
-    variants = [(f"depth {d}", {"prefetch_depth": d}) for d in args.depths] + GPUQUEUE_VARIANTS
+    if sweeps(ctx):
+        variants = [(f"depth {d}", {"prefetch_depth": d}) for d in args.depths]
+        variants += GPUQUEUE_VARIANTS
+    else:  # no copy to hide: one row, gpuqueue as device=args.device gives it here
+        variants = [(NO_DEVICE_ROW, {})]
     for label, options in variants:
         depth = options.get("prefetch_depth")
         cases.append(
@@ -305,31 +280,11 @@ def summarize_size(
         for r in rows
         if r["kind"] == "gpuqueue" and r["depth"] is not None and "skipped" not in r
     }
-    best = recommend(fixed)
-    chosen = next(r for r in rows if r["kind"] == "gpuqueue" and r["depth"] == best)
-    # A variant (an automatic depth, say) against the fastest fixed depth, round by round.
-    fastest = results[f"{size}/gpuqueue depth {max(fixed, key=fixed.__getitem__)}"]
-    for case, variant in zip(cases, rows_by_case(cases, rows), strict=True):
-        is_variant = variant and variant["kind"] == "gpuqueue" and variant["depth"] is None
-        if variant and is_variant and case.skip is None:
-            variant["vs_fastest_depth"] = ratio(results[case.key], fastest, "batches_per_s")
-            variant["depth_reached"] = figure(results[case.key], "depth_reached")
     flat = results[f"{size}/flat out"]
-    return {
+    summarized: dict[str, Any] = {
         "size_bytes": nbytes,
         "rows": rows,
         "step_alone_s": figure(floor, "step_time_s"),
-        "recommended_depth": best,
-        # How far the fastest depth's rounds spread around their median: above the
-        # tolerance, the ranking of depths within it is noise.
-        "fastest_depth_spread": _spread_of(fastest, "batches_per_s"),
-        "recommended": {
-            "depth": best,
-            "batches_per_s": chosen["batches_per_s"],
-            "device_bytes_peak": chosen["device_bytes_peak"],
-            "pinned_bytes": chosen["pinned_bytes"],
-            "vs_one_ahead": chosen["vs_one_ahead"],
-        },
         "throughput": {  # no step at all: the pipeline flat out, against the raw copy loop
             "gpuqueue_gbps": summary([nbytes * f["batches_per_s"] / 1e9 for f in flat]),
             "raw_copy_gbps": figure(flat, "raw_copy_gbps"),
@@ -338,7 +293,42 @@ def summarize_size(
             ),
             "workers": ctx.args.workers,
         },
+        "recommended_depth": None,
     }
+    if not fixed:  # no depth swept: gpuqueue's one row against each peer, round by round
+        gq = results[f"{size}/gpuqueue {NO_DEVICE_ROW}"]
+        summarized["vs_peers"] = {
+            base.label: ratio(gq, results[f"{size}/{base.label}"], "batches_per_s")
+            for base in BASELINES
+            if results[f"{size}/{base.label}"]
+        }
+        return summarized
+    fastest_depth = max(fixed, key=fixed.__getitem__)
+    best_stat = next(r for r in rows if r.get("depth") == fastest_depth)["batches_per_s"]
+    summarized["noise"] = noise(best_stat)
+    best = within_noise([fixed], [summarized["noise"]])[0]
+    chosen = next(r for r in rows if r["kind"] == "gpuqueue" and r["depth"] == best)
+    # A variant (an automatic depth, say) against the fastest fixed depth, round by round.
+    fastest = results[f"{size}/gpuqueue depth {fastest_depth}"]
+    for case, variant in zip(cases, rows_by_case(cases, rows), strict=True):
+        is_variant = variant and variant["kind"] == "gpuqueue" and variant["depth"] is None
+        if variant and is_variant and case.skip is None:
+            variant["vs_fastest_depth"] = ratio(results[case.key], fastest, "batches_per_s")
+            variant["depth_reached"] = figure(results[case.key], "depth_reached")
+    summarized.update(
+        recommended_depth=best,
+        # How far the fastest depth's rounds spread around their median: above the
+        # tolerance, the ranking of depths within it is noise.
+        fastest_depth_spread=_spread_of(fastest, "batches_per_s"),
+        recommended={
+            "depth": best,
+            "batches_per_s": chosen["batches_per_s"],
+            "device_bytes_peak": chosen["device_bytes_peak"],
+            "pinned_bytes": chosen["pinned_bytes"],
+            "vs_one_ahead": chosen["vs_one_ahead"],
+        },
+    )
+    return summarized
 
 
 def _spread_of(runs: list[Figures], name: str) -> float:
@@ -387,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--smoke", action="store_true", help="tiny, fast run (CI)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sweep the depths without a GPU too, on the staged path of device='cpu' (checks "
+        "the harness; no depth is recommended there: there is no copy to hide)",
+    )
     return parser
 
 
@@ -422,15 +418,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = run_rounds(cases, args.rounds, Progress(runnable * args.rounds))
 
     sizes = [summarize_size(ctx, n, per_size[n], results) for n in args.sizes]
-    by_size = [
-        {r["depth"]: r["batches_per_s"]["median"] for r in s["rows"]
-         if r["kind"] == "gpuqueue" and r["depth"] is not None and "skipped" not in r}
-        for s in sizes
-    ]  # fmt: skip
-    overall = recommend_everywhere(by_size)
+    verdict = depth_verdict(backend_name == "cupy", sizes)
     report: dict[str, Any] = {
         "benchmark": "gpuqueue prefetch depth",
-        "schema": 2,
+        "schema": 3,
         "command": " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]),
         "machine": describe_machine(backend_name, gpu, nvml),
         "config": {
@@ -449,19 +440,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "nvml_link": nvml.link() if nvml.error is None else {"nvml": nvml.error},
         "sizes": sizes,
-        "recommended_depth": overall,
-        # Whether it is within the tolerance at every size, and its worst ratio to a size's best.
-        "recommended_holds_everywhere": holds_everywhere(by_size, overall),
-        "recommended_worst_ratio": worst_ratio(by_size, overall),
-        "goal_vs_one_ahead": {
-            "goal": "gpuqueue at the recommended depth is not behind the one-ahead loop "
-            "at any size (median ratio >= 1.00)",
-            "met": all(
-                next(r for r in s["rows"] if r.get("depth") == overall)["vs_one_ahead"]["median"]
-                >= 1.0
-                for s in sizes
-            ),
-        },
+        **verdict,
         "sections": {section.name: section.summarize(ctx, results) for section in SECTIONS},
         "rounds": results,
     }
