@@ -40,11 +40,13 @@ from typing import Any, Protocol
 
 import gpuqueue
 from bench import baselines, normalize
-from bench.advice import TOLERANCE, depth_verdict, noise, within_noise
+from bench.advice import TOLERANCE, depth_verdict
 from bench.depth_report import plot, print_report
+from bench.depth_summary import NO_DEVICE_ROW, summarize_size
+from bench.depth_summary import REFERENCE as REFERENCE  # (bench/gpu_check.py reads it here)
 from bench.machine import describe_machine
 from bench.nvml import Nvml, NvmlSampler
-from bench.rounds import Case, Figures, Progress, figure, ratio, run_rounds, summary
+from bench.rounds import Case, Figures, Progress, run_rounds
 from bench.workloads import SyntheticBatches, make_step
 from gpuqueue.backends import resolve
 
@@ -154,14 +156,10 @@ BASELINES: list[Baseline] = [
         lambda ctx: baselines.tf_keras_missing(),
     ),
 ]
-REFERENCE = "one-ahead loop"  # every row's throughput is also shown as a ratio to this one's
 
 # gpuqueue rows beyond the fixed depths of --depths: (label, OrderedEnqueuer keywords).
 # An automatic depth belongs here, e.g. ("depth auto", {"prefetch_depth": "auto"}).
 GPUQUEUE_VARIANTS: list[tuple[str, dict[str, Any]]] = [("depth auto", {"prefetch_depth": "auto"})]
-
-
-NO_DEVICE_ROW = "(no device)"  # one row: the depth has no effect there
 
 
 def sweeps(ctx: Context) -> bool:
@@ -233,113 +231,6 @@ def depth_cases(ctx: Context, nbytes: int) -> list[Case]:
         )
     )
     return cases
-
-
-def summarize_size(
-    ctx: Context, nbytes: int, cases: list[Case], results: dict[str, list[Figures]]
-) -> dict[str, Any]:
-    """One size's rows: figures over the rounds, ratios within rounds, the recommended depth."""
-    size = human(nbytes)
-    floor = results[f"{size}/resident"]
-    reference = results[f"{size}/{REFERENCE}"]
-    rows: list[dict[str, Any]] = []
-    for case in cases:
-        if case.tags.get("kind") not in ("gpuqueue", "baseline"):
-            continue
-        row: dict[str, Any] = {"row": case.tags["row"], "kind": case.tags["kind"]}
-        if case.tags["kind"] == "gpuqueue":
-            row["depth"] = case.tags["depth"]
-        if case.skip is not None:
-            rows.append({**row, "skipped": case.skip})
-            continue
-        runs = results[case.key]
-        row["batches_per_s"] = figure(runs, "batches_per_s")
-        row["step_time_s"] = figure(runs, "step_time_s")
-        row["vs_one_ahead"] = ratio(runs, reference, "batches_per_s")
-        row["stall_fraction"] = summary(
-            [
-                max(0.0, 1 - f["step_time_s"] / r["step_time_s"])
-                for f, r in zip(floor, runs, strict=True)
-            ]
-        )
-        copy_s = nbytes / (figure(results[f"{size}/flat out"], "raw_copy_gbps")["median"] * 1e9)
-        row["hidden_fraction"] = summary(
-            [
-                min(1.0, max(0.0, 1 - (r["step_time_s"] - f["step_time_s"]) / copy_s))
-                for f, r in zip(floor, runs, strict=True)
-            ]
-        )
-        if case.tags["kind"] == "gpuqueue":
-            row["queue_occupancy_mean"] = figure(runs, "queue_occupancy_mean")
-            row["pinned_bytes"] = max(int(r["pinned_bytes"]) for r in runs)
-            row["device_bytes_peak"] = max(int(r["device_bytes_peak"]) for r in runs)
-            row["nvml"] = runs[len(runs) // 2]["nvml"]
-        rows.append(row)
-    fixed = {
-        r["depth"]: r["batches_per_s"]["median"]
-        for r in rows
-        if r["kind"] == "gpuqueue" and r["depth"] is not None and "skipped" not in r
-    }
-    flat = results[f"{size}/flat out"]
-    summarized: dict[str, Any] = {
-        "size_bytes": nbytes,
-        "rows": rows,
-        "step_alone_s": figure(floor, "step_time_s"),
-        "throughput": {  # no step at all: the pipeline flat out, against the raw copy loop
-            "gpuqueue_gbps": summary([nbytes * f["batches_per_s"] / 1e9 for f in flat]),
-            "raw_copy_gbps": figure(flat, "raw_copy_gbps"),
-            "ratio": summary(
-                [nbytes * f["batches_per_s"] / 1e9 / f["raw_copy_gbps"] for f in flat]
-            ),
-            "workers": ctx.args.workers,
-        },
-        "recommended_depth": None,
-    }
-    if not fixed:  # no depth swept: gpuqueue's one row against each peer, round by round
-        gq = results[f"{size}/gpuqueue {NO_DEVICE_ROW}"]
-        summarized["vs_peers"] = {
-            base.label: ratio(gq, results[f"{size}/{base.label}"], "batches_per_s")
-            for base in BASELINES
-            if results[f"{size}/{base.label}"]
-        }
-        return summarized
-    fastest_depth = max(fixed, key=fixed.__getitem__)
-    best_stat = next(r for r in rows if r.get("depth") == fastest_depth)["batches_per_s"]
-    summarized["noise"] = noise(best_stat)
-    best = within_noise([fixed], [summarized["noise"]])[0]
-    chosen = next(r for r in rows if r["kind"] == "gpuqueue" and r["depth"] == best)
-    # A variant (an automatic depth, say) against the fastest fixed depth, round by round.
-    fastest = results[f"{size}/gpuqueue depth {fastest_depth}"]
-    for case, variant in zip(cases, rows_by_case(cases, rows), strict=True):
-        is_variant = variant and variant["kind"] == "gpuqueue" and variant["depth"] is None
-        if variant and is_variant and case.skip is None:
-            variant["vs_fastest_depth"] = ratio(results[case.key], fastest, "batches_per_s")
-            variant["depth_reached"] = figure(results[case.key], "depth_reached")
-    summarized.update(
-        recommended_depth=best,
-        # How far the fastest depth's rounds spread around their median: above the
-        # tolerance, the ranking of depths within it is noise.
-        fastest_depth_spread=_spread_of(fastest, "batches_per_s"),
-        recommended={
-            "depth": best,
-            "batches_per_s": chosen["batches_per_s"],
-            "device_bytes_peak": chosen["device_bytes_peak"],
-            "pinned_bytes": chosen["pinned_bytes"],
-            "vs_one_ahead": chosen["vs_one_ahead"],
-        },
-    )
-    return summarized
-
-
-def _spread_of(runs: list[Figures], name: str) -> float:
-    stat = figure(runs, name)
-    return float((stat["max"] - stat["min"]) / stat["median"]) if stat["median"] else 0.0
-
-
-def rows_by_case(cases: list[Case], rows: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
-    """Each case's row (None for the floor and flat-out cases, which have none)."""
-    found = iter(rows)
-    return [next(found) if c.tags.get("kind") in ("gpuqueue", "baseline") else None for c in cases]
 
 
 class Section(Protocol):
@@ -417,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runnable = sum(case.skip is None for case in cases)
     results = run_rounds(cases, args.rounds, Progress(runnable * args.rounds))
 
-    sizes = [summarize_size(ctx, n, per_size[n], results) for n in args.sizes]
+    sizes = [summarize_size(n, per_size[n], results, args.workers) for n in args.sizes]
     verdict = depth_verdict(backend_name == "cupy", sizes)
     report: dict[str, Any] = {
         "benchmark": "gpuqueue prefetch depth",
