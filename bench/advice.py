@@ -148,8 +148,12 @@ def no_device_advice(sizes: list[dict[str, Any]]) -> str:
     """The advice without a GPU: depth does nothing; what gpuqueue's host throughput was."""
     measured = []
     for size in sizes:
-        peers = ", ".join(f"{spread(stat)}x {label}" for label, stat in size["vs_peers"].items())
-        measured.append(f"{human(size['size_bytes'])}: {peers}")
+        peers = size.get("vs_peers")
+        if peers is None:  # --sweep: every depth ran, on the staged path
+            measured.append(f"{human(size['size_bytes'])}: each depth in the table (--sweep)")
+            continue
+        ratios = ", ".join(f"{spread(stat)}x {label}" for label, stat in peers.items())
+        measured.append(f"{human(size['size_bytes'])}: {ratios}")
     return (
         "no depth to recommend: without a GPU prefetch_depth has no effect (there is no copy "
         "to hide; each batch is handed over as the worker made it). Measured instead, the "

@@ -25,8 +25,8 @@ def where(report: dict[str, Any]) -> str:
     if on_device(report):
         return f"{machine['gpu']['name']} (host to device copies)"
     return (
-        f"the NumPy fallback, {machine['cpu_count']} CPUs, no GPU (no copy: each batch is "
-        "written once, by the worker that packs it, and handed over)"
+        f"the NumPy fallback, {machine['cpu_count']} CPUs, no GPU (no copy: the batch a "
+        "worker read is handed over)"
     )
 
 
