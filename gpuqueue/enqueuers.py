@@ -46,7 +46,8 @@ class SequenceEnqueuer:
             usable; else (a warning says why) the workers' batches as with
             ``None``, their leaves made what the device path gives on the
             CPU by views, not copies (``transform=`` still stages them).
-            ``"cpu"``: the NumPy fallback of the device pipeline, staged. An int or ``"cuda:N"``: that GPU, or a clear error.
+            ``"cpu"``: the NumPy fallback of the device pipeline, staged.
+            An int or ``"cuda:N"``: that GPU, or a clear error.
         prefetch_depth: Batches copied ahead of the consumer (0 = copy in
             ``get()``), or ``"auto"``: from 2, one deeper while the consumer
             waits for data, up to 8, within ``max_device_bytes``; ``stats()``

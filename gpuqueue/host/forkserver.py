@@ -3,7 +3,7 @@
 A ``forkserver`` (or ``spawn``) child begins as a fresh interpreter, so it
 imports again what the parent had: the main script's imports and the
 Sequence's module, torch and Keras among them, several seconds each, in
-every worker of every run (measured: 8 to 17 s to the first batch of a Keras
+every worker of every run (measured: 8 to 32 s to the first batch of a Keras
 ``PyDataset`` in 2 processes after ``import torch, keras``, on a loaded
 2-CPU machine, where ``DataLoader(num_workers=2)``, which forks, took 0.15 s).
 Python's forkserver can import modules once, in the server, before it forks
@@ -39,10 +39,11 @@ from typing import Any
 __all__ = ["PRELOADABLE", "WORKER_MODULE", "preload_for_parent", "worker_process"]
 
 # Libraries whose import is slow and safe to do once in a server that then forks.
-PRELOADABLE = ("numpy", "scipy", "torch", "jax", "keras", "tf_keras", "PIL")
-# Keras imports its backend: one whose import this module has not checked
-# (TensorFlow's starts threads of its own) keeps Keras out of the preload.
-_NOT_WITH = {"keras": ("tensorflow",), "tf_keras": ("tensorflow",)}
+# (tf_keras is not one: it imports TensorFlow, whose import was not checked.)
+PRELOADABLE = ("numpy", "scipy", "torch", "jax", "keras", "PIL")
+# Keras imports its backend: one whose import was not checked (TensorFlow)
+# keeps Keras out of the preload.
+_NOT_WITH = {"keras": ("tensorflow",)}
 WORKER_MODULE = "gpuqueue.host.process_main"
 
 # The servers, by what they preloaded. Process-wide on purpose, as
