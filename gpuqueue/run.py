@@ -139,7 +139,7 @@ class Run:
         host_queue: FIFOQueue[Item] = FIFOQueue(counts.max_queue_size, name=f"{config.name}-host")
         run = cls(config, counts, Coordinator(), make_tasks(), host_queue, host_queue)
         run.counters.started = started
-        if backend is not None and _host_is_the_device(config, backend):
+        if backend is not None and config.host_is_the_device(backend.name):
             # Staging would only copy each batch into other host memory: the workers'
             # batches are delivered as with device=None (their structure checked).
             run.host_output = host_output(config.output, backend)
@@ -388,16 +388,6 @@ class Run:
                     max_device_bytes=self.tuner.budget,
                 )
         return stats
-
-
-def _host_is_the_device(config: PipelineConfig, backend: Backend) -> bool:
-    """True where ``device="auto"`` found no GPU and nothing needs the staged path.
-
-    ``device="cpu"`` keeps staging (it is how the tests run the device path),
-    and so does ``transform=``, which runs on the staged batch's arena.
-    """
-    auto = isinstance(config.device, str) and config.device == "auto"
-    return auto and backend.name == "numpy" and config.transform is None
 
 
 EMPTY_STATS: dict[str, Any] = {
