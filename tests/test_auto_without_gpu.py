@@ -119,7 +119,7 @@ def test_torch_output_views_the_workers_memory() -> None:
 
 
 def test_leaves_become_what_the_device_path_gives_on_the_cpu() -> None:
-    """The README's leaf table, ``output=None``: a tensor is a NumPy view, numbers arrays."""
+    """The README's leaf table, ``output=None``: a tensor is a NumPy view, a number an array."""
     torch = pytest.importorskip("torch")
     tensor = torch.arange(6, dtype=torch.float32)
     strided = np.arange(12, dtype=np.int32)[::-2]  # torch cannot view negative strides
@@ -135,7 +135,7 @@ def test_leaves_become_what_the_device_path_gives_on_the_cpu() -> None:
         first = next(iter(batches))
     assert isinstance(first["t"], np.ndarray) and first["t"].ctypes.data == tensor.data_ptr()
     assert isinstance(first["n"], np.ndarray) and first["n"].shape == () and first["n"] == 3
-    assert isinstance(first["l"], np.ndarray) and first["l"].tolist() == [1.0, 2.0]
+    assert first["l"] == [1.0, 2.0]  # a list of numbers stays a list, as with device=None
     assert first["s"] == "name" and first["w"] is None
     assert first["r"] is strided
     with prefetch(Mixed(), device="auto", workers=1, epochs=1, output="torch") as batches:
@@ -161,6 +161,27 @@ def test_a_bfloat16_tensor_without_torch_output_is_the_device_paths_error() -> N
     with prefetch(Half(), device="auto", workers=1, epochs=1, output="torch") as batches:
         (x,) = next(iter(batches))
     assert x.dtype == torch.bfloat16 and x.tolist() == [1.0, 1.0]
+
+
+def test_an_ml_dtypes_bfloat16_array_is_a_view_in_every_output() -> None:
+    torch = pytest.importorskip("torch")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    image = np.arange(6, dtype=np.float32).astype(ml_dtypes.bfloat16)
+
+    class Half(gpuqueue.Sequence):
+        def __len__(self) -> int:
+            return 1
+
+        def __getitem__(self, index: int) -> Any:
+            return (image,)
+
+    with prefetch(Half(), device="auto", workers=1, epochs=1, shard=None) as batches:
+        (x,) = next(iter(batches))
+    assert x.dtype == ml_dtypes.bfloat16 and x.ctypes.data == image.ctypes.data
+    with prefetch(Half(), device="auto", workers=1, epochs=1, output="torch") as batches:
+        (t,) = next(iter(batches))
+    assert t.dtype == torch.bfloat16 and t.data_ptr() == image.ctypes.data
+    assert t.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
 def test_transform_keeps_the_staged_path() -> None:

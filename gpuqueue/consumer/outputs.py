@@ -224,7 +224,8 @@ def host_output(output: str | None, backend: Backend) -> HostOutput:
     only copy it; so the worker's batch is delivered, its array leaves
     turned into what the device path gives on the CPU (the table in the
     README): NumPy arrays stay the same arrays, a torch tensor is a NumPy
-    view of its memory, a Python number or list an array, and with
+    view of its memory, a Python number a 0-d array (lists of numbers stay
+    lists, as with ``device=None``, which describes them as such), and with
     ``output="torch"`` or ``"jax"`` each becomes a tensor or array over the
     same memory. A copy is made only where no view can be (a strided or
     byte-swapped array that torch cannot view).
@@ -232,7 +233,7 @@ def host_output(output: str | None, backend: Backend) -> HostOutput:
     convert = OUTPUTS[output].converter(backend)
 
     def leaf_output(meta: LeafMeta, leaf: Any) -> Any:
-        return convert(meta.kind, meta.path, _host_array(meta, leaf))
+        return convert(*_host_array(meta, leaf))
 
     def as_output(treedef: TreeDef, metas: Sequence[LeafMeta], batch: Any) -> Any:
         return map_arrays(treedef, metas, batch, leaf_output)
@@ -240,13 +241,19 @@ def host_output(output: str | None, backend: Backend) -> HostOutput:
     return as_output
 
 
-def _host_array(meta: LeafMeta, leaf: Any) -> np.ndarray:
-    """A source's array leaf as a NumPy array, a view where it is one already (a tensor's)."""
+def _host_array(meta: LeafMeta, leaf: Any) -> tuple[str, str, np.ndarray]:
+    """A source's array leaf as NumPy (a view where it is one already: a tensor's).
+
+    Returns the leaf's kind, its path and the array. An ml_dtypes bfloat16
+    array becomes its bits, of kind ``"ml:bfloat16"``, as on the device path.
+    """
     if isinstance(leaf, np.ndarray):
-        return leaf
+        if leaf.dtype.kind == "V" and leaf.dtype.name == "bfloat16":
+            return "ml:bfloat16", meta.path, leaf.view(np.int16)
+        return meta.kind, meta.path, leaf
     if meta.kind.startswith("torch"):
-        return tensor_array(meta.path, leaf)[0]
-    return np.asarray(leaf)
+        return meta.kind, meta.path, tensor_array(meta.path, leaf)[0]
+    return meta.kind, meta.path, np.asarray(leaf)
 
 
 def transformed_output(
