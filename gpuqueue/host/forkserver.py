@@ -32,9 +32,11 @@ import multiprocessing
 import os
 import sys
 import threading
-from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
-from multiprocessing.context import ForkServerProcess, set_spawning_popen
 from typing import Any
+
+if sys.platform != "win32":  # (no forkserver there: worker_process spawns)
+    from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
+    from multiprocessing.context import ForkServerProcess, set_spawning_popen
 
 __all__ = ["PRELOADABLE", "WORKER_MODULE", "preload_for_parent", "worker_process"]
 
@@ -48,7 +50,7 @@ WORKER_MODULE = "gpuqueue.host.process_main"
 
 # The servers, by what they preloaded. Process-wide on purpose, as
 # multiprocessing's own server is: a server outlives the runs that use it.
-_servers: dict[tuple[str, ...], forkserver.ForkServer] = {}
+_servers: dict[tuple[str, ...], Any] = {}  # multiprocessing.forkserver.ForkServer
 _servers_lock = threading.Lock()
 
 
@@ -63,7 +65,7 @@ def preload_for_parent() -> tuple[str, ...]:
     return (*libraries, WORKER_MODULE)
 
 
-def server(preload: tuple[str, ...]) -> forkserver.ForkServer:
+def server(preload: tuple[str, ...]) -> Any:
     """The server that preloads ``preload`` (made on first use; started by its first child)."""
     with _servers_lock:
         found = _servers.get(preload)
@@ -74,45 +76,45 @@ def server(preload: tuple[str, ...]) -> forkserver.ForkServer:
         return found
 
 
-class _Popen(popen_forkserver.Popen):
-    """multiprocessing's forkserver launch, asking the process's own server for the child."""
+if sys.platform != "win32":
 
-    def _launch(self, process_obj: Any) -> None:
-        # What the child needs to set itself up, then the process object (with its
-        # target and arguments), pickled while this launch can hand descriptors over.
-        payload = io.BytesIO()
-        set_spawning_popen(self)
-        try:
-            reduction.dump(spawn.get_preparation_data(process_obj._name), payload)
-            reduction.dump(process_obj, payload)
-        finally:
-            set_spawning_popen(None)
-        chosen = server(process_obj.preload)
-        descriptors = self._fds  # type: ignore[attr-defined]  # (set by Popen.__init__)
-        self.sentinel, data_writer = chosen.connect_to_new_process(descriptors)
-        # The child watches a copy of the data pipe's write end to see this process go.
-        parent_end = os.dup(data_writer)
-        self.finalizer = util.Finalize(self, _close, (parent_end, self.sentinel))
-        with open(data_writer, "wb", closefd=True) as pipe:
-            pipe.write(payload.getbuffer())
-        self.pid = forkserver.read_signed(self.sentinel)
+    class _Popen(popen_forkserver.Popen):
+        """multiprocessing's forkserver launch, asking the process's own server for the child."""
 
+        def _launch(self, process_obj: Any) -> None:
+            # What the child needs to set itself up, then the process object (with its
+            # target and arguments), pickled while this launch can hand descriptors over.
+            payload = io.BytesIO()
+            set_spawning_popen(self)
+            try:
+                reduction.dump(spawn.get_preparation_data(process_obj._name), payload)
+                reduction.dump(process_obj, payload)
+            finally:
+                set_spawning_popen(None)
+            chosen = server(process_obj.preload)
+            descriptors = self._fds  # type: ignore[attr-defined]  # (set by Popen.__init__)
+            self.sentinel, data_writer = chosen.connect_to_new_process(descriptors)
+            # The child watches a copy of the data pipe's write end to see this process go.
+            parent_end = os.dup(data_writer)
+            self.finalizer = util.Finalize(self, _close, (parent_end, self.sentinel))
+            with open(data_writer, "wb", closefd=True) as pipe:
+                pipe.write(payload.getbuffer())
+            self.pid = forkserver.read_signed(self.sentinel)
 
-def _close(*descriptors: int) -> None:
-    for descriptor in descriptors:
-        os.close(descriptor)
+    def _close(*descriptors: int) -> None:
+        for descriptor in descriptors:
+            os.close(descriptor)
 
+    class _PreloadedProcess(ForkServerProcess):
+        """A forkserver process started from the server that preloads ``preload``."""
 
-class _PreloadedProcess(ForkServerProcess):
-    """A forkserver process started from the server that preloads ``preload``."""
+        def __init__(self, *args: Any, preload: tuple[str, ...], **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.preload = preload
 
-    def __init__(self, *args: Any, preload: tuple[str, ...], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.preload = preload
-
-    @staticmethod
-    def _Popen(process_obj: Any) -> Any:  # multiprocessing's name for it
-        return _Popen(process_obj)
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:  # multiprocessing's name for it
+            return _Popen(process_obj)
 
 
 def worker_process(**kwargs: Any) -> Any:
