@@ -56,7 +56,7 @@ IMAGE_SHAPE = (64, 3, 224, 224)
 FULL = {
     "workers": 2, "max_queue_size": 10, "image_shape": IMAGE_SHAPE, "image_batches": 60,
     "trivial_batches": 10000, "epoch_batches": 100, "epochs": 10, "overlap_batches": 40,
-    "step_ms": 5.0, "gil_loop": 8000, "gil_batches": 200, "startup_keras": True,
+    "step_ms": 5.0, "gil_loop": 18000, "gil_batches": 200, "startup_keras": True,
 }  # fmt: skip
 SMOKE = {
     **FULL, "image_shape": (4, 3, 32, 32), "image_batches": 8, "trivial_batches": 100,
