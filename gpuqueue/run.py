@@ -90,8 +90,7 @@ class Run:
     arenas: DeviceArenas | None = None
     looper: CopyLooper | None = None
     tuner: DepthTuner | None = None  # prefetch_depth="auto"
-    # device="auto" without a GPU: the host's batches, made the output's (consumer/outputs.py)
-    host_output: HostOutput | None = None
+    host_output: HostOutput | None = None  # device="auto" without a GPU (consumer/outputs.py)
     closed: bool = False
     finalizer: weakref.finalize[Any, Any] | None = None  # abandons the run with its owner
     # Ctrl-C, or a batch timeout: stop waits for nothing user code could hold up.
@@ -140,8 +139,7 @@ class Run:
         run = cls(config, counts, Coordinator(), make_tasks(), host_queue, host_queue)
         run.counters.started = started
         if backend is not None and config.host_is_the_device(backend.name):
-            # Staging would only copy each batch into other host memory: the workers'
-            # batches are delivered as with device=None (their structure checked).
+            # Staging would only copy each batch in host memory: delivered as device=None's.
             run.host_output = host_output(config.output, backend)
             backend.close()
             backend = None

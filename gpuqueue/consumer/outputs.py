@@ -230,7 +230,7 @@ def host_output(output: str | None, backend: Backend) -> HostOutput:
     same memory. A copy is made only where no view can be (a strided or
     byte-swapped array that torch cannot view).
     """
-    convert = OUTPUTS[output].converter(backend)
+    convert = OUTPUTS[output].converter(backend, None)  # (the host: no stream)
 
     def leaf_output(meta: LeafMeta, leaf: Any) -> Any:
         return convert(*_host_array(meta, leaf))
