@@ -1,7 +1,9 @@
 """The prefetch-depth benchmark: which depth to use here, and whether gpuqueue is ahead of the rest.
 
 For each batch size, a training loop of a synthetic step (``bench/workloads.py``)
-runs over gpuqueue's ``OrderedEnqueuer`` at each prefetch depth and over what
+runs over gpuqueue's ``OrderedEnqueuer`` at each prefetch depth (on a GPU;
+without one there is no copy to hide and the depth does nothing, so gpuqueue
+runs once, as ``device="auto"`` gives it there) and over what
 a user would write instead (``bench/baselines.py``): the hand-written
 one-ahead loop, ``torch.utils.data.DataLoader`` with ``num_workers`` 0 and 2
 (``pin_memory`` on a GPU), ``tf_keras``'s ``OrderedEnqueuer`` (a skipped row
@@ -10,9 +12,11 @@ saying why where it is not installed), and the step alone on a resident batch
 for at least five rounds; each figure is the median of its rounds with the
 minimum and maximum, and each ratio is taken within a round.
 
-It prints the table, a line for every column, the recommended depth (the
-smallest whose throughput is within 2 % of the best, with its memory) and
-whether that depth is ahead of the one-ahead loop at every size; it writes
+It prints the table, a line for every column, and one line of advice
+(``bench/advice.py``): on a GPU the smallest depth within noise of the best at
+every size (and the set of depths within noise), and whether it is ahead of
+the one-ahead loop at every size; without one, that no depth has an effect,
+and gpuqueue's throughput against each peer instead. It writes
 ``prefetch_depth.json`` and ``prefetch_depth.png`` (error bars: min-max).
 
 Rows and sections are registries: a new loader to compare is one entry in
@@ -30,22 +34,24 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import gpuqueue
 from bench import baselines, normalize
+from bench.advice import TOLERANCE, depth_verdict
 from bench.depth_report import plot, print_report
+from bench.depth_summary import NO_DEVICE_ROW, summarize_size
+from bench.depth_summary import REFERENCE as REFERENCE  # (bench/gpu_check.py reads it here)
 from bench.machine import describe_machine
 from bench.nvml import Nvml, NvmlSampler
-from bench.rounds import Case, Figures, Progress, figure, ratio, run_rounds, summary
+from bench.rounds import Case, Figures, Progress, run_rounds
 from bench.workloads import SyntheticBatches, make_step
 from gpuqueue.backends import resolve
 
 MiB = 1 << 20
-TOLERANCE = 0.02  # a depth within 2 % of the best throughput is as good as the best
 
 
 @dataclass
@@ -71,56 +77,15 @@ def human(nbytes: int) -> str:
     return f"{nbytes / MiB:g} MiB" if nbytes >= MiB else f"{nbytes / 1024:g} KiB"
 
 
-# ---------------------------------------------------------------- recommendation
-
-
-def recommend(throughput: Mapping[int, float], tolerance: float = TOLERANCE) -> int:
-    """The smallest depth whose throughput is within ``tolerance`` of the best.
-
-    Args:
-        throughput: Batches per second (medians) by prefetch depth.
-    """
-    if not throughput:
-        raise ValueError("no depth was measured")
-    best = max(throughput.values())
-    return min(depth for depth, rate in throughput.items() if rate >= best * (1 - tolerance))
-
-
-def recommend_everywhere(
-    by_size: Sequence[Mapping[int, float]], tolerance: float = TOLERANCE
-) -> int:
-    """The smallest depth within ``tolerance`` of the best at every size.
-
-    If no depth is within it at all sizes, the depth that falls least below
-    a size's best (``holds_everywhere`` says which case it is).
-    """
-    if not by_size:
-        raise ValueError("no size was measured")
-    common = sorted(set.intersection(*(set(t) for t in by_size)))
-    for depth in common:
-        if holds_everywhere(by_size, depth, tolerance):
-            return depth
-    return max(common, key=lambda d: (worst_ratio(by_size, d), -d))
-
-
-def worst_ratio(by_size: Sequence[Mapping[int, float]], depth: int) -> float:
-    """``depth``'s throughput over the best depth's, at the size where it is lowest."""
-    return min(t[depth] / max(t.values()) for t in by_size)
-
-
-def holds_everywhere(
-    by_size: Sequence[Mapping[int, float]], depth: int, tolerance: float = TOLERANCE
-) -> bool:
-    return worst_ratio(by_size, depth) >= 1 - tolerance
-
-
 # ---------------------------------------------------------------- rows
 
 
 def run_gpuqueue(ctx: Context, seq: Any, step: Any, n: int, **options: Any) -> Figures:
     """One run of the loop over gpuqueue, with NVML sampled beside it."""
     args = ctx.args
-    enqueuer = gpuqueue.OrderedEnqueuer(seq, device=args.device, shard=None, **options)
+    # --sweep without a GPU measures the staged path, where a depth does something.
+    device = "cpu" if args.sweep and ctx.backend != "cupy" else args.device
+    enqueuer = gpuqueue.OrderedEnqueuer(seq, device=device, shard=None, **options)
     coord = gpuqueue.Coordinator()
     sampler = NvmlSampler(coord, ctx.nvml)
     enqueuer.start(workers=args.workers, max_queue_size=args.max_queue_size)
@@ -192,11 +157,15 @@ BASELINES: list[Baseline] = [
         lambda ctx: baselines.tf_keras_missing(),
     ),
 ]
-REFERENCE = "one-ahead loop"  # every row's throughput is also shown as a ratio to this one's
 
 # gpuqueue rows beyond the fixed depths of --depths: (label, OrderedEnqueuer keywords).
 # An automatic depth belongs here, e.g. ("depth auto", {"prefetch_depth": "auto"}).
 GPUQUEUE_VARIANTS: list[tuple[str, dict[str, Any]]] = [("depth auto", {"prefetch_depth": "auto"})]
+
+
+def sweeps(ctx: Context) -> bool:
+    """Whether depths are swept: on a GPU, or where ``--sweep`` asks (harness checks)."""
+    return ctx.backend == "cupy" or bool(ctx.args.sweep)
 
 
 def depth_cases(ctx: Context, nbytes: int) -> list[Case]:
@@ -220,7 +189,11 @@ def depth_cases(ctx: Context, nbytes: int) -> list[Case]:
             tags={"size": nbytes, "kind": "floor"},
         )
     ]
-    variants = [(f"depth {d}", {"prefetch_depth": d}) for d in args.depths] + GPUQUEUE_VARIANTS
+    if sweeps(ctx):
+        variants = [(f"depth {d}", {"prefetch_depth": d}) for d in args.depths]
+        variants += GPUQUEUE_VARIANTS
+    else:  # no copy to hide: one row, gpuqueue as device=args.device gives it here
+        variants = [(NO_DEVICE_ROW, {})]
     for label, options in variants:
         depth = options.get("prefetch_depth")
         cases.append(
@@ -259,98 +232,6 @@ def depth_cases(ctx: Context, nbytes: int) -> list[Case]:
         )
     )
     return cases
-
-
-def summarize_size(
-    ctx: Context, nbytes: int, cases: list[Case], results: dict[str, list[Figures]]
-) -> dict[str, Any]:
-    """One size's rows: figures over the rounds, ratios within rounds, the recommended depth."""
-    size = human(nbytes)
-    floor = results[f"{size}/resident"]
-    reference = results[f"{size}/{REFERENCE}"]
-    rows: list[dict[str, Any]] = []
-    for case in cases:
-        if case.tags.get("kind") not in ("gpuqueue", "baseline"):
-            continue
-        row: dict[str, Any] = {"row": case.tags["row"], "kind": case.tags["kind"]}
-        if case.tags["kind"] == "gpuqueue":
-            row["depth"] = case.tags["depth"]
-        if case.skip is not None:
-            rows.append({**row, "skipped": case.skip})
-            continue
-        runs = results[case.key]
-        row["batches_per_s"] = figure(runs, "batches_per_s")
-        row["step_time_s"] = figure(runs, "step_time_s")
-        row["vs_one_ahead"] = ratio(runs, reference, "batches_per_s")
-        row["stall_fraction"] = summary(
-            [
-                max(0.0, 1 - f["step_time_s"] / r["step_time_s"])
-                for f, r in zip(floor, runs, strict=True)
-            ]
-        )
-        copy_s = nbytes / (figure(results[f"{size}/flat out"], "raw_copy_gbps")["median"] * 1e9)
-        row["hidden_fraction"] = summary(
-            [
-                min(1.0, max(0.0, 1 - (r["step_time_s"] - f["step_time_s"]) / copy_s))
-                for f, r in zip(floor, runs, strict=True)
-            ]
-        )
-        if case.tags["kind"] == "gpuqueue":
-            row["queue_occupancy_mean"] = figure(runs, "queue_occupancy_mean")
-            row["pinned_bytes"] = max(int(r["pinned_bytes"]) for r in runs)
-            row["device_bytes_peak"] = max(int(r["device_bytes_peak"]) for r in runs)
-            row["nvml"] = runs[len(runs) // 2]["nvml"]
-        rows.append(row)
-    fixed = {
-        r["depth"]: r["batches_per_s"]["median"]
-        for r in rows
-        if r["kind"] == "gpuqueue" and r["depth"] is not None and "skipped" not in r
-    }
-    best = recommend(fixed)
-    chosen = next(r for r in rows if r["kind"] == "gpuqueue" and r["depth"] == best)
-    # A variant (an automatic depth, say) against the fastest fixed depth, round by round.
-    fastest = results[f"{size}/gpuqueue depth {max(fixed, key=fixed.__getitem__)}"]
-    for case, variant in zip(cases, rows_by_case(cases, rows), strict=True):
-        is_variant = variant and variant["kind"] == "gpuqueue" and variant["depth"] is None
-        if variant and is_variant and case.skip is None:
-            variant["vs_fastest_depth"] = ratio(results[case.key], fastest, "batches_per_s")
-            variant["depth_reached"] = figure(results[case.key], "depth_reached")
-    flat = results[f"{size}/flat out"]
-    return {
-        "size_bytes": nbytes,
-        "rows": rows,
-        "step_alone_s": figure(floor, "step_time_s"),
-        "recommended_depth": best,
-        # How far the fastest depth's rounds spread around their median: above the
-        # tolerance, the ranking of depths within it is noise.
-        "fastest_depth_spread": _spread_of(fastest, "batches_per_s"),
-        "recommended": {
-            "depth": best,
-            "batches_per_s": chosen["batches_per_s"],
-            "device_bytes_peak": chosen["device_bytes_peak"],
-            "pinned_bytes": chosen["pinned_bytes"],
-            "vs_one_ahead": chosen["vs_one_ahead"],
-        },
-        "throughput": {  # no step at all: the pipeline flat out, against the raw copy loop
-            "gpuqueue_gbps": summary([nbytes * f["batches_per_s"] / 1e9 for f in flat]),
-            "raw_copy_gbps": figure(flat, "raw_copy_gbps"),
-            "ratio": summary(
-                [nbytes * f["batches_per_s"] / 1e9 / f["raw_copy_gbps"] for f in flat]
-            ),
-            "workers": ctx.args.workers,
-        },
-    }
-
-
-def _spread_of(runs: list[Figures], name: str) -> float:
-    stat = figure(runs, name)
-    return float((stat["max"] - stat["min"]) / stat["median"]) if stat["median"] else 0.0
-
-
-def rows_by_case(cases: list[Case], rows: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
-    """Each case's row (None for the floor and flat-out cases, which have none)."""
-    found = iter(rows)
-    return [next(found) if c.tags.get("kind") in ("gpuqueue", "baseline") else None for c in cases]
 
 
 class Section(Protocol):
@@ -397,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--smoke", action="store_true", help="tiny, fast run (CI)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="sweep the depths without a GPU too, on the staged path of device='cpu' (checks "
+        "the harness; no depth is recommended there: there is no copy to hide)",
+    )
     return parser
 
 
@@ -449,16 +336,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runnable = sum(case.skip is None for case in cases)
     results = run_rounds(cases, args.rounds, Progress(runnable * args.rounds))
 
-    sizes = [summarize_size(ctx, n, per_size[n], results) for n in args.sizes]
-    by_size = [
-        {r["depth"]: r["batches_per_s"]["median"] for r in s["rows"]
-         if r["kind"] == "gpuqueue" and r["depth"] is not None and "skipped" not in r}
-        for s in sizes
-    ]  # fmt: skip
-    overall = recommend_everywhere(by_size)
+    sizes = [summarize_size(n, per_size[n], results, args.workers) for n in args.sizes]
+    verdict = depth_verdict(backend_name == "cupy", sizes)
     report: dict[str, Any] = {
         "benchmark": "gpuqueue prefetch depth",
-        "schema": 2,
+        "schema": 3,
         "command": " ".join(["python -m bench", *(sys.argv[1:] if argv is None else argv)]),
         "machine": describe_machine(backend_name, gpu, nvml),
         "config": {
@@ -477,19 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "nvml_link": nvml.link() if nvml.error is None else {"nvml": nvml.error},
         "sizes": sizes,
-        "recommended_depth": overall,
-        # Whether it is within the tolerance at every size, and its worst ratio to a size's best.
-        "recommended_holds_everywhere": holds_everywhere(by_size, overall),
-        "recommended_worst_ratio": worst_ratio(by_size, overall),
-        "goal_vs_one_ahead": {
-            "goal": "gpuqueue at the recommended depth is not behind the one-ahead loop "
-            "at any size (median ratio >= 1.00)",
-            "met": all(
-                next(r for r in s["rows"] if r.get("depth") == overall)["vs_one_ahead"]["median"]
-                >= 1.0
-                for s in sizes
-            ),
-        },
+        **verdict,
         "sections": {section.name: section.summarize(ctx, results) for section in SECTIONS},
         "rounds": results,
     }

@@ -25,8 +25,8 @@ def where(report: dict[str, Any]) -> str:
     if on_device(report):
         return f"{machine['gpu']['name']} (host to device copies)"
     return (
-        f"the NumPy fallback, {machine['cpu_count']} CPUs, no GPU (no copy: each batch is "
-        "written once, by the worker that packs it, and handed over)"
+        f"the NumPy fallback, {machine['cpu_count']} CPUs, no GPU (no copy: the batch a "
+        "worker read is handed over)"
     )
 
 
@@ -127,15 +127,21 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {name}: {meaning}")
     print()
     for size in report["sizes"]:
-        rec = size["recommended"]
         t = size["throughput"]
+        rec = size.get("recommended")
+        head = f"{human(size['size_bytes'])}: "
+        if rec is not None and on_device(report):  # (--sweep on NumPy recommends nothing)
+            head += (
+                f"fastest within noise at depth {rec['depth']} "
+                f"({spread(rec['batches_per_s'], '{:.1f}')} batch/s, "
+                f"{spread(rec['vs_one_ahead'])}x the one-ahead loop, "
+                f"{rec['device_bytes_peak'] / MiB:.1f} MiB device, "
+                f"{rec['pinned_bytes'] / MiB:.1f} MiB pinned); "
+            )
         print(
-            f"{human(size['size_bytes'])}: recommended depth {rec['depth']} "
-            f"({spread(rec['batches_per_s'], '{:.1f}')} batch/s, "
-            f"{spread(rec['vs_one_ahead'])}x the one-ahead loop, "
-            f"{rec['device_bytes_peak'] / MiB:.1f} MiB device, "
-            f"{rec['pinned_bytes'] / MiB:.1f} MiB pinned); flat out (no step, depth 2) "
-            f"{spread(t['ratio'], '{:.0%}', 1)} of "
+            head
+            + f"flat out (no step{', depth 2' if on_device(report) else ''}) "
+            + f"{spread(t['ratio'], '{:.0%}', 1)} of "
             + ("the raw pinned copy loop" if on_device(report) else "a memcpy loop into one buffer")
         )
         for row in size["rows"]:
@@ -146,31 +152,10 @@ def print_report(report: dict[str, Any]) -> None:
                     f"batches/s, {row['device_bytes_peak'] / MiB:.1f} MiB device"
                     + (f", reached depth {spread(reached, '{:.0f}')}" if reached else "")
                 )
-    tolerance = config["tolerance"]
-    print(f"\nrecommended depth: {report['recommended_depth']} ({recommendation(report)})")
-    noisy = [s for s in report["sizes"] if s["fastest_depth_spread"] > tolerance]
-    if noisy:
-        worst = max(s["fastest_depth_spread"] for s in noisy)
-        print(
-            f"noise: the fastest depth's rounds spread up to {worst:.0%} of its median "
-            f"(min to max), more than the {tolerance:.0%} tolerance, so depths within "
-            "that spread are not told apart; run on a quiet machine, or with more --rounds"
-        )
+    print(f"\nadvice: {report['advice']}")
     goal = report["goal_vs_one_ahead"]
-    print(f"goal: {goal['goal']}: {'met' if goal['met'] else 'NOT met'}")
-
-
-def recommendation(report: dict[str, Any]) -> str:
-    """Why the recommended depth is the one recommended, in words."""
-    tolerance = report["config"]["tolerance"]
-    if report.get("recommended_holds_everywhere", True):
-        return f"the smallest whose throughput is within {tolerance:.0%} of the best at every size"
-    below = 1 - report["recommended_worst_ratio"]
-    return (
-        f"no depth is within {tolerance:.0%} of the best at every size here; this one falls "
-        f"least below a size's best ({below:.0%}): inconclusive, so keep the default 2 or "
-        "prefetch_depth='auto', and run this where you train"
-    )
+    if goal is not None:
+        print(f"goal: {goal['goal']}: {'met' if goal['met'] else 'NOT met'}")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -179,6 +164,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not any(r.get("depth") is not None for s in report["sizes"] for r in s["rows"]):
+        _plot_loaders(report, path, plt)
+        return
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.4))
     for size in report["sizes"]:
         rows = [r for r in size["rows"] if r.get("depth") is not None and "skipped" not in r]
@@ -205,6 +193,34 @@ def plot(report: dict[str, Any], path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend(title="batch size")
     fig.suptitle(f"gpuqueue prefetch depth on {where(report)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_loaders(report: dict[str, Any], path: Path, plt: Any) -> None:
+    """Without a depth sweep (no GPU): each loader's batches/s over the one-ahead loop's."""
+    fig, axis = plt.subplots(figsize=(11.5, 4.4))
+    sizes = report["sizes"]
+    width = 0.8 / len(sizes)
+    for number, size in enumerate(sizes):
+        rows = [r for r in size["rows"] if "skipped" not in r]
+        places = [i + number * width for i in range(len(rows))]
+        stats = [r["vs_one_ahead"] for r in rows]
+        low = [s["median"] - s["min"] for s in stats]
+        high = [s["max"] - s["median"] for s in stats]
+        axis.bar(places, [s["median"] for s in stats], width, yerr=[low, high], capsize=3,
+                 label=human(size["size_bytes"]))  # fmt: skip
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["row"] for r in rows])
+    axis.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    axis.set(
+        ylabel="batches/s over the one-ahead loop's (same round)",
+        title=f"No device: prefetch depth has no effect; median, min-max of "
+        f"{report['config']['rounds']} rounds, {report['config']['step_ms']:g} ms step",
+    )
+    axis.legend(title="batch size")
+    axis.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"gpuqueue against the peers on {where(report)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -22,6 +22,12 @@ within a round:
   share of the load time hidden behind it, threads and processes;
 - per-sample datasets (``batch_size=``) against ``DataLoader``, each in a
   fresh process (``bench/samples.py``).
+- reads that hold the GIL (a pure-Python loop per batch, about 1.5 ms on a
+  quiet machine), where processes exist to win: worker processes against
+  worker threads and ``DataLoader(num_workers=2)``, 2 workers each;
+- worker start (``bench/startup.py``, a fresh process per round that imports
+  torch and Keras first): time to the first batch with 2 worker processes,
+  gpuqueue's first and second run against ``DataLoader(num_workers=2)``.
 
 It prints each goal of the issue as a row (goal, median [min-max], met or
 not: computed from the rounds) and writes the JSON, with the machine, to
@@ -52,11 +58,12 @@ IMAGE_SHAPE = (64, 3, 224, 224)
 FULL = {
     "workers": 2, "max_queue_size": 10, "image_shape": IMAGE_SHAPE, "image_batches": 60,
     "trivial_batches": 10000, "epoch_batches": 100, "epochs": 10, "overlap_batches": 40,
-    "step_ms": 5.0,
+    "step_ms": 5.0, "gil_loop": 18000, "gil_batches": 200, "startup_keras": True,
 }  # fmt: skip
 SMOKE = {
     **FULL, "image_shape": (4, 3, 32, 32), "image_batches": 8, "trivial_batches": 100,
-    "epoch_batches": 10, "overlap_batches": 6, "step_ms": 1.0,
+    "epoch_batches": 10, "overlap_batches": 6, "step_ms": 1.0, "gil_loop": 500,
+    "gil_batches": 10, "startup_keras": False,
 }  # fmt: skip
 FULL.update(samples.FULL)
 SMOKE.update(samples.SMOKE)
@@ -93,6 +100,22 @@ class Images(gpuqueue.Sequence):
         batch[...] = self.image
         batch.flat[0] = index % 256
         return batch
+
+
+class GilBound(gpuqueue.Sequence):
+    """Batches whose read is a pure-Python loop: it holds the GIL, as Python decoding does."""
+
+    def __init__(self, loop: int, length: int = 10**6) -> None:
+        self.loop, self.length = loop, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        total = 0
+        for i in range(self.loop):
+            total += (i * i) ^ index
+        return np.full(16, total % 251, np.int64)
 
 
 def per_batch(batches: Iterator[Any], n: int, step: Callable[[Any], None] | None = None) -> float:
@@ -172,7 +195,12 @@ def epoch_time(batches: Iterator[Any], total: int) -> float:
 
 
 def _image_case(name: str, p: dict[str, Any]) -> Figures:
-    """One image case (or per-sample case), run in this (fresh) process; returns its figures."""
+    """One image, per-sample or start-up case, run in this (fresh) process; its figures."""
+    if name == "startup":
+        from bench import startup
+
+        memory.child_handshake()
+        return startup.measure(keras=p["startup_keras"])
     seq = Images(p["image_shape"])
     workers, n = p["workers"], p["image_batches"]
     if "dataloader" in name:
@@ -275,6 +303,17 @@ def build_cases(p: dict[str, Any]) -> list[Case]:
             Case(f"samples/{name}", lambda name=name: memory.run_fresh(  # type: ignore[misc]
                 "bench.loaders", f"samples/{name}", p, timeout=300), label=f"samples: {label}")
         )  # fmt: skip
+    gil, g = GilBound(p["gil_loop"]), p["gil_batches"]
+    cases += [
+        Case("gil/processes", lambda: {"s_per_batch": per_batch(gpuqueue_feed(
+            gil, p, workers, use_multiprocessing=True), g)}, label="GIL-bound: gpuqueue processes"),
+        Case("gil/threads", lambda: {"s_per_batch": per_batch(gpuqueue_feed(gil, p, workers), g)},
+             label="GIL-bound: gpuqueue threads"),
+        Case("gil/dataloader2", lambda: {"s_per_batch": per_batch(dataloader_feed(gil, 2), g)},
+             label="GIL-bound: DataLoader num_workers=2"),
+        Case("startup", lambda: memory.run_fresh("bench.loaders", "startup", p, timeout=300),
+             skip=_startup_missing(p), label="start-up: 2 processes after import torch, keras"),
+    ]  # fmt: skip
     images = Images(p["image_shape"])
     resident = images[0]
     steps = {"sleep": SleepStep(p["step_ms"]), "numpy": NumpyStep(p["step_ms"])}
@@ -292,6 +331,16 @@ def build_cases(p: dict[str, Any]) -> list[Case]:
                         images, p, workers, use_multiprocessing=processes), m, step)},
                 label=f"overlap: {mode}, {step_name} step"))  # fmt: skip
     return cases
+
+
+def _startup_missing(p: dict[str, Any]) -> str | None:
+    """Why the start-up case cannot run here (it needs torch, and Keras unless a smoke run)."""
+    import importlib.util
+
+    for module in ("torch", "keras") if p["startup_keras"] else ("torch",):
+        if importlib.util.find_spec(module) is None:
+            return f"{module} not installed: pip install {module}"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = run_rounds(cases, args.rounds, progress)
     machine = describe_machine("numpy")
     report: dict[str, Any] = {
-        "benchmark": "gpuqueue's loaders against the peers (issue 14)",
+        "benchmark": "gpuqueue's loaders against the peers (issues 14 and 25)",
         "schema": 1,
         "command": " ".join(["python -m bench.loaders", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine,

@@ -31,6 +31,9 @@ def describe_machine(backend_name: str, gpu: int = 0, nvml: Nvml | None = None) 
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        # The machine's load when the report was made (the 1, 5 and 15 minute averages):
+        # figures from a shared machine are read against it.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         "python": sys.version.split()[0],
         "backend": backend_name,
         "packages": {

@@ -73,14 +73,32 @@ def _synchronize(backend: str) -> None:
         cupy.cuda.Device().synchronize()
 
 
+def _gpu_here() -> bool:
+    """Whether ``device="auto"`` finds a GPU (its no-GPU warning is not repeated here)."""
+    import warnings
+
+    from gpuqueue.backends import resolve
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backend = resolve("auto")
+    backend.close()
+    return backend.name == "cupy"
+
+
 def measure(path: str, args: argparse.Namespace) -> dict[str, float]:
     """One run of ``path``: batches/s, bytes copied per batch, host seconds per batch."""
     norm = gpuqueue.Normalize(MEAN, STD, layout="NCHW")
     shape = (args.batch, args.size, args.size, 3)
+    device = args.device
+    if device == "auto" and path == "host" and not _gpu_here():
+        # Two staged pipelines are compared; without a GPU "auto" would hand the host
+        # path's batches over unstaged (nothing copied), so stage them as "cpu" does.
+        device = "cpu"
     source = Photos(shape, args.batches + 1, None if path == "device" else norm)
     enqueuer = gpuqueue.OrderedEnqueuer(
         source,
-        device=args.device,
+        device=device,
         prefetch_depth=args.depth,
         epochs=1,
         shard=None,

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.depth_report import human, recommendation
+from bench.depth_report import human
+from bench.loaders_report import STARTUP_ROWS
 from bench.rounds import spread, summary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,11 @@ def _machine(report: dict[str, Any]) -> str:
     packages = ", ".join(f"{k} {v}" for k, v in sorted(machine.get("packages", {}).items()))
     gpu = machine.get("gpu", {}).get("name")
     where = f"on {gpu}" if gpu else f"without a GPU (NumPy fallback), {machine['cpu_count']} CPUs"
-    return f"Measured {where}, {machine['platform']}, Python {machine['python']}; {packages}."
+    load = machine.get("load_average")
+    during = f", load average {load[1]:.1f} (5 min) when it ended" if load else ""
+    return (
+        f"Measured {where}{during}, {machine['platform']}, Python {machine['python']}; {packages}."
+    )
 
 
 def _shown(path: Path) -> str:
@@ -56,7 +61,7 @@ def _missing(path: Path, command: str, schema: int) -> str | None:
 def depth_block(results: Path) -> str:
     path = results / "prefetch_depth.json"
     command = f"python -m bench --out {_shown(path.parent)}"
-    missing = _missing(path, command, 2)
+    missing = _missing(path, command, 3)
     if missing:
         return missing
     report = json.loads(path.read_text())
@@ -77,24 +82,20 @@ def depth_block(results: Path) -> str:
                 lines.append(f"| {name} | {row['row']} | skipped: {row['skipped']} | | | |")
                 continue
             dev = f"{row['device_bytes_peak'] / MiB:.1f}" if "device_bytes_peak" in row else "—"
-            mark = "**" if row.get("depth") == report["recommended_depth"] else ""
+            recommended = report["recommended_depth"]
+            mark = "**" if recommended is not None and row.get("depth") == recommended else ""
             lines.append(
                 f"| {name} | {mark}{row['row']}{mark} | {spread(row['batches_per_s'], '{:.1f}')} "
                 f"| {spread(row['vs_one_ahead'])} | {spread(row['stall_fraction'], '{:.0f}', 100)} "
                 f"| {dev} |"
             )
+    lines += ["", f"Advice: {report['advice']}."]
     goal = report["goal_vs_one_ahead"]
-    lines += [
-        "",
-        f"Recommended depth (in bold): **{report['recommended_depth']}**: "
-        f"{recommendation(report)}. "
-        f"Goal: {goal['goal']}: **{'met' if goal['met'] else 'not met'}**.",
-    ]
-    worst = max(s["fastest_depth_spread"] for s in report["sizes"])
-    if worst > config["tolerance"]:
+    if goal is not None:
+        recommended = report["recommended_depth"]
         lines[-1] += (
-            f" The fastest depth's rounds spread {worst:.0%} (min to max) here, more than the "
-            f"{config['tolerance']:.0%} tolerance: depths within that spread are not told apart."
+            f" Recommended depth in bold: **{recommended}**. "
+            f"Goal: {goal['goal']}: **{'met' if goal['met'] else 'not met'}**."
         )
     return "\n".join(lines)
 
@@ -142,6 +143,16 @@ def loaders_block(results: Path) -> str:
             f"| {cell('tree_pss_peak_bytes', 1e-6, '{:.0f}')} "
             f"| {cell('tree_pss_added_bytes', 1e-6, '{:.0f}')} |"
         )
+    started = report["rounds"].get("startup")
+    if started:
+        lines += [
+            "",
+            f"| worker start, 2 processes, after `import {started[0]['imported']}` (a fresh "
+            "process per round) | seconds to the first batch |",
+            "| --- | --- |",
+        ]
+        for name, label in STARTUP_ROWS.items():
+            lines.append(f"| {label} | {spread(summary([r[name] for r in started]))} |")
     return "\n".join(lines)
 
 

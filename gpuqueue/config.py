@@ -108,6 +108,16 @@ class PipelineConfig:
     batch_size: int | None = None
     collate: Callable[[list[Any]], Any] | None = None
 
+    def host_is_the_device(self, backend_name: str) -> bool:
+        """True where ``device="auto"`` found no GPU and nothing needs the staged path.
+
+        The batches are then delivered as with ``device=None``. ``device="cpu"``
+        keeps staging (it is how the tests run the device path), and so does
+        ``transform=``, which runs on the staged batch's arena.
+        """
+        auto = isinstance(self.device, str) and self.device == "auto"
+        return auto and backend_name == "numpy" and self.transform is None
+
     @classmethod
     def of(cls, name: str, arguments: Mapping[str, Any]) -> PipelineConfig:
         """The config of a public call, from its arguments by name (``locals()``).

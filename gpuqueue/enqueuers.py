@@ -45,8 +45,11 @@ class SequenceEnqueuer:
             threads; batches come back through shared memory.
         device: ``None`` (the default, as Keras): host batches exactly as the
             source made them. ``"auto"``: a CUDA GPU through CuPy if one is
-            usable, else NumPy. ``"cpu"``: the NumPy fallback of the device
-            pipeline. An int or ``"cuda:N"``: that GPU, or a clear error.
+            usable; else (a warning says why) the workers' batches as with
+            ``None``, their leaves made what the device path gives on the
+            CPU by views, not copies (``transform=`` still stages them).
+            ``"cpu"``: the NumPy fallback of the device pipeline, staged.
+            An int or ``"cuda:N"``: that GPU, or a clear error.
         prefetch_depth: Batches copied ahead of the consumer (0 = copy in
             ``get()``), or ``"auto"``: from 2, one deeper while the consumer
             waits for data, up to 8, within ``max_device_bytes``; ``stats()``
@@ -224,7 +227,9 @@ class SequenceEnqueuer:
             (``producer_blocked_s``), queue occupancy; on a device the
             backend, depth (and with ``"auto"``, why), bytes copied,
             ``h2d_gbps``, pinned and device bytes; with processes
-            ``shared_memory_bytes``.
+            ``shared_memory_bytes``. ``startup_s``: seconds from ``start()``
+            to the first batch delivered (None until then), which with
+            processes includes starting them.
         """
         return dict(EMPTY_STATS) if self._run is None else self._run.stats()
 

@@ -114,7 +114,8 @@ def prefetch(
     Args:
         source: What to read, as above.
         device: ``"auto"`` (the default: a CUDA GPU through CuPy if one is
-            usable, else NumPy, with a warning saying why), ``None`` (host
+            usable, else, with a warning saying why, the workers' batches on
+            the host at no extra cost, see ``OrderedEnqueuer``), ``None`` (host
             batches exactly as the source made them), ``"cpu"`` (the NumPy
             fallback of the device path), an int or ``"cuda:N"``.
         workers: Worker threads (or processes) reading in parallel.

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 import warnings
 import weakref
 from collections import deque
@@ -39,6 +40,7 @@ from typing import Any
 from .backends import resolve
 from .backends.base import Backend
 from .config import PipelineConfig, Workers
+from .consumer.outputs import HostOutput, host_output
 from .device import autodepth
 from .device.arenas import DeviceArenas
 from .device.autodepth import DepthTuner
@@ -90,6 +92,7 @@ class Run:
     arenas: DeviceArenas | None = None
     looper: CopyLooper | None = None
     tuner: DepthTuner | None = None  # prefetch_depth="auto"
+    host_output: HostOutput | None = None  # device="auto" without a GPU (consumer/outputs.py)
     closed: bool = False
     finalizer: weakref.finalize[Any, Any] | None = None  # abandons the run with its owner
     # Ctrl-C, or a batch timeout: stop waits for nothing user code could hold up.
@@ -131,10 +134,17 @@ class Run:
             PipelineError: If the device is unusable or the source cannot be
                 sent to worker processes.
         """
+        started = time.monotonic()
         # The device first: if it is unusable, nothing (a generator) has been consumed.
         backend = resolve(config.device) if config.device is not None else None
         host_queue: FIFOQueue[Item] = FIFOQueue(counts.max_queue_size, name=f"{config.name}-host")
         run = cls(config, counts, Coordinator(), make_tasks(), host_queue, host_queue)
+        run.counters.started = started
+        if backend is not None and config.host_is_the_device(backend.name):
+            # Staging would only copy each batch in host memory: delivered as device=None's.
+            run.host_output = host_output(config.output, backend)
+            backend.close()
+            backend = None
         if backend is not None:
             run.backend, run.own_backend = backend, backend is not config.device
             # What the consumer holds comes on top of the depth. One free arena is
@@ -357,6 +367,7 @@ class Run:
                 "mean_queue_occupancy": (
                     counters.occupancy_sum / counters.gets if counters.gets else 0.0
                 ),
+                "startup_s": counters.startup_s,
             }
         if self.processes is not None:
             stats["shared_memory_bytes"] = self.processes.pinned_bytes
@@ -389,4 +400,5 @@ EMPTY_STATS: dict[str, Any] = {
     "queue_size": 0,
     "queue_capacity": 0,
     "mean_queue_occupancy": 0.0,
+    "startup_s": None,
 }

@@ -42,7 +42,7 @@ from ..host.stage import Counters, HostStage, Item
 from ..source.order import Task
 from ..sync.channel import FIFOQueue
 from ..sync.coordinator import DEFAULT_STOP_TIMEOUT, Coordinator
-from .outputs import consumer_stream, to_output, transformed_output
+from .outputs import HostOutput, consumer_stream, to_output, transformed_output
 
 __all__ = ["WARN_AFTER_S", "RunState", "batches"]
 
@@ -97,6 +97,8 @@ class RunState(Protocol):
     def arenas(self) -> DeviceArenas | None: ...
     @property
     def backend(self) -> Backend | None: ...
+    @property
+    def host_output(self) -> HostOutput | None: ...
     @property
     def error(self) -> BaseException | None: ...
     @property
@@ -202,6 +204,8 @@ def _batches(
             continue
         if described.staged is None and run.arenas is None:
             batch = part.batch  # a worker thread's batch, handed over as it is
+            if run.host_output is not None:  # device="auto" without a GPU
+                batch = run.host_output(described.treedef, described.metas, batch)
         else:
             try:
                 batch = _deliver(run, part)
@@ -216,6 +220,8 @@ def _batches(
                 note_thread(error, f"delivering {part.task.where()}")
                 _stop_with(run, error)
                 continue
+        if counters.startup_s is None:  # (two consumers' first batches may race: either will do)
+            counters.startup_s = time.monotonic() - counters.started
         delivered[0] += 1  # before the yield: stats() is exact while the consumer holds it
         # The batch is the consumer's: this frame must not keep it (and its arena)
         # alive while it waits here for the next call.
@@ -335,7 +341,8 @@ def _deliver(run: RunState, item: Item) -> Any:
     if run.arenas is None:
         if staged is None:
             return item.batch
-        return _lent(staged)
+        # device="auto" without a GPU: the output's leaf types (consumer/outputs.py).
+        return _lent(staged, run.host_output)
     backend, config = run.backend, run.config
     assert backend is not None
     stream = consumer_stream(backend, config.output, config.stream)
@@ -351,7 +358,7 @@ def _deliver(run: RunState, item: Item) -> Any:
     return to_output(config.output, backend, batch, copied.treedef, copied.metas, stream)
 
 
-def _lent(staged: Staged) -> Any:
+def _lent(staged: Staged, as_output: HostOutput | None = None) -> Any:
     """A batch from a worker process, without a device: its shared-memory slot, lent.
 
     No copy of the large leaves (the worker's write into the slot was the
@@ -367,5 +374,7 @@ def _lent(staged: Staged) -> Any:
         views[position] = views[position].copy()
     del lease, arena
     batch = rebuild(staged.treedef, views)
+    if as_output is not None:
+        return as_output(staged.treedef, staged.metas, batch)
     # The leaf types the source gave, as with threads (a tensor stays a tensor).
     return map_arrays(staged.treedef, staged.metas, batch, as_source)

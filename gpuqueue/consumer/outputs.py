@@ -11,22 +11,24 @@ framework is one row and its converter.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..backends.base import Backend
-from ..batch.tree import LeafMeta, TreeDef, flatten, map_arrays, ml_bfloat16, rebuild
+from ..batch.tree import LeafMeta, TreeDef, flatten, map_arrays, ml_bfloat16, rebuild, tensor_array
 from ..device.normalize import BFloat16
 from ..errors import BatchError, PipelineError
 
 __all__ = [
     "OUTPUTS",
+    "HostOutput",
     "Output",
     "check_installed",
     "consumer_stream",
+    "host_output",
     "keep",
     "to_output",
     "transformed_output",
@@ -64,7 +66,12 @@ def _torch_tensors(backend: Backend, stream: Any) -> Converter:
 
     def to_torch(leaf: Any) -> Any:
         if backend.name != "cupy":
-            return torch.from_numpy(leaf)
+            try:
+                return torch.from_numpy(leaf)
+            except (TypeError, ValueError):
+                # A host batch handed over as it is (device="auto" without a GPU) may
+                # hold what torch cannot view: negative strides, non-native byte order.
+                return torch.from_numpy(np.ascontiguousarray(leaf, leaf.dtype.newbyteorder("=")))
         # The batch is already ordered on the consumer's stream (one event for
         # the whole batch), so each leaf is exported with no stream order of
         # its own (DLPack's stream -1): no event per tensor.
@@ -203,6 +210,50 @@ def to_output(
     """
     convert = OUTPUTS[output].converter(backend, stream)
     return map_arrays(treedef, metas, batch, lambda meta, leaf: convert(meta.kind, meta.path, leaf))
+
+
+# ``as_output(treedef, metas, batch)``: a host batch (shaped as ``treedef``, its
+# array leaves described by ``metas``) as the output library's batch.
+HostOutput = Callable[[TreeDef, Sequence[LeafMeta], Any], Any]
+
+
+def host_output(output: str | None, backend: Backend) -> HostOutput:
+    """The batches of ``device="auto"`` on a machine without a GPU: the host's, made outputs.
+
+    There the device would be the host itself, and staging a batch would
+    only copy it; so the worker's batch is delivered, its array leaves
+    turned into what the device path gives on the CPU (the table in the
+    README): NumPy arrays stay the same arrays, a torch tensor is a NumPy
+    view of its memory, a Python number a 0-d array (lists of numbers stay
+    lists, as with ``device=None``, which describes them as such), and with
+    ``output="torch"`` or ``"jax"`` each becomes a tensor or array over the
+    same memory. A copy is made only where no view can be (a strided or
+    byte-swapped array that torch cannot view).
+    """
+    convert = OUTPUTS[output].converter(backend, None)  # (the host: no stream)
+
+    def leaf_output(meta: LeafMeta, leaf: Any) -> Any:
+        return convert(*_host_array(meta, leaf))
+
+    def as_output(treedef: TreeDef, metas: Sequence[LeafMeta], batch: Any) -> Any:
+        return map_arrays(treedef, metas, batch, leaf_output)
+
+    return as_output
+
+
+def _host_array(meta: LeafMeta, leaf: Any) -> tuple[str, str, np.ndarray]:
+    """A source's array leaf as NumPy (a view where it is one already: a tensor's).
+
+    Returns the leaf's kind, its path and the array. An ml_dtypes bfloat16
+    array becomes its bits, of kind ``"ml:bfloat16"``, as on the device path.
+    """
+    if isinstance(leaf, np.ndarray):
+        if leaf.dtype.kind == "V" and leaf.dtype.name == "bfloat16":
+            return "ml:bfloat16", meta.path, leaf.view(np.int16)
+        return meta.kind, meta.path, leaf
+    if meta.kind.startswith("torch"):
+        return meta.kind, meta.path, tensor_array(meta.path, leaf)[0]
+    return meta.kind, meta.path, np.asarray(leaf)
 
 
 def transformed_output(

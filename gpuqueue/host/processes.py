@@ -12,7 +12,9 @@ process's pipe, the process's sentinel (so a killed or crashed process is an
 error within moments, not a hang) and a stop pipe, together.
 
 Processes start with ``forkserver`` (or ``spawn`` where there is none),
-never plain ``fork``, which is unsafe once CUDA or threads exist.
+never plain ``fork``, which is unsafe once CUDA or threads exist: from a
+server of gpuqueue's own that has imported the parent's libraries already
+(``forkserver.py``), so a worker does not import torch or Keras again.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..batch.layout import Staged
 from ..errors import CancelledError, OutOfRangeError, PipelineError, WorkerDiedError
 from ..sync.channel import FIFOQueue
 from ..sync.coordinator import Coordinator
+from .forkserver import worker_process
 from .pickling import check_picklable, pickle_source
 from .process_main import worker_main
 from .segments import send_segment
@@ -102,11 +105,6 @@ def main_without_file() -> Iterator[None]:
         main.__file__ = path
 
 
-def _start_method() -> str:
-    methods = multiprocessing.get_all_start_methods()
-    return "forkserver" if "forkserver" in methods else "spawn"
-
-
 @dataclass
 class _Worker:
     process: Any
@@ -157,14 +155,13 @@ class ProcessPool:
         self._sequence_version = 0
         self._lock = threading.Lock()
         self._name = name
-        context: Any = multiprocessing.get_context(_start_method())
-        self._stop_reader, self._stop_writer = context.Pipe(duplex=False)
+        self._stop_reader, self._stop_writer = multiprocessing.Pipe(duplex=False)
         coord.add_stop_callback(self._wake_waiters)
         self._idle: FIFOQueue[_Worker] = FIFOQueue(workers, name=f"{name}-processes")
         self._workers: list[_Worker] = []
         for number in range(workers):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(
+            parent_end, child_end = multiprocessing.Pipe()
+            process = worker_process(
                 target=worker_main,
                 args=(child_end, self._stop_reader, payload, seed, backend is not None),
                 name=f"{name}-process{number}",

@@ -133,6 +133,8 @@ class Counters:
     # cell of its own that only it adds to, so a batch costs it no lock.
     consumed_before: int = 0
     consumer_cells: list[list[int]] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)  # when start() began
+    startup_s: float | None = None  # from start() to the first batch delivered
 
     @property
     def consumed(self) -> int:
