@@ -45,9 +45,10 @@ from .device import autodepth
 from .device.arenas import DeviceArenas
 from .device.autodepth import DepthTuner
 from .device.copy import Copy, CopyLooper
+from .host.items import Counters, Item
 from .host.pinned import PinnedPool
 from .host.processes import check_main_guard, main_without_file
-from .host.stage import Counters, HostStage, Item
+from .host.stage import HostStage
 from .source.kinds import is_torch_class
 from .source.samples import gives_samples
 from .source.tasks import GeneratorTasks, SequenceTasks, overrides_on_epoch_end

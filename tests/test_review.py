@@ -29,7 +29,7 @@ class Tiny(gpuqueue.Sequence):
 @pytest.fixture
 def bundles_of_eight(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every read counts as fast: after the first read, tasks are claimed eight at a time."""
-    import gpuqueue.host.stage as host
+    import gpuqueue.host.bundles as host
 
     monkeypatch.setattr(host, "_BUNDLE_BUDGET_S", 10.0)
 

@@ -7,7 +7,8 @@ import pytest
 
 from gpuqueue import BatchError
 from gpuqueue.batch.layout import ALIGNMENT, layout, pack, unpack
-from gpuqueue.batch.tree import BatchSpec, describe, rebuild
+from gpuqueue.batch.spec import BatchSpec
+from gpuqueue.batch.tree import describe, rebuild
 
 Pair = namedtuple("Pair", ["x", "y"])
 

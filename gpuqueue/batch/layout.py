@@ -26,9 +26,11 @@ __all__ = [
     "SMALL_LEAF_BYTES",
     "Staged",
     "arena_view",
+    "as_source",
     "device_ready",
     "layout",
     "leaf_nbytes",
+    "ml_bfloat16",
     "pack",
     "small_leaves",
     "unpack",
@@ -201,3 +203,38 @@ class Staged:
         assert self.lend is not None and not self.released
         self.released = True
         return self.lend()
+
+
+def as_source(meta: LeafMeta, array: np.ndarray) -> Any:
+    """What the source gave for a host array leaf: the same type back (``device=None``).
+
+    NumPy arrays stay arrays; NumPy scalars and Python numbers come back as
+    scalars of their type (``arr[()]``, ``arr.item()``); coerced lists and
+    tuples come back as lists (``tolist()``; a tuple's outer level as a
+    tuple); tensors come back as tensors over the same memory.
+    """
+    kind = meta.kind
+    if kind == "scalar":
+        return array[()]
+    if kind == "number":
+        return array.item()
+    if kind == "list":
+        return array.tolist()
+    if kind == "tuple":
+        return tuple(array.tolist())
+    if kind == "ml:bfloat16":
+        return array.view(ml_bfloat16())
+    if kind.startswith("torch"):
+        import torch
+
+        tensor = torch.from_numpy(array)
+        return tensor.view(torch.bfloat16) if kind == "torch:bfloat16" else tensor
+    return array
+
+
+def ml_bfloat16() -> np.dtype[Any]:
+    """ml_dtypes' bfloat16 dtype (imported only once a batch holds one)."""
+    import ml_dtypes
+
+    dtype: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+    return dtype

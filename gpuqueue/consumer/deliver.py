@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 from ..backends.base import Backend
 from ..backends.numpy import owned_view
-from ..batch.layout import Staged, arena_view, small_leaves
-from ..batch.tree import as_source, map_arrays, rebuild
+from ..batch.layout import Staged, arena_view, as_source, small_leaves
+from ..batch.tree import map_arrays, rebuild
 from ..device.arenas import DeviceArenas
 from ..device.autodepth import DepthTuner
 from ..device.copy import Copy, copy_one
@@ -38,7 +38,8 @@ from ..errors import (
     ctrl_c_in,
     note_thread,
 )
-from ..host.stage import Counters, HostStage, Item
+from ..host.items import Counters, Item
+from ..host.stage import HostStage
 from ..source.order import Task
 from ..sync.channel import FIFOQueue
 from ..sync.coordinator import DEFAULT_STOP_TIMEOUT, Coordinator

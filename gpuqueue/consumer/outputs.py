@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from ..backends.base import Backend
-from ..batch.tree import LeafMeta, TreeDef, flatten, map_arrays, ml_bfloat16, rebuild, tensor_array
+from ..batch.layout import ml_bfloat16
+from ..batch.tree import LeafMeta, TreeDef, flatten, map_arrays, rebuild, tensor_array
 from ..device.normalize import BFloat16
 from ..errors import BatchError, PipelineError
 

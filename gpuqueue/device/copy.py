@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from ..errors import CancelledError, OutOfRangeError, ctrl_c_in, note_thread
-from ..host.stage import Item
+from ..host.items import Item
 from ..sync.channel import FIFOQueue
 from ..sync.coordinator import Coordinator, LooperThread
 from .arenas import DeviceArenas

@@ -22,46 +22,25 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..batch.layout import Staged, device_ready, layout
 from ..batch.plan import Plan
 from ..batch.rows import row_layout, write_rows
-from ..batch.tree import BatchSpec, LeafMeta, TreeDef, describe
+from ..batch.spec import BatchSpec
+from ..batch.tree import LeafMeta, TreeDef, describe
 from ..errors import CancelledError, note_thread
 from ..source.collate import Samples, default_collate, warn_if_a_sample
 from ..source.order import Task
 from ..source.tasks import GeneratorTasks, SequenceTasks
 from ..sync.channel import FIFOQueue
+from .bundles import Bundling, OpenBundle
+from .items import Counters, Described, Item
 from .pinned import PinnedPool
 from .sequencer import Sequencer
 
-__all__ = ["Counters", "Described", "HostStage", "Item"]
+__all__ = ["HostStage"]
 
-
-@dataclass
-class Described:
-    """A batch a worker read: its structure, and its staged copy if it has one.
-
-    Batches a thread hands over as they are travel in their ``Item``; those
-    shaped like the plan share one ``Described``, the plan's.
-    """
-
-    treedef: TreeDef
-    metas: list[LeafMeta]
-    staged: Staged | None = None  # packed in a pinned or shared-memory slot
-    skipped: bool = False  # the source returned None
-
-
-# A bundle of reads takes about this long at most (a read this long or longer goes alone),
-# and holds at most this many batches: the queue's bound counts bundles.
-_BUNDLE_BUDGET_S = 100e-6
-_BUNDLE_MOST = 8
-# A bundle still reading this long after its first read began is late: its reads are not
-# the fast ones bundles are for, and what it has read goes to the queue at once. (Ten
-# budgets: a fast bundle on a loaded machine is not taken apart.)
-_BUNDLE_LATE_S = 10 * _BUNDLE_BUDGET_S
 
 _SKIPPED = Described(TreeDef("leaf"), [], skipped=True)
 
@@ -72,90 +51,7 @@ _UNREAD: Any = object()  # _read_in_thread's batch when it is to read the batch 
 _CLAIMING = "the next item (a generator's next(), or on_epoch_end() between epochs)"
 
 
-@dataclass
-class Item:
-    """What travels on the queues: a batch, a skipped item, or the error in its place."""
-
-    task: Task
-    described: Described | None = None
-    batch: Any = None  # the user's own batch, handed over as it is (device=None, threads)
-    error: BaseException | None = None
-    # Its device copy (``device.copied.Copied``), once the copy stage made it; typed
-    # loosely so that the host stage does not import the device stage.
-    copied: Any = None
-    # Several batches claimed and read together (this item first), as one queue item.
-    bundle: list[Item] | None = None
-    claim_wait_s: float = 0.0  # how long its worker waited for room before claiming it
-
-    @property
-    def staged(self) -> Staged | None:
-        return None if self.described is None else self.described.staged
-
-    def release_staging(self) -> None:
-        """Returns a staging slot the item still holds (when it is dropped)."""
-        if self.staged is not None:
-            self.staged.release(None)
-
-
-@dataclass(eq=False)
-class _OpenBundle:
-    """A bundle being read: the tasks ``start`` to ``start + count - 1`` (their seq_nos).
-
-    ``items`` are those read so far, in order (its worker appends to it); the
-    first ``taken`` of them went to the queue early (``HostStage._hand_over``).
-    ``taken`` and ``done`` change under ``lock``.
-    """
-
-    start: int
-    count: int
-    began: float  # time.perf_counter() when its first read began
-    items: list[Item] = field(default_factory=list)
-    taken: int = 0
-    done: bool = False  # its worker submits the rest: nothing more goes early
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass
-class Counters:
-    """What ``stats()`` reports of the host stage and the consumer; change under ``lock``.
-
-    ``consumed`` is the exception: each consumer counts its batches in a cell
-    of its own (``consumer``), read under ``lock`` by whoever sums them.
-    """
-
-    produced: int = 0
-    consumer_wait_s: float = 0.0
-    producer_blocked_s: float = 0.0
-    occupancy_sum: int = 0  # batches queued, summed over the consumer's gets
-    gets: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    # Batches delivered: by consumers that have ended, and by each live one in a
-    # cell of its own that only it adds to, so a batch costs it no lock.
-    consumed_before: int = 0
-    consumer_cells: list[list[int]] = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)  # when start() began
-    startup_s: float | None = None  # from start() to the first batch delivered
-
-    @property
-    def consumed(self) -> int:
-        """Batches delivered to the consumers, up to the last one each received."""
-        return self.consumed_before + sum(cell[0] for cell in self.consumer_cells)
-
-    def consumer(self) -> list[int]:
-        """A new consumer's cell: it adds 1 to ``cell[0]`` for each batch it delivers."""
-        cell = [0]
-        with self.lock:
-            self.consumer_cells.append(cell)
-        return cell
-
-    def consumer_ended(self, cell: list[int]) -> None:
-        """Folds an ended consumer's cell into ``consumed_before``."""
-        with self.lock:
-            self.consumer_cells.remove(cell)
-            self.consumed_before += cell[0]
-
-
-class HostStage:
+class HostStage(Bundling):
     """The workers of one run, from claiming a task to its item on the host queue, in order.
 
     The worker threads hold this, never the enqueuer, so an enqueuer nobody
@@ -220,7 +116,7 @@ class HostStage:
         # as is and worded only for a message, off the per-batch path.
         self._reading: dict[str, Task | str] = {}
         # Bundles being read, by id: the consumer takes a finished prefix from them.
-        self._open: dict[int, _OpenBundle] = {}
+        self._open: dict[int, OpenBundle] = {}
         self._sleepers = 0  # consumers waiting with no bundle's budget to wait for
         self._sleepers_lock = threading.Lock()
 
@@ -275,150 +171,13 @@ class HostStage:
                 tasks.done_reading(len(claimed), batches + failed)
             if self._bundles:
                 per_read = time.perf_counter() - began
-                self.bundle = max(1, min(_BUNDLE_MOST, int(_BUNDLE_BUDGET_S / max(per_read, 1e-7))))
+                self._learn_bundle(per_read)
             head = items[0]
             head.claim_wait_s = claim_wait_s
             sequencer.submit(head.task.seq_no, head)
 
         enqueue_one.__name__ = f"worker{number}"
         return enqueue_one
-
-    def _read_bundle(self, me: str, claimed: list[Task], claim_wait_s: float) -> None:
-        """Reads a bundle of tasks and submits it as one queue item, less what went early.
-
-        Its finished prefix is handed over before the bundle is complete
-        (``_hand_over``) once the bundle is late (``_BUNDLE_LATE_S``): after
-        each of its reads from then on (here), and while a read is still
-        running if the consumer waits for a batch the bundle holds
-        (``hand_over_waited``), or before each read while a consumer sleeps.
-        Bundles are for fast reads; a slow one must never hold a batch back,
-        nor a read that waits for the consumer to take an earlier batch hang.
-        """
-        tasks, reading, read, failed_read = (
-            self._tasks,
-            self._reading,
-            self._read,
-            self._failed_read,
-        )
-        began = time.perf_counter()
-        bundle = _OpenBundle(claimed[0].seq_no, len(claimed), began)
-        self._open[id(bundle)] = bundle
-        batches = failed = 0
-        try:
-            for task in claimed:
-                reading[me] = task
-                if self._sleepers and bundle.items:
-                    # A consumer sleeps (it found no bundle to wait for): this read may be
-                    # slow, or wait for it to take a batch this bundle holds.
-                    self._hand_over(bundle)
-                try:
-                    if task.failure is not None:
-                        raise task.failure
-                    item = read(task)
-                except GeneratorExit:
-                    raise
-                except CancelledError as error:
-                    if self._stopping():  # gpuqueue's own: the pipeline is stopping
-                        raise
-                    item = failed_read(task, error)  # the source's own: in its place
-                except BaseException as error:  # SystemExit too: it belongs in its place
-                    item = failed_read(task, error)
-                bundle.items.append(item)  # (atomic: _hand_over reads it under the lock)
-                if item.error is not None:
-                    failed = 1
-                    break  # an error ends the bundle (and the run)
-                if not item.described.skipped:  # type: ignore[union-attr]
-                    batches += 1
-                if time.perf_counter() - began > _BUNDLE_LATE_S:
-                    # Late: its reads are slow, and what they read goes now.
-                    self._hand_over(bundle)
-        finally:
-            reading.pop(me, None)
-            tasks.done_reading(len(claimed), batches + failed)
-            with bundle.lock:
-                bundle.done = True
-                rest, taken = bundle.items[bundle.taken :], bundle.taken
-            del self._open[id(bundle)]
-        per_read = (time.perf_counter() - began) / (len(bundle.items) or 1)
-        self.bundle = max(1, min(_BUNDLE_MOST, int(_BUNDLE_BUDGET_S / max(per_read, 1e-7))))
-        if not rest:  # all of it went early
-            self.sequencer.unreserve()
-            return
-        head = rest[0]
-        head.claim_wait_s = claim_wait_s
-        if len(rest) > 1:
-            head.bundle = rest
-        self.sequencer.submit(head.task.seq_no, head, span=len(claimed) - taken)
-
-    @property
-    def bundles(self) -> bool:
-        """Whether fast reads are read and queued in bundles (``hand_over_waited`` matters)."""
-        return self._bundles
-
-    def hand_over_waited(self, *, sleeping: bool = False) -> float | None:
-        """The consumer is about to wait: a late bundle that holds the next batch hands its
-        finished prefix over now.
-
-        Called by the consumer when the queue is empty. What it commits fits
-        the queue (``_hand_over`` checks), so the consumer never blocks here.
-
-        Args:
-            sleeping: The consumer will now wait without a limit (between
-                ``sleep()`` and ``woke()``): whatever a bundle holding the next
-                batch has read goes now, whatever its budget.
-
-        Returns:
-            How long the consumer may wait before it calls again with
-            ``sleeping``: what is left before that bundle is late (its reads
-            are fast, and it will come whole), or, with no bundle holding the
-            next batch yet, the time a bundle has before it is late. None
-            with ``sleeping``.
-        """
-        next_seq_no = self.sequencer.next_seq_no
-        for bundle in list(self._open.values()):
-            if bundle.start <= next_seq_no < bundle.start + bundle.count:
-                left = bundle.began + _BUNDLE_LATE_S - time.perf_counter()
-                if left > 0 and not sleeping:
-                    return left
-                self._hand_over(bundle)
-                return None
-        return None if sleeping else _BUNDLE_LATE_S
-
-    def sleep(self) -> None:
-        """A consumer waits without a limit: bundles hand over each read from now on."""
-        with self._sleepers_lock:
-            self._sleepers += 1
-
-    def woke(self) -> None:
-        """Ends a ``sleep()``."""
-        with self._sleepers_lock:
-            self._sleepers -= 1
-
-    def _hand_over(self, bundle: _OpenBundle) -> None:
-        """Commits a bundle's finished prefix now, if it is next in order and the queue has room.
-
-        Only while reads of the bundle are left: a complete bundle is its worker's
-        to submit, so the turn taken here ends inside the bundle, where no other
-        item can be waiting to be committed. The bundle's lock is held
-        throughout, so its worker's final submit comes after, in order.
-        """
-        with bundle.lock:
-            finished = len(bundle.items)
-            if bundle.done or finished in (bundle.taken, bundle.count):
-                return
-            host_queue = self._host_queue
-            room = lambda: host_queue.qsize() < host_queue.capacity  # noqa: E731
-            if not self.sequencer.take_turn(bundle.start + bundle.taken, room):
-                return
-            parts = bundle.items[bundle.taken : finished]
-            bundle.taken = finished
-            head = parts[0]
-            if len(parts) > 1:
-                head.bundle = parts
-            try:
-                self._commit(head)
-            finally:
-                self.sequencer.end_turn(len(parts))
 
     def _failed_read(self, task: Task, error: BaseException) -> Item:
         """The item of a read that raised: the error in the batch's place; the stream ends."""
