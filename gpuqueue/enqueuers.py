@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 from .config import PipelineConfig, Workers
 from .consumer.deliver import batches
@@ -30,8 +30,6 @@ from .sync.coordinator import DEFAULT_STOP_TIMEOUT
 
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]
 
-_E = TypeVar("_E", bound="SequenceEnqueuer")
-
 
 class SequenceEnqueuer:
     """Base class of the enqueuers, as ``keras.utils.SequenceEnqueuer``.
@@ -43,13 +41,10 @@ class SequenceEnqueuer:
         sequence: A ``Sequence`` or, for ``GeneratorEnqueuer``, an iterable.
         use_multiprocessing: Read batches in worker processes instead of
             threads; batches come back through shared memory.
-        device: ``None`` (the default, as Keras): host batches exactly as the
-            source made them. ``"auto"``: a CUDA GPU through CuPy if one is
-            usable; else (a warning says why) the workers' batches as with
-            ``None``, their leaves made what the device path gives on the
-            CPU by views, not copies (``transform=`` still stages them).
-            ``"cpu"``: the NumPy fallback of the device pipeline, staged.
-            An int or ``"cuda:N"``: that GPU, or a clear error.
+        device: ``None`` (as Keras): host batches as the source made them.
+            ``"auto"``: a CUDA GPU through CuPy if usable, else (a warning says
+            why) the workers' batches as with ``None``, by views. ``"cpu"``: the
+            device path on NumPy. An int or ``"cuda:N"``: that GPU.
         prefetch_depth: Batches copied ahead of the consumer (0 = copy in
             ``get()``), or ``"auto"``: from 2, one deeper while the consumer
             waits for data, up to 8, within ``max_device_bytes``; ``stats()``
@@ -62,14 +57,9 @@ class SequenceEnqueuer:
             current one (PyTorch's with ``output="torch"``) at each ``get``.
         timeout: Seconds ``get()`` waits for a batch, then raises
             ``BatchTimeoutError`` naming what is in flight; None waits.
-        transform: Applied to each batch on the device right after its copy,
-            on the copy stream, before the consumer sees it: a callable on
-            the batch as the backend's arrays, or a mapping from field to a
-            callable (``{0: Normalize(mean, std)}``). Its error reaches
-            ``get()`` in the batch's place.
-
-    A batch is its taker's for as long as it is held; its device memory is
-    reused once it is dropped, after the work queued on it is done.
+        transform: Applied to each batch on the device after its copy, on the
+            copy stream: a callable on the batch as the backend's arrays, or a
+            mapping from field to a callable (``{0: Normalize(mean, std)}``).
 
     Raises:
         ValueError: If a keyword is out of range or contradicts another.
@@ -93,13 +83,6 @@ class SequenceEnqueuer:
         transform: Any = None,
     ) -> None:
         self._setup(sequence, PipelineConfig.of(self._name, locals()))
-
-    @classmethod
-    def _configured(cls: type[_E], sequence: Any, config: PipelineConfig, *more: Any) -> _E:
-        """An enqueuer of a config already made (by ``prefetch()``), checked once."""
-        enqueuer = cls.__new__(cls)
-        enqueuer._setup(sequence, config, *more)
-        return enqueuer
 
     def _setup(
         self, sequence: Any, config: PipelineConfig, order: Any = None, reads: Any = None
@@ -194,24 +177,19 @@ class SequenceEnqueuer:
         """What the consumer has received so far, to resume exactly after it.
 
         Returns:
-            ``OrderedEnqueuer``: ``{"epoch", "position", "seed", "shuffle", "shard",
-            "drop_last"}``; with ``batch_size``, ``"sample"`` (the next sample, so
-            any batch size resumes there) in place of ``"position"``, and
-            ``"batch_size"``. ``GeneratorEnqueuer`` (threads only): ``{"epoch",
-            "position", "source"}``, ``source`` being the iterable's own
-            ``state_dict()`` right after the last item received, where it has one.
+            ``OrderedEnqueuer``: ``{"epoch", "position" (or, per sample, "sample"
+            and "batch_size"), "seed", "shuffle", "shard", "drop_last"}``.
+            ``GeneratorEnqueuer`` (threads): ``{"epoch", "position", "source"}``,
+            the last being the iterable's own ``state_dict()`` where it has one.
         """
         return self._order.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resumes from ``state_dict()``: the next ``start()`` goes on after that batch.
 
-        An iterable with a ``load_state_dict`` gets its state back; any other is
-        read from the start of the saved epoch, skipping what was received.
-
         Raises:
-            PipelineError: If the enqueuer is running (or an iterable's is read in
-                a process).
+            PipelineError: If the enqueuer is running (or an iterable is read in a
+                process).
             ValueError: If ``state`` lacks a field or disagrees with this enqueuer.
         """
         if self.is_running():
@@ -222,14 +200,11 @@ class SequenceEnqueuer:
         """Counters of the current (or last) run.
 
         Returns:
-            Batches produced and consumed, time ``get()`` waited
-            (``consumer_wait_s``) and workers waited for room
-            (``producer_blocked_s``), queue occupancy; on a device the
-            backend, depth (and with ``"auto"``, why), bytes copied,
-            ``h2d_gbps``, pinned and device bytes; with processes
-            ``shared_memory_bytes``. ``startup_s``: seconds from ``start()``
-            to the first batch delivered (None until then), which with
-            processes includes starting them.
+            Batches produced and consumed, ``consumer_wait_s``,
+            ``producer_blocked_s``, queue occupancy, ``startup_s`` (``start()``
+            to the first batch); on a device the backend, depth (and why, with
+            ``"auto"``), bytes copied, ``h2d_gbps``, pinned and device bytes;
+            with processes ``shared_memory_bytes``.
         """
         return dict(EMPTY_STATS) if self._run is None else self._run.stats()
 
@@ -246,28 +221,18 @@ class OrderedEnqueuer(SequenceEnqueuer):
         shuffle: Read each epoch in a permutation drawn from ``(seed, epoch)``.
         seed: The shuffling seed (without one, a random one is drawn and kept
             in ``state_dict()``).
-        shard: ``(rank, world_size)``: read this rank's part of every epoch, as
-            many batches on every rank (as ``DistributedSampler``). ``"auto"``:
-            from ``torch.distributed``, else the launcher's variables (torchrun,
-            MPI, SLURM), else everything. ``None``: everything.
+        shard: ``(rank, world_size)``: this rank's part of every epoch, as many
+            batches on every rank (as ``DistributedSampler``). ``"auto"``: from
+            ``torch.distributed`` or the launcher's variables. ``None``: all.
         drop_last: Drop the epoch's tail that does not give every rank a whole
             batch, instead of padding the ranks by wrapping around the epoch
             (and, with ``batch_size``, keeping a short last batch): DataLoader's
             ``drop_last`` on one rank, DistributedSampler's and its on several.
         epochs: Stop after this many epochs (counted from epoch 0); None
             (the default, as Keras) is endless.
-        batch_size: The items are samples: this many (by ``__getitems__`` if
-            any) are written straight into each batch's slot by torch's
-            ``default_collate`` rules; order, shards and ``state_dict()`` count
-            samples (``source/samplers.py``). None: items are batches.
-        collate: A function from a list of samples to one batch, instead of
-            the default collate; its batch is then packed as any batch (one
-            more host copy, in the worker).
-        sampler: With ``batch_size``, each epoch's indices: a torch
-            ``Sampler``, a list; ``set_epoch(epoch)`` first where it has one.
-        batch_sampler: The index lists of each epoch's batches (variable
-            sizes, buckets), in place of ``batch_size``, ``shuffle``,
-            ``sampler`` and ``drop_last``.
+        batch_size, collate, sampler, batch_sampler: The items are samples, this
+            many to a batch written straight into its slot (``prefetch()``
+            says how); order, shards and ``state_dict()`` then count samples.
         device, prefetch_depth, ...: The device keywords of ``SequenceEnqueuer``.
 
     Raises:
@@ -305,19 +270,7 @@ class OrderedEnqueuer(SequenceEnqueuer):
     ) -> None:
         check_sequence(sequence)
         config = PipelineConfig.of(self._name, locals())
-        order, reads = order_and_reader(
-            sequence,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            shard=shard,
-            drop_last=drop_last,
-            epochs=epochs,
-            sampler=sampler,
-            batch_sampler=batch_sampler,
-            collate=collate,
-            stacklevel=2,
-        )
+        order, reads = order_and_reader(sequence, locals(), stacklevel=2)
         self._setup(sequence, config, order, reads)
 
     shuffle = property(lambda self: self._order.shuffle, doc="Each epoch in a seeded permutation.")
@@ -338,10 +291,8 @@ class OrderedEnqueuer(SequenceEnqueuer):
 class GeneratorEnqueuer(SequenceEnqueuer):
     """Reads a generator with several workers, safely, and yields its items in order.
 
-    As ``keras.utils.GeneratorEnqueuer``, but the generator need not be
-    thread-safe: ``next()`` runs under a lock while the per-batch work runs
-    in parallel, and items keep the generator's order. Its exception reaches
-    the consumer after every item before it; it is never called again.
+    As ``keras.utils.GeneratorEnqueuer``, but the generator need not be thread-safe:
+    ``next()`` runs under a lock, the rest in parallel, and items keep their order.
 
     Args:
         generator: Any iterable.
@@ -353,10 +304,8 @@ class GeneratorEnqueuer(SequenceEnqueuer):
             Keras does; unused with threads.
         even_batches: Stop every ``torch.distributed`` rank at the first step where
             one has no batch (DDP would wait for ever); None: with several ranks.
-        batch_size: The generator's items are samples: batch this many,
-            written straight into the batch's slot (see ``OrderedEnqueuer``).
-        drop_last, collate: With ``batch_size``: drop the short last batch;
-            a function from a list of samples to one batch.
+        batch_size, drop_last, collate: The items are samples, this many to a
+            batch (the short last one dropped with ``drop_last``), as ``prefetch()``.
         device, prefetch_depth, ...: The device keywords of ``SequenceEnqueuer``.
 
     Raises:

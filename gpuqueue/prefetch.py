@@ -1,13 +1,13 @@
 """``prefetch()``, the one-call form: picks an enqueuer by the kind of source.
 
 Its arguments become one ``PipelineConfig`` here, checked once, and the
-enqueuer it picks is built from that config (``SequenceEnqueuer._configured``).
+enqueuer it picks is built from that config (``_configured``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import PipelineConfig
 from .enqueuers import GeneratorEnqueuer, OrderedEnqueuer, SequenceEnqueuer
@@ -19,6 +19,15 @@ from .source.samples import SampleChunks, order_and_reader
 from .source.shard import check_iterable_shard
 
 __all__ = ["Prefetched", "prefetch"]
+
+_E = TypeVar("_E", bound=SequenceEnqueuer)
+
+
+def _configured(cls: type[_E], source: Any, config: PipelineConfig, *more: Any) -> _E:
+    """An enqueuer of a config made here, checked once (``SequenceEnqueuer._setup``)."""
+    enqueuer = cls.__new__(cls)
+    enqueuer._setup(source, config, *more)
+    return enqueuer
 
 
 class Prefetched:
@@ -185,20 +194,8 @@ def prefetch(
     config = PipelineConfig.of("OrderedEnqueuer" if by_index else "GeneratorEnqueuer", locals())
     enqueuer: SequenceEnqueuer
     if by_index:
-        order, reads = order_and_reader(
-            source,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            seed=seed,
-            shard=shard,
-            drop_last=drop_last,
-            epochs=epochs,
-            sampler=sampler,
-            batch_sampler=batch_sampler,
-            collate=collate,
-            stacklevel=2,  # prefetch's body, then the user's line
-        )
-        enqueuer = OrderedEnqueuer._configured(source, config, order, reads)
+        order, reads = order_and_reader(source, locals(), stacklevel=2)
+        enqueuer = _configured(OrderedEnqueuer, source, config, order, reads)
     else:
         check_iterable_shard(source, shard)
         for name, value in (("sampler", sampler), ("batch_sampler", batch_sampler)):
@@ -222,7 +219,7 @@ def prefetch(
         if use_multiprocessing:
             check_picklable(iterable, "the generator function or a picklable iterable")
         position = IterableOrder(processes=config.use_multiprocessing)
-        enqueuer = GeneratorEnqueuer._configured(iterable, config, position)
+        enqueuer = _configured(GeneratorEnqueuer, iterable, config, position)
     if state is not None:
         enqueuer.load_state_dict(dict(state))
     return Prefetched(enqueuer, workers, max_queue_size)

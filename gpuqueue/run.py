@@ -1,27 +1,17 @@
 """Run: one run of the pipeline (source, host, device, consumer), built, started and stopped.
 
-``PipelineConfig`` and ``Workers`` (``config.py``) are every setting of a run,
-typed, frozen and validated where the user's arguments arrive. ``Run.start``
-builds the run's queues,
-pools and backend from it and starts its threads (and processes); ``stop``
-joins them and frees the memory; ``abandon`` is the finaliser of a run
-nobody stopped. Nothing here knows Keras: the enqueuers translate their
-arguments into a config and delegate.
+``Run.start`` builds the queues, pools and backend of one run from its
+``PipelineConfig`` and ``Workers`` (``config.py``) and starts its threads (and
+processes); ``stop`` joins them and frees the memory; ``abandon`` is the
+finaliser of a run nobody stopped. Nothing here knows Keras.
 
-The host stage (``host/stage.py``) is a ``QueueRunner`` whose enqueue ops are
-the workers, under one ``Coordinator``; they put batches on the bounded host
-queue in exactly the read order. How batches reach the consumer is the run's
-``Copy`` mode: with no device, from the host queue as the workers made them;
-at ``prefetch_depth=0``, copied by the consumer in ``get()``; else a
-``CopyLooper`` (``device/copy.py``) copies each staged batch into a device
-arena (``device/arenas.py``) ahead and puts it on the device queue. The
-consumer's side (``consumer/deliver.py``) hands out device arrays ordered
-after their copy.
-
-An error while reading (or copying) travels down the queues in its place, so
-the consumer gets every batch before it, then the original exception.
-Epochs follow one another without draining the queue: ``on_epoch_end()``
-runs as soon as the epoch's last read has finished.
+The workers (``host/stage.py``) are a ``QueueRunner``'s enqueue ops under one
+``Coordinator``, putting batches on the bounded host queue in read order. How
+batches reach the consumer is the run's ``Copy`` mode: with no device, as the
+workers made them; at ``prefetch_depth=0``, copied in ``get()``; else copied
+ahead by a ``CopyLooper`` (``device/copy.py``) into device arenas. The
+consumer's side is ``consumer/deliver.py``. An error travels down the queues
+in its batch's place; epochs follow one another without draining the queue.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..errors import BatchError
@@ -173,7 +173,32 @@ def reads_samples(batch_size: int | None, sampler: Any, batch_sampler: Any, coll
     return any(value is not None for value in (batch_size, sampler, batch_sampler, collate))
 
 
+_SAMPLING = (
+    "batch_size",
+    "shuffle",
+    "seed",
+    "shard",
+    "drop_last",
+    "epochs",
+    "sampler",
+    "batch_sampler",
+    "collate",
+)
+
+
 def order_and_reader(
+    dataset: Any, arguments: Mapping[str, Any], *, stacklevel: int
+) -> tuple[ReadingOrder | SampleOrder, SampleReader | None]:
+    """``order_for`` with a public call's sampling keywords, taken by name (its ``locals()``).
+
+    ``stacklevel`` counts from the caller, as ``order_for``'s does.
+    """
+    return order_for(
+        dataset, **{name: arguments[name] for name in _SAMPLING}, stacklevel=stacklevel + 1
+    )
+
+
+def order_for(
     dataset: Any,
     *,
     batch_size: int | None,
