@@ -23,6 +23,7 @@ __all__ = [
     "ReadingOrder",
     "Sequence",
     "Task",
+    "check_state",
     "epoch_order",
     "indices",
     "resolve_shard",
@@ -280,18 +281,32 @@ class ReadingOrder:
             ValueError: If ``state`` lacks a field or disagrees with this
                 order's ``shuffle``, ``shard`` or ``drop_last``.
         """
-        missing = {"epoch", "position", "seed"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing {sorted(missing)}")
-        mine = self.state_dict()
-        for name in ("shuffle", "shard", "drop_last"):
-            if name in state and tuple(np.atleast_1d(state[name])) != tuple(
-                np.atleast_1d(mine[name])
-            ):
-                raise ValueError(
-                    f"state has {name}={state[name]!r}, but this enqueuer has {name}={mine[name]!r}"
-                )
-        for name in ("epoch", "position"):
-            if not isinstance(state[name], int) or state[name] < 0:
-                raise ValueError(f"state {name} must be an int >= 0, got {state[name]!r}")
+        check_state(state, self.state_dict(), "position")
         self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
+
+
+def check_state(
+    state: Mapping[str, Any], mine: Mapping[str, Any], position: str, what: str = ""
+) -> None:
+    """Checks a saved ``state`` against an order's own (``mine``) before a resume.
+
+    Args:
+        position: The field that says where in the epoch (``"position"`` of a
+            batch, ``"sample"``).
+        what: Said after the missing fields (which kind of ``state_dict()``).
+
+    Raises:
+        ValueError: If ``state`` lacks a field, disagrees on ``shuffle``,
+            ``shard`` or ``drop_last``, or its epoch or position is not an int >= 0.
+    """
+    missing = {"epoch", position, "seed"} - set(state)
+    if missing:
+        raise ValueError(f"state is missing {sorted(missing)}{what}")
+    for name in ("shuffle", "shard", "drop_last"):
+        if name in state and tuple(np.atleast_1d(state[name])) != tuple(np.atleast_1d(mine[name])):
+            raise ValueError(
+                f"state has {name}={state[name]!r}, but this enqueuer has {name}={mine[name]!r}"
+            )
+    for name in ("epoch", position):
+        if not isinstance(state[name], int) or state[name] < 0:
+            raise ValueError(f"state {name} must be an int >= 0, got {state[name]!r}")

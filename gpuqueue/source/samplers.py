@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import PipelineError
-from .order import Task
+from .order import Task, check_state
 from .shard import Shard, resolve_shard
 
 __all__ = ["EpochBatches", "SampleOrder"]
@@ -272,20 +272,7 @@ class SampleOrder:
             ValueError: If ``state`` lacks a field or disagrees with this
                 order's ``shuffle``, ``shard`` or ``drop_last``.
         """
-        missing = {"epoch", "sample", "seed"} - set(state)
-        if missing:
-            raise ValueError(f"state is missing {sorted(missing)} (a per-sample state_dict())")
-        mine = self.state_dict()
-        for name in ("shuffle", "shard", "drop_last"):
-            if name in state and tuple(np.atleast_1d(state[name])) != tuple(
-                np.atleast_1d(mine[name])
-            ):
-                raise ValueError(
-                    f"state has {name}={state[name]!r}, but this enqueuer has {name}={mine[name]!r}"
-                )
-        for name in ("epoch", "sample"):
-            if not isinstance(state[name], int) or state[name] < 0:
-                raise ValueError(f"state {name} must be an int >= 0, got {state[name]!r}")
+        check_state(state, self.state_dict(), "sample", " (a per-sample state_dict())")
         self.epoch, self.sample, self.seed = state["epoch"], state["sample"], state["seed"]
 
 
