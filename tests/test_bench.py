@@ -9,6 +9,7 @@ so its skipped row is exercised whether or not it is installed here.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -62,15 +63,15 @@ def test_depth_smoke_run_writes_every_row_and_the_plot(depth_smoke: tuple[str, P
     ]  # fmt: skip
     assert report["recommended_depth"] is None and size["recommended_depth"] is None
     assert report["within_noise"] == [] and report["goal_vs_one_ahead"] is None
-    assert set(size["vs_peers"]) == {
-        "one-ahead loop",
-        "DataLoader workers=0",
-        "DataLoader workers=2",
-    }
+    # The DataLoader rows are measured where torch is installed (CI's first venv, not 3.10/3.13's).
+    torch_here = importlib.util.find_spec("torch") is not None
+    loaders = {"DataLoader workers=0", "DataLoader workers=2"} if torch_here else set()
+    assert set(size["vs_peers"]) == {"one-ahead loop", *loaders}
     advice = [line for line in stdout.splitlines() if line.startswith("advice: ")]
     assert advice == [f"advice: {report['advice']}"]  # one line of advice
     assert report["advice"].startswith("no depth to recommend: without a GPU prefetch_depth has")
-    assert "x DataLoader workers=2" in report["advice"] and "recommended depth" not in stdout
+    assert ("x DataLoader workers=2" in report["advice"]) == torch_here
+    assert "recommended depth" not in stdout
     normalize = report["sections"]["normalize"]
     assert set(normalize["paths"]) == {"device", "host"}
     device, host = normalize["paths"]["device"], normalize["paths"]["host"]
