@@ -278,9 +278,10 @@ class OrderedEnqueuer(SequenceEnqueuer):
     def _make_tasks(self) -> SequenceTasks:
         order = self._order
         order.restart_if_finished(len(self.sequence))
+        per_sample = isinstance(order, SampleOrder)
+        announce_shard(self._name, order.shard, len(self.sequence), order.drop_last, per_sample)
         if isinstance(order, SampleOrder):
             return SampleTasks(order, self._reads)
-        announce_shard(self._name, order.shard, len(self.sequence), order.drop_last)
         return SequenceTasks.resuming(order, self.sequence)
 
     def stats(self) -> dict[str, Any]:
@@ -309,8 +310,7 @@ class GeneratorEnqueuer(SequenceEnqueuer):
         device, prefetch_depth, ...: The device keywords of ``SequenceEnqueuer``.
 
     Raises:
-        TypeError: If ``generator`` is not iterable (or, with processes, a
-            generator function).
+        TypeError: If ``generator`` is not iterable (nor, with processes, a generator function).
         PipelineError: With processes, if ``generator`` cannot be pickled or
             is a torch ``DataLoader`` (which has worker processes of its own).
     """

@@ -184,6 +184,27 @@ def test_stats_and_a_warning_say_which_rank_and_from_where(
     assert stats["shard_source"] == "torch.distributed"
 
 
+def test_per_sample_sharding_chosen_by_gpuqueue_is_a_warning_too(
+    running: list[Any], no_launcher: pytest.MonkeyPatch
+) -> None:
+    """batch_size=: the ranks split samples, and sharding a dataset split already is silent loss."""
+
+    class Samples:
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, index: int) -> Any:
+            return np.full(2, index, np.float32)
+
+    no_launcher.setitem(sys.modules, "torch.distributed", fake_torch_distributed(1, 3))
+    with pytest.warns(
+        UserWarning,
+        match=r"^OrderedEnqueuer: rank 1 of 3 reads its part of the 12 "
+        r"samples of every epoch \(from torch\.distributed\)\. If the source is split",
+    ):
+        start(running, OrderedEnqueuer(Samples(), batch_size=2, shuffle=True, seed=0))
+
+
 @pytest.mark.parametrize(
     ("options", "line"),
     [

@@ -190,7 +190,9 @@ def describe_shard(name: str, shard: Shard, length: int, drop_last: bool) -> str
     return line
 
 
-def announce_shard(name: str, shard: Shard, length: int, drop_last: bool) -> None:
+def announce_shard(
+    name: str, shard: Shard, length: int, drop_last: bool, samples: bool = False
+) -> None:
     """Says which part of each epoch this rank reads: a warning where gpuqueue chose to shard.
 
     Sharding a source that is split per rank already (a map-style dataset
@@ -199,9 +201,19 @@ def announce_shard(name: str, shard: Shard, length: int, drop_last: bool) -> Non
     ``shard="auto"`` finds several ranks, the decision is a ``UserWarning``
     (shown once per place by Python's default filter) that says how to
     choose. Anything else (one rank, ``shard=None``, an explicit
-    ``shard=(rank, world_size)``) is logged at INFO.
+    ``shard=(rank, world_size)``) is logged at INFO. With ``samples`` the
+    source's items are samples (``batch_size=``), split among the ranks
+    as ``DistributedSampler`` splits them.
     """
-    line = describe_shard(name, shard, length, drop_last)
+    if samples:
+        line = (
+            f"{name}: rank {shard.rank} of {shard.world_size} reads its part of the {length} "
+            f"samples of every epoch (from {shard.source})"
+            if shard.world_size > 1
+            else f"{name}: reads all {length} samples of every epoch"
+        )
+    else:
+        line = describe_shard(name, shard, length, drop_last)
     if shard.world_size > 1 and shard.source != "explicit":
         warnings.warn(
             f"{line}. If the source is split per rank already (datasets' "
