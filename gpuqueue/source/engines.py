@@ -36,10 +36,9 @@ class EngineBatches:
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[Any]:
-        options: dict[str, Any] = {"batch_format": "numpy"}
-        if self.batch_size is not None:
-            options["batch_size"] = self.batch_size
-        return iter(self.source.iter_batches(**options))
+        if self.batch_size is None:  # the engine's own default size
+            return iter(self.source.iter_batches(batch_format="numpy"))
+        return iter(self.source.iter_batches(batch_size=self.batch_size, batch_format="numpy"))
 
     def __repr__(self) -> str:
         return f"EngineBatches({type(self.source).__name__})"

@@ -109,6 +109,8 @@ class Epochs:
         self.epochs = epochs
         self.start, self.skip = start, skip
         self.epoch, self.position = start, skip
+        # Looked up once: ``state`` runs after every item a thread reads.
+        self._keeps_state = callable(getattr(source, "state_dict", None))
 
     def __iter__(self) -> Iterator[Any]:
         for epoch in range(self.start, self.epochs):
@@ -127,12 +129,8 @@ class Epochs:
 
     def state(self) -> dict[str, Any]:
         """Where the last item read came from, and the source's own state right after it."""
-        own = getattr(self.source, "state_dict", None)
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "source": own() if callable(own) else None,
-        }
+        own = self.source.state_dict() if self._keeps_state else None  # type: ignore[attr-defined]
+        return {"epoch": self.epoch, "position": self.position, "source": own}
 
 
 _END = object()

@@ -27,6 +27,7 @@ __all__ = [
     "epoch_order",
     "indices",
     "resolve_shard",
+    "shard_and_seed",
 ]
 
 
@@ -225,16 +226,11 @@ class ReadingOrder:
         """
         if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
             raise ValueError(f"epochs must be None or a positive int, got {epochs!r}")
-        resolved = resolve_shard(shard)
-        if shuffle and seed is None and resolved.world_size > 1:
-            raise ValueError(
-                f"shuffling across {resolved.world_size} ranks needs a seed that every rank shares"
-            )
+        resolved, seed = shard_and_seed(shard, shuffle, seed)
         length = len(sequence)
         if length <= 0:
             raise PipelineError(f"the Sequence is empty (len() returned {length})")
         batches_per_rank(length, resolved.world_size, bool(drop_last))
-        seed = seed if seed is not None else secrets.randbits(63)
         return cls(bool(shuffle), seed, resolved, bool(drop_last), epochs)
 
     def restart_if_finished(self, length: int) -> None:
@@ -310,3 +306,20 @@ def check_state(
     for name in ("epoch", position):
         if not isinstance(state[name], int) or state[name] < 0:
             raise ValueError(f"state {name} must be an int >= 0, got {state[name]!r}")
+
+
+def shard_and_seed(
+    shard: tuple[int, int] | str | None, shuffle: bool, seed: int | None
+) -> tuple[Shard, int]:
+    """An order's shard, and its seed: the one given, else a random one kept in its state.
+
+    Raises:
+        ValueError: If ``shard`` is malformed, or several ranks shuffle without a
+            seed they share (a random one would differ per rank).
+    """
+    resolved = resolve_shard(shard)
+    if shuffle and seed is None and resolved.world_size > 1:
+        raise ValueError(
+            f"shuffling across {resolved.world_size} ranks needs a seed that every rank shares"
+        )
+    return resolved, seed if seed is not None else secrets.randbits(63)

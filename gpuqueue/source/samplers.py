@@ -31,7 +31,6 @@ continues with exactly the next sample (also with another ``batch_size``).
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import PipelineError
-from .order import Task, check_state
-from .shard import Shard, resolve_shard
+from .order import Task, check_state, shard_and_seed
+from .shard import Shard
 
 __all__ = ["EpochBatches", "SampleOrder"]
 
@@ -166,15 +165,10 @@ class SampleOrder:
                 _check_iterable(sampler, "sampler")
             if batch_size is None:
                 raise ValueError("per-sample reading needs batch_size= (or batch_sampler=)")
-        resolved = resolve_shard(shard)
-        if shuffle and seed is None and resolved.world_size > 1:
-            raise ValueError(
-                f"shuffling across {resolved.world_size} ranks needs a seed that every rank shares"
-            )
+        resolved, seed = shard_and_seed(shard, shuffle, seed)
         length = len(dataset)
         if length <= 0:
             raise PipelineError(f"the dataset is empty (len() returned {length})")
-        seed = seed if seed is not None else secrets.randbits(63)
         return cls(
             batch_size,
             bool(shuffle),
