@@ -178,7 +178,8 @@ class SequenceEnqueuer:
 
         Returns:
             ``OrderedEnqueuer``: ``{"epoch", "position" (or, per sample, "sample"
-            and "batch_size"), "seed", "shuffle", "shard", "drop_last"}``.
+            and "batch_size"), "start", "length", "seed", "shuffle", "shard",
+            "drop_last"}``; any rank's resumes every rank, on any number of ranks.
             ``GeneratorEnqueuer`` (threads): ``{"epoch", "position", "source"}``,
             the last being the iterable's own ``state_dict()`` where it has one.
         """

@@ -161,7 +161,10 @@ def prefetch(
             first step where one has no batch left (DDP's all-reduce would
             wait for ever); None (the default): for an iterable, whenever
             there are several ranks. See ``consumer/even.py``.
-        state: A ``state_dict()`` taken earlier: go on with the batch after it.
+        state: A ``state_dict()`` taken earlier: go on with the batch after it
+            (a Sequence's or a per-sample order's, saved on any rank, also on
+            another number of ranks: the rest of its epoch is split among
+            this world's).
         batch_size: The source's items are samples (a per-sample torch
             ``Dataset``, a Hugging Face ``datasets.Dataset``, an iterable of
             samples): each batch is this many, written straight into its

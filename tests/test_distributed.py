@@ -512,12 +512,26 @@ for x, y, index in second.get():
     step(x, y)
     resumed.append(int(index))
 
+# Resumed on one rank fewer (elastic): rank 0's checkpoint, loaded by every rank of the
+# smaller world, which reads the rest of the checkpoint's epoch and the epochs after it.
+saved = [state]
+dist.broadcast_object_list(saved, src=0)
+elastic = []
+smaller = dist.get_world_size() - 1
+if dist.get_rank() < smaller:
+    shard = (dist.get_rank(), smaller)
+    third = gpuqueue.OrderedEnqueuer(Indexed(), shard=shard, **options)
+    third.load_state_dict(saved[0])
+    with third:
+        elastic = [int(index[0]) for _, _, index in third.get()]
+
 record = {
     "rank": dist.get_rank(),
     "world_size": dist.get_world_size(),
     "trained": trained,
     "resumed": resumed,
     "state": state,
+    "elastic": elastic,
     "stats": {key: value for key, value in stats.items() if key.startswith("shard_")},
     "log": prefetch_log,
 }
@@ -657,6 +671,39 @@ def check_ranks(
             assert order[length:] == shared[: len(order) - length]  # padding wraps around
         orders.append(order)
     assert orders[0] != orders[1]  # reshuffled each epoch
+    check_elastic(records, length, epochs, resume_after, drop_last)
+
+
+def check_elastic(
+    records: list[Any], length: int, epochs: int, resume_after: int, drop_last: bool
+) -> None:
+    """One rank fewer resumed from rank 0's state: the rest of its epoch once, then whole epochs."""
+    world_size, smaller = len(records), len(records) - 1
+    state = records[0]["state"]
+    epoch, position = state["epoch"], state["position"]
+    before = [i for r in records for i in r["resumed"][resume_after - position : resume_after]]
+    elastic = [r["elastic"] for r in records]
+    assert elastic[smaller:] == [[]]  # the rank left out read nothing
+    rest = length - position * world_size
+    first = rest // smaller if drop_last else -(-rest // smaller)  # the rest of `epoch`
+    per_epoch = length // smaller if drop_last else -(-length // smaller)
+    assert [len(e) for e in elastic[:smaller]] == [
+        first + per_epoch * (epochs - 1 - epoch)
+    ] * smaller
+    read = before + [i for e in elastic for i in e[:first]]
+    assert len(read) == position * world_size + first * smaller
+    if drop_last:
+        assert len(set(read)) == len(read)  # none twice: what the ranks cannot split is dropped
+    else:
+        assert set(read) == set(range(length))  # every index, the padding read twice
+    # The smaller world read on from where the bigger one stopped, in the epoch's order.
+    shared = [int(i) for i in epoch_order(length, epoch, shuffle=True, seed=5)] * 2
+    order = [elastic[p % smaller][p // smaller] for p in range(first * smaller)]
+    assert order == shared[position * world_size : position * world_size + len(order)]
+    for later in range(epochs - 1 - epoch):
+        begin = first + later * per_epoch
+        whole = [i for e in elastic[:smaller] for i in e[begin : begin + per_epoch]]
+        assert len(set(whole)) == (per_epoch * smaller if drop_last else length)
 
 
 @pytest.fixture

@@ -321,6 +321,8 @@ def test_resume_continues_with_exactly_the_next_batch(running: list[Any]) -> Non
     assert state == {
         "epoch": 1,
         "position": 3,
+        "start": 0,  # where this world's split of the epoch began (see test_elastic.py)
+        "length": 7,
         "seed": 11,
         "shuffle": True,
         "shard": (0, 1),

@@ -15,6 +15,7 @@ from typing import Any, overload
 import numpy as np
 
 from ..errors import PipelineError
+from .resume import check_length, check_state, regroup, saved_world_size
 from .shard import Shard, batches_per_rank, resolve_shard
 
 __all__ = [
@@ -23,9 +24,9 @@ __all__ = [
     "ReadingOrder",
     "Sequence",
     "Task",
-    "check_state",
     "epoch_order",
     "indices",
+    "rank_count",
     "resolve_shard",
     "shard_and_seed",
 ]
@@ -100,6 +101,7 @@ def epoch_order(
     seed: int,
     shard: tuple[int, int] = (0, 1),
     drop_last: bool = False,
+    start: int = 0,
 ) -> EpochOrder:
     """The indices one rank reads in ``epoch``, in order.
 
@@ -114,17 +116,33 @@ def epoch_order(
     every index once, plus the padding (the order's first batches, read
     again) or less the dropped tail.
 
+    ``start`` is where in the epoch's order the split begins: the positions
+    before it were read before a resume on another world size (``regroup``);
+    the ``length - start`` after it are split as above. With ``drop_last``
+    such a rest may leave the ranks nothing (an empty order).
+
     Raises:
-        PipelineError: If ``drop_last`` leaves no batch for a rank.
+        PipelineError: If ``drop_last`` leaves no batch for a rank of a whole epoch.
     """
     rank, world_size = shard
-    total = batches_per_rank(length, world_size, drop_last) * world_size
+    end = start + rank_count(length, world_size, drop_last, start) * world_size
     if not shuffle:
-        return InOrder(range(rank, total, world_size), length)
+        return InOrder(range(start + rank, end, world_size), length)
     order = np.random.default_rng([seed, epoch]).permutation(length)
-    if total > length:
-        order = np.tile(order, -(-total // length))
-    return order[rank:total:world_size]
+    if end > length:
+        order = np.tile(order, -(-end // length))
+    return order[start + rank : end : world_size]
+
+
+def rank_count(length: int, world_size: int, drop_last: bool, start: int = 0) -> int:
+    """How many of an epoch's positions from ``start`` on each rank reads (``epoch_order``).
+
+    Raises:
+        PipelineError: If ``drop_last`` leaves no batch for a rank of a whole epoch.
+    """
+    if start and drop_last:  # a resumed rest may leave the ranks nothing
+        return (length - start) // world_size
+    return batches_per_rank(length - start, world_size, drop_last)
 
 
 class InOrder:
@@ -193,8 +211,11 @@ class ReadingOrder:
         drop_last: Drop each epoch's tail instead of padding it, when the
             ranks cannot all read as many batches.
         epochs: How many epochs to read; None is endless.
+        length: The Sequence's ``len()`` when last looked at.
         epoch, position: The next batch to deliver: ``position`` of
-            ``epoch``'s order.
+            ``epoch``'s order on this rank.
+        start: Where in ``epoch``'s order this world's split began: 0, or
+            the positions read before a resume on another world size.
     """
 
     shuffle: bool
@@ -202,8 +223,10 @@ class ReadingOrder:
     shard: Shard
     drop_last: bool = False
     epochs: int | None = None
+    length: int = 0
     epoch: int = 0
     position: int = 0
+    start: int = 0
 
     @classmethod
     def of(
@@ -231,7 +254,19 @@ class ReadingOrder:
         if length <= 0:
             raise PipelineError(f"the Sequence is empty (len() returned {length})")
         batches_per_rank(length, resolved.world_size, bool(drop_last))
-        return cls(bool(shuffle), seed, resolved, bool(drop_last), epochs)
+        return cls(bool(shuffle), seed, resolved, bool(drop_last), epochs, length)
+
+    def epoch_order(self, length: int, epoch: int, start: int = 0) -> EpochOrder:
+        """This rank's order of ``epoch`` over ``length`` batches, split from ``start`` on."""
+        return epoch_order(
+            length,
+            epoch,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            shard=self.shard.pair,
+            drop_last=self.drop_last,
+            start=start,
+        )
 
     def restart_if_finished(self, length: int) -> None:
         """Goes back to epoch 0 if the consumer received every batch of the last epoch.
@@ -243,27 +278,26 @@ class ReadingOrder:
         Args:
             length: The Sequence's ``len()`` now.
         """
+        self.length = length
         if self.epochs is None or self.epoch < self.epochs - 1:
             return
-        last = epoch_order(
-            length,
-            self.epoch,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            shard=self.shard.pair,
-            drop_last=self.drop_last,
-        )
-        if self.epoch >= self.epochs or self.position >= len(last):
-            self.epoch = self.position = 0
+        if self.epoch >= self.epochs or self.position >= len(
+            self.epoch_order(length, self.epoch, self.start)
+        ):
+            self.epoch = self.position = self.start = 0
 
     def received(self, task: Task) -> None:
         """The consumer received ``task``: the next to deliver is the one after it."""
+        if task.epoch != self.epoch:
+            self.start = 0
         self.epoch, self.position = task.epoch, task.position + 1
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "position": self.position,
+            "start": self.start,
+            "length": self.length,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "shard": self.shard.pair,
@@ -273,39 +307,23 @@ class ReadingOrder:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continues from ``state_dict()``'s point, after checking it fits this order.
 
+        The state may come from any rank (every rank was at the same step),
+        and from another number of ranks: the rest of its epoch is then split
+        among this world's (``regroup``).
+
         Raises:
             ValueError: If ``state`` lacks a field or disagrees with this
-                order's ``shuffle``, ``shard`` or ``drop_last``.
+                order's ``shuffle`` or ``drop_last``, or was saved on another
+                number of ranks over a Sequence of another length.
         """
         check_state(state, self.state_dict(), "position")
-        self.epoch, self.position, self.seed = state["epoch"], state["position"], state["seed"]
-
-
-def check_state(
-    state: Mapping[str, Any], mine: Mapping[str, Any], position: str, what: str = ""
-) -> None:
-    """Checks a saved ``state`` against an order's own (``mine``) before a resume.
-
-    Args:
-        position: The field that says where in the epoch (``"position"`` of a
-            batch, ``"sample"``).
-        what: Said after the missing fields (which kind of ``state_dict()``).
-
-    Raises:
-        ValueError: If ``state`` lacks a field, disagrees on ``shuffle``,
-            ``shard`` or ``drop_last``, or its epoch or position is not an int >= 0.
-    """
-    missing = {"epoch", position, "seed"} - set(state)
-    if missing:
-        raise ValueError(f"state is missing {sorted(missing)}{what}")
-    for name in ("shuffle", "shard", "drop_last"):
-        if name in state and tuple(np.atleast_1d(state[name])) != tuple(np.atleast_1d(mine[name])):
-            raise ValueError(
-                f"state has {name}={state[name]!r}, but this enqueuer has {name}={mine[name]!r}"
-            )
-    for name in ("epoch", position):
-        if not isinstance(state[name], int) or state[name] < 0:
-            raise ValueError(f"state {name} must be an int >= 0, got {state[name]!r}")
+        epoch, position, start = state["epoch"], state["position"], state.get("start", 0)
+        world_size = saved_world_size(state, self.shard.world_size)
+        if world_size != self.shard.world_size:
+            length = check_length(state, self.length, "batches", "Sequence")
+            per_rank = rank_count(length, world_size, self.drop_last, start)
+            (epoch, start), position = regroup(epoch, start, position, world_size, per_rank), 0
+        self.epoch, self.position, self.start, self.seed = epoch, position, start, state["seed"]
 
 
 def shard_and_seed(

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import PipelineError
-from .order import Task, check_state, shard_and_seed
+from .order import Task, shard_and_seed
+from .resume import check_length, check_state, regroup, saved_world_size
 from .shard import Shard
 
 __all__ = ["EpochBatches", "SampleOrder"]
@@ -96,8 +97,11 @@ class SampleOrder:
         epochs: How many epochs to read; None is endless.
         sampler: Indices of an epoch, or None.
         batch_sampler: Batches of an epoch, or None.
+        length: The dataset's ``len()`` when last looked at.
         epoch, sample: The next sample to deliver: ``sample`` of this
             rank's ``epoch``.
+        start: Where in ``epoch``'s order this world's split began: 0, or
+            the samples read before a resume on another world size.
     """
 
     batch_size: int | None
@@ -108,8 +112,10 @@ class SampleOrder:
     epochs: int | None = None
     sampler: Any = None
     batch_sampler: Any = None
+    length: int = 0
     epoch: int = 0
     sample: int = 0
+    start: int = 0
 
     @classmethod
     def of(
@@ -178,16 +184,24 @@ class SampleOrder:
             epochs,
             sampler,
             batch_sampler,
+            length,
         )
 
     def received(self, task: Task) -> None:
         """The consumer received ``task``: the next sample to deliver is the one after it."""
+        if task.epoch != self.epoch:
+            self.start = 0
         self.epoch, self.sample = task.epoch, task.samples_end
 
-    def epoch_batches(self, length: int, epoch: int, skip: int = 0) -> EpochBatches:
+    def epoch_batches(self, length: int, epoch: int, skip: int = 0, start: int = 0) -> EpochBatches:
         """This rank's batches of ``epoch`` over a dataset of ``length`` samples.
 
         Calls ``set_epoch(epoch)`` first on a sampler (or batch sampler) that has it.
+
+        Args:
+            skip: Samples of this rank's part already delivered (a resume).
+            start: Where in the epoch's order the split begins (a resume on
+                another world size: the samples every rank read before).
 
         Raises:
             PipelineError: If ``drop_last`` leaves a rank no whole batch, or
@@ -203,29 +217,13 @@ class SampleOrder:
             return _skip_lists(lists, skip, epoch)
         batch_size = self.batch_size
         assert batch_size is not None
-        if self.sampler is not None:
-            _set_epoch(self.sampler, epoch)
-            order = np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
-            split = world > 1 and not _splits_itself(self.sampler)
-        else:
-            order = (
-                np.random.default_rng([self.seed, epoch]).permutation(length)
-                if self.shuffle
-                else np.arange(length, dtype=np.int64)
-            )
-            split = world > 1
-        if split:
-            total = len(order)
-            if self.drop_last:
-                per_rank = (total // (world * batch_size)) * batch_size
-            else:
-                per_rank = -(-total // world)
-            if per_rank * world > total:
-                order = np.tile(order, -(-per_rank * world // total))
-            order = order[rank : per_rank * world : world]
-        elif self.drop_last:
-            order = order[: (len(order) // batch_size) * batch_size]
-        if len(order) == 0:
+        order = self._epoch_order(length, epoch)
+        split = world if self.sampler is None or not _splits_itself(self.sampler) else 1
+        end = start + self._per_rank(len(order) - start, split) * split
+        if end > len(order):  # padded by wrapping around
+            order = np.tile(order, -(-end // len(order)))
+        order = order[start + rank * (split > 1) : end : split]
+        if len(order) == 0 and start == 0:
             raise PipelineError(
                 f"drop_last=True leaves no whole batch of {batch_size} samples in epoch {epoch} "
                 f"on rank {rank} of {world} ({length} samples); use drop_last=False or a "
@@ -233,23 +231,43 @@ class SampleOrder:
             )
         return EpochBatches(order[skip:], batch_size, skip=skip)
 
+    def _epoch_order(self, length: int, epoch: int) -> np.ndarray:
+        """The epoch's samples in order, before any split among ranks."""
+        if self.sampler is not None:
+            _set_epoch(self.sampler, epoch)
+            return np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
+        if self.shuffle:
+            return np.random.default_rng([self.seed, epoch]).permutation(length)
+        return np.arange(length, dtype=np.int64)
+
+    def _per_rank(self, left: int, world: int, batch_size: int | None = None) -> int:
+        """How many of ``left`` samples each of ``world`` ranks reads (padded, or dropped)."""
+        size = batch_size or self.batch_size
+        assert size is not None
+        if self.drop_last:  # whole batches only, the same count on every rank
+            return (left // (world * size)) * size
+        return -(-left // world)
+
     def restart_if_finished(self, length: int) -> None:
         """Goes back to epoch 0 if the consumer received every sample of the last epoch.
 
         As ``order.ReadingOrder.restart_if_finished``: a ``start()`` after a
         finished run reads the dataset again; a stopped one resumes.
         """
+        self.length = length
         if self.epochs is None or self.epoch < self.epochs - 1:
             return
-        last = self.epoch_batches(length, self.epoch)
+        last = self.epoch_batches(length, self.epoch, start=self.start)
         end = last.batch(len(last) - 1)[1] if len(last) else 0
         if self.epoch >= self.epochs or self.sample >= end:
-            self.epoch = self.sample = 0
+            self.epoch = self.sample = self.start = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "sample": self.sample,
+            "start": self.start,
+            "length": self.length,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "shard": self.shard.pair,
@@ -261,13 +279,43 @@ class SampleOrder:
         """Continues from ``state_dict()``'s point, after checking it fits this order.
 
         The ``batch_size`` may differ: the resume is at sample granularity.
+        The state may come from any rank (every rank was at the same step),
+        and from another number of ranks: the rest of its epoch is then split
+        among this world's (``order.regroup``), unless a sampler or batch
+        sampler decides the split.
 
         Raises:
             ValueError: If ``state`` lacks a field or disagrees with this
-                order's ``shuffle``, ``shard`` or ``drop_last``.
+                order's ``shuffle`` or ``drop_last``, or was saved on another
+                number of ranks over another dataset or with a sampler that
+                splits itself or a batch sampler.
         """
         check_state(state, self.state_dict(), "sample", " (a per-sample state_dict())")
-        self.epoch, self.sample, self.seed = state["epoch"], state["sample"], state["seed"]
+        epoch, sample, start = state["epoch"], state["sample"], state.get("start", 0)
+        world = saved_world_size(state, self.shard.world_size)
+        if world != self.shard.world_size:
+            self._check_regroups(world)
+            check_length(state, self.length, "samples", "dataset")
+            left = len(self._epoch_order(self.length, epoch)) - start
+            per_rank = self._per_rank(left, world, state.get("batch_size"))
+            (epoch, start), sample = regroup(epoch, start, sample, world, per_rank), 0
+        self.epoch, self.sample, self.start, self.seed = epoch, sample, start, state["seed"]
+
+    def _check_regroups(self, saved_world: int) -> None:
+        why = None
+        if self.batch_sampler is not None:
+            why = "batch_sampler= decides the batches, so which samples are left is its to say"
+        elif self.sampler is not None and _splits_itself(self.sampler):
+            why = (
+                "sampler= splits itself among ranks (it has num_replicas, as DistributedSampler), "
+                "so which samples the other ranks read is its to say"
+            )
+        if why is not None:
+            raise ValueError(
+                f"cannot resume a state saved on {saved_world} ranks on "
+                f"{self.shard.world_size} ranks: {why}; resume on {saved_world} ranks, or let "
+                "gpuqueue order and split the samples (shuffle=, seed=, shard=)"
+            )
 
 
 def _check_iterable(sampler: Any, name: str) -> None:

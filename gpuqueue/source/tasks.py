@@ -83,6 +83,7 @@ class SequenceTasks(_TaskSource):
         epoch: int = 0,
         position: int = 0,
         epochs: int | None = None,
+        start: int = 0,
     ) -> None:
         super().__init__()
         self._epochs = epochs
@@ -93,6 +94,7 @@ class SequenceTasks(_TaskSource):
         self._drop_last = drop_last
         self._epoch = epoch
         self._position = position
+        self._start = start  # where the first epoch's split begins (a resume on another world)
         self._order = self._make_order(epoch)
         self._reads_in_flight = 0
         self._boundary_waiters = 0  # workers waiting for the epoch's last read
@@ -100,7 +102,7 @@ class SequenceTasks(_TaskSource):
         # Reads this epoch that gave a batch (or an error), not None; judged only
         # for an epoch read from its start (a resumed one may rightly have none left).
         self._batches_in_epoch = 0
-        self._whole_epoch = position == 0
+        self._whole_epoch = position == 0 and start == 0
         # Called after on_epoch_end(), before the next epoch's first read.
         self.epoch_ended: Callable[[], None] | None = None
         # Whether the epoch's reads must all end before the next epoch's start: only
@@ -119,12 +121,14 @@ class SequenceTasks(_TaskSource):
             epoch=order.epoch,
             position=order.position,
             epochs=order.epochs,
+            start=order.start,
         )
 
     def _make_order(self, epoch: int) -> EpochOrder:
         length = len(self._sequence)
         if length <= 0:
             raise PipelineError(f"the Sequence is empty (len() returned {length}) at epoch {epoch}")
+        start, self._start = self._start, 0
         try:
             return epoch_order(
                 length,
@@ -133,6 +137,7 @@ class SequenceTasks(_TaskSource):
                 seed=self._seed,
                 shard=self._shard,
                 drop_last=self._drop_last,
+                start=start,
             )
         except PipelineError as error:
             add_note(error, f"at epoch {epoch}")  # len() may change between epochs
@@ -259,16 +264,17 @@ class SampleTasks(SequenceTasks):
             epoch=order.epoch,
             position=0,
             epochs=order.epochs,
+            start=order.start,
         )
         # A resumed epoch may rightly have nothing left to read.
-        self._whole_epoch = order.sample == 0
+        self._whole_epoch = order.sample == 0 and order.start == 0
 
     def _make_order(self, epoch: int) -> InOrder:
         length = len(self._dataset)
         if length <= 0:
             raise PipelineError(f"the dataset is empty (len() returned {length}) at epoch {epoch}")
-        skip, self._skip = self._skip, 0
-        self._batches = self._sample_order.epoch_batches(length, epoch, skip)
+        (skip, self._skip), (start, self._start) = (self._skip, 0), (self._start, 0)
+        self._batches = self._sample_order.epoch_batches(length, epoch, skip, start)
         count = len(self._batches)
         return InOrder(range(count), max(count, 1))
 
