@@ -239,3 +239,7 @@ def test_a_state_of_another_world_needs_the_sequence_it_was_saved_over() -> None
     _, state = world(samples(10, batch_size=2, epochs=1), 2, steps=1)
     with pytest.raises(ValueError, match=r"^state was saved over 10 samples, this dataset has 9"):
         OrderedEnqueuer(SampleSet(9), batch_size=2, shard=(0, 3)).load_state_dict(state)
+    del state["length"]
+    with pytest.raises(ValueError, match=r"^state has no length \(saved by an older gpuqueue\)"):
+        OrderedEnqueuer(SampleSet(10), batch_size=2, shard=(0, 3)).load_state_dict(state)
+    OrderedEnqueuer(SampleSet(10), batch_size=2, shard=(1, 2)).load_state_dict(state)  # same world

@@ -86,6 +86,11 @@ def check_length(state: Mapping[str, Any], length: int, unit: str, what: str) ->
             rest of its epoch's order cannot be found in another source's.
     """
     saved = state.get("length")
+    if saved is None:
+        raise ValueError(
+            "state has no length (saved by an older gpuqueue): it resumes only on as many "
+            "ranks as saved it"
+        )
     if saved != length:
         raise ValueError(
             f"state was saved over {saved} {unit}, this {what} has {length}: a resume on "
