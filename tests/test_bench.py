@@ -118,6 +118,7 @@ def test_readme_tables_are_made_from_the_json(depth_smoke: tuple[str, Path]) -> 
     assert readme.main(["--check"]) == 0, "README's bench tables differ from bench/results"
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(360)  # 11 cases in fresh processes, twice (6 of them per-sample)
 def test_loaders_smoke_run_computes_every_goal(tmp_path: Path) -> None:
     pytest.importorskip("torch")

@@ -712,6 +712,7 @@ def torchrun() -> None:
     pytest.importorskip("torch.distributed.run")
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(180)
 @pytest.mark.usefixtures("torchrun")
 def test_torchrun_three_ranks_ten_batches_train_to_the_end(tmp_path: Path) -> None:
@@ -722,6 +723,7 @@ def test_torchrun_three_ranks_ten_batches_train_to_the_end(tmp_path: Path) -> No
     check_ranks(tmp_path, 3, 10, epochs=2, resume_after=5, drop_last=False)
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(180)
 @pytest.mark.usefixtures("torchrun")
 def test_torchrun_two_ranks_drop_last(tmp_path: Path) -> None:
@@ -731,6 +733,7 @@ def test_torchrun_two_ranks_drop_last(tmp_path: Path) -> None:
     check_ranks(tmp_path, 2, 7, epochs=2, resume_after=4, drop_last=True)
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(180)
 @pytest.mark.usefixtures("torchrun")
 def test_torchrun_two_nodes_on_localhost(tmp_path: Path) -> None:
@@ -770,6 +773,7 @@ def gone(pid: int) -> bool:
         return True
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(60)
 @pytest.mark.usefixtures("torchrun")
 def test_a_hanging_torchrun_fails_the_test_and_leaves_no_process(tmp_path: Path) -> None:

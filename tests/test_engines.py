@@ -242,6 +242,7 @@ os._exit(0)
 '''
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(180)
 def test_torchrun_three_uneven_ranks_stop_at_the_same_step(tmp_path: Any) -> None:
     pytest.importorskip("torch")
@@ -302,6 +303,7 @@ os._exit(0)
 '''
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(180)
 def test_torchrun_webdataset_split_by_node_unevenly_trains_to_the_end(tmp_path: Any) -> None:
     pytest.importorskip("torch.distributed.run")

@@ -43,6 +43,7 @@ class WhatTheWorkerHas(gpuqueue.Sequence):
         return np.array(["scipy" in sys.modules, os.getppid()], np.int64)
 
 
+@pytest.mark.engine
 def test_workers_start_with_the_libraries_the_parent_imported() -> None:
     pytest.importorskip("scipy")  # imported here; nothing a worker runs imports it
     assert "scipy" in preload_for_parent()
@@ -107,6 +108,7 @@ print(json.dumps({{
 """
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(300)
 def test_the_preloaded_server_runs_no_thread_beyond_numpys() -> None:
     """With every preloadable library installed here imported, in a fresh interpreter."""

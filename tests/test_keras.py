@@ -141,6 +141,7 @@ def _needs(*modules: str) -> None:
             pytest.skip(f"{module} is not installed")
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_keras3_fit_on_gpuqueue_batches_and_keras_dataset(backend: str) -> None:

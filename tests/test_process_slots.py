@@ -196,6 +196,7 @@ KERAS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.engine
 @pytest.mark.timeout(120)
 def test_a_keras_pydataset_with_list_labels_and_no_weights_through_processes() -> None:
     if importlib.util.find_spec("keras") is None:

@@ -14,6 +14,8 @@ from gpuqueue import PipelineError, prefetch
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
+pytestmark = pytest.mark.engine  # a local Ray cluster: left out of CI's CuPy stage
+
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray() -> Iterator[None]:
