@@ -307,6 +307,7 @@ class Run:
             self.closed = True
         # Each is closed even if one before it raised (a sticky CUDA error, say).
         with contextlib.ExitStack() as closing:
+            closing.callback(self.tasks.release)
             if self.own_backend and self.backend is not None:
                 closing.callback(self.backend.close)
             if self.arenas is not None:

@@ -9,7 +9,8 @@ knows where it sits in the stream, for ordering and for messages.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,9 @@ class _TaskSource:
 
     def read(self, task: Task) -> Any:
         raise NotImplementedError
+
+    def release(self) -> None:
+        """Lets go of what the run made of its source, once no worker reads (``Run.stop``)."""
 
     def claim_several(self, most: int) -> list[Task]:
         """Up to ``most`` tasks in a row, with consecutive seq_nos: one queue item."""
@@ -348,9 +352,13 @@ class GeneratorTasks(_TaskSource):
         super().__init__()
         self.snapshot = snapshot
         self._read_lock = threading.Lock()
+        # The iterator made here of a re-iterable source: this run's to close at its end.
+        self._made: Iterator[Any] | None = None
         if fetch is None:
             assert iterable is not None
             iterator = iter(iterable)
+            if iterator is not iterable:  # (a generator the user handed in stays theirs)
+                self._made = iterator
 
             def fetch(position: int) -> Any:
                 return next(iterator)
@@ -388,6 +396,29 @@ class GeneratorTasks(_TaskSource):
 
     def read(self, task: Task) -> Any:
         return task.batch
+
+    def release(self) -> None:
+        """Closes the iterator this run made of its source, so the source's ``finally`` runs.
+
+        A run stopped before the end of its source would otherwise leave that
+        iterator to the garbage collector, with whatever it holds open (a
+        Hugging Face ``IterableDataset``'s prefetch threads, a file). Only once
+        no worker is inside ``next()``: a running generator cannot be closed.
+        """
+        made, self._made = self._made, None
+        close = getattr(made, "close", None)
+        if close is None or not self._read_lock.acquire(blocking=False):
+            return
+        try:
+            close()
+        except Exception as error:  # the source's own, at its end: said, not raised from stop()
+            warnings.warn(
+                f"closing the source's iterator at stop() raised {error!r}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        finally:
+            self._read_lock.release()
 
 
 def _not_launched(position: int) -> Any:
