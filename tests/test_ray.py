@@ -64,3 +64,26 @@ def test_a_ray_dataset_with_processes_is_a_clear_error() -> None:
         prefetch(dataset, device=None, use_multiprocessing=True),
     ):
         pass
+
+
+@pytest.mark.timeout(120)
+def test_a_ray_dataset_resumes_after_the_last_batch_received() -> None:
+    """Ray keeps no reading state: the epoch is read again and what was received skipped,
+    which is exact where Ray's order is (``preserve_order``, as the README says)."""
+    context = ray.data.DataContext.get_current()
+    kept = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        dataset = ray.data.range(600, override_num_blocks=6).random_shuffle(seed=1)
+        with prefetch(dataset, device=None, epochs=2) as batches:
+            whole = [batch["id"].tolist() for batch in batches]
+        run = prefetch(dataset, device=None, epochs=2)
+        with run as batches:
+            first = [next(batches)["id"].tolist() for _ in range(4)]  # batch 1 of epoch 1
+            state = run.state_dict()
+        with prefetch(dataset, device=None, epochs=2, state=state) as batches:
+            rest = [batch["id"].tolist() for batch in batches]
+    finally:
+        context.execution_options.preserve_order = kept
+    assert first + rest == whole
+    assert sorted(i for batch in whole[3:] for i in batch) == list(range(600))
