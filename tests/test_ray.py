@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
-from gpuqueue import PipelineError, prefetch
+from gpuqueue import BatchTimeoutError, PipelineError, prefetch
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
@@ -87,3 +88,20 @@ def test_a_ray_dataset_resumes_after_the_last_batch_received() -> None:
         context.execution_options.preserve_order = kept
     assert first + rest == whole
     assert sorted(i for batch in whole[3:] for i in batch) == list(range(600))
+
+
+@pytest.mark.timeout(120)
+def test_a_split_whose_sibling_is_never_read_times_out_and_the_block_ends_at_once() -> None:
+    """The issue's hang: Ray starts an epoch of streaming_split once every split is read."""
+    splits = ray.data.range(400).streaming_split(2, equal=True)
+    started = time.monotonic()
+    with (
+        pytest.warns(RuntimeWarning, match=r"after a batch timeout, threads left running"),
+        pytest.raises(BatchTimeoutError, match=r"no batch arrived within 1\.0 s"),
+        prefetch(splits[0], device=None, timeout=1.0) as batches,
+    ):
+        for _ in batches:
+            pass
+    assert time.monotonic() - started < 1.0 + 2.0  # the timeout, then the exit: no wait
+    # Reading the other split lets Ray go on, and the reader left in next() ends with it.
+    assert sum(len(batch["id"]) for batch in splits[1].iter_batches()) == 200
