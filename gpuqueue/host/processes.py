@@ -24,6 +24,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import selectors
 import signal
 import sys
 import threading
@@ -116,6 +117,9 @@ class _Worker:
     mapped: dict[int, int] = field(default_factory=dict)
     # Retired slots the process still maps: it unmaps them with its next read.
     forget: list[int] = field(default_factory=list)
+    # Waits for the reply, the process's end or the pipeline's stop: made once, not per
+    # read (multiprocessing.connection.wait builds and fills a selector on every call).
+    selector: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
 
 
 class ProcessPool:
@@ -170,6 +174,12 @@ class ProcessPool:
             process.start()
             child_end.close()
             worker = _Worker(process, parent_end)
+            for source, what in (
+                (parent_end, "reply"),
+                (process.sentinel, "ended"),
+                (self._stop_reader, "stop"),
+            ):
+                worker.selector.register(source, selectors.EVENT_READ, what)
             self._workers.append(worker)
             self._idle.put(worker)
         self._slots = SlotPool(slots, name=name, backend=backend)
@@ -265,15 +275,13 @@ class ProcessPool:
         return forget
 
     def _receive(self, worker: _Worker) -> Any:
-        ready = multiprocessing.connection.wait(
-            [worker.conn, worker.process.sentinel, self._stop_reader]
-        )
-        if worker.conn in ready:
+        ready = {key.data for key, _ in worker.selector.select()}
+        if "reply" in ready:
             try:
                 return worker.conn.recv()
             except (EOFError, OSError):  # the pipe broke: the process is gone
                 pass
-        elif self._stop_reader in ready:
+        elif "stop" in ready:
             raise CancelledError("the pipeline is stopping")
         raise self._died(worker)
 
@@ -355,6 +363,7 @@ class ProcessPool:
                 worker.process.kill()
                 worker.process.join(5)
                 killed.append(worker.process.name)
+            worker.selector.close()  # (before the descriptors it watches are closed)
             worker.conn.close()
             if not worker.process.is_alive():
                 worker.process.close()  # releases its sentinel's file descriptor now
