@@ -3,6 +3,7 @@ a handle with ``stats()`` and ``state_dict()``, and a source that never yields."
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import types
@@ -191,6 +192,28 @@ def test_state_dict_of_an_iterable_read_in_a_process_says_why_not() -> None:
 
 
 # -- uneven ranks under a real torchrun ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shard", "even_batches", "evened"),
+    [("auto", None, False), (None, None, True), (None, False, False), ("auto", True, True)],
+)
+def test_a_map_style_source_gpuqueue_did_not_split_stops_every_rank_at_one_step(
+    monkeypatch: pytest.MonkeyPatch, shard: str | None, even_batches: bool | None, evened: bool
+) -> None:
+    """Under 2 ranks, shard=None (split_dataset_by_node's parts, 13 and 12 samples) is evened
+    by default, as an iterable is; a Sequence gpuqueue shards is even already."""
+    from gpuqueue.consumer.even import evened as even
+    from gpuqueue.source.order import ReadingOrder
+    from tests.test_distributed import fake_torch_distributed
+
+    monkeypatch.setitem(sys.modules, "torch.distributed", fake_torch_distributed(1, 2))
+    order = ReadingOrder.of(
+        Numbered(length=4), shuffle=False, seed=None, shard=shard, drop_last=False, epochs=1
+    )
+    batches: Iterator[Any] = iter([])
+    assert (even(batches, even_batches, order) is not batches) is evened
+
 
 UNEVEN_SCRIPT = '''
 """One rank of three: an iterable that shards itself unevenly (7/7/6 items), DDP steps."""

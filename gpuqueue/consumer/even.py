@@ -5,7 +5,9 @@ one step before the others leaves them waiting in that all-reduce for ever:
 the most expensive way a data loader can fail. A Sequence sharded by gpuqueue
 gives every rank as many batches (``source/shard.py``); an iterable that
 shards itself (WebDataset shards, a streaming dataset split by node) need
-not: 20 shards over 3 ranks are 7, 7 and 6. For those, before handing over
+not: 20 shards over 3 ranks are 7, 7 and 6; nor need a map-style source
+split before gpuqueue sees it (``split_dataset_by_node`` gives 13 and 12 of
+25 samples: 4 and 3 batches of 4) and read with ``shard=None``. For those, before handing over
 each batch, every rank says whether it has one, in one all-reduce (MIN) of
 one integer on the CPU, and all stop at the first step where one has none, as
 DDP's ``Join`` and Accelerate's ``even_batches`` do. It costs one small
@@ -33,21 +35,22 @@ def ranks() -> int:
     return int(dist.get_world_size())
 
 
-def evened(batches: Iterator[Any], even_batches: bool | None, order: object) -> Iterator[Any]:
+def evened(batches: Iterator[Any], even_batches: bool | None, order: Any) -> Iterator[Any]:
     """``batches``, through ``even_steps`` where ``even_batches`` asks for it.
 
-    ``None`` (the default) means: for an iterable (its ``order`` is an
-    ``IterableOrder``), whenever ``torch.distributed`` has more than one rank;
-    a Sequence sharded by gpuqueue is even already.
+    ``None`` (the default) means: whenever ``torch.distributed`` has more
+    than one rank and gpuqueue did not split the source among them: an
+    iterable (its ``order`` is an ``IterableOrder``), or a map-style source
+    read with ``shard=None`` (already split per rank, as by
+    ``split_dataset_by_node``, into parts whose lengths may differ). A source
+    gpuqueue sharded is even already. ``order.epoch`` is the epoch of the
+    last batch received, so every epoch ends at the shortest rank's count.
     """
     iterable = isinstance(order, IterableOrder)
-    if even_batches or (even_batches is None and iterable and ranks() > 1):
-        return even_steps(batches, order.epoch if isinstance(order, IterableOrder) else _one)
+    split_by_gpuqueue = not iterable and order.shard.world_size > 1
+    if even_batches or (even_batches is None and not split_by_gpuqueue and ranks() > 1):
+        return even_steps(batches, order.epoch if iterable else lambda: int(order.epoch))
     return batches
-
-
-def _one() -> int:
-    return 0
 
 
 # What a rank whose batches have ended says in place of an epoch.
