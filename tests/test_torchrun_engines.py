@@ -146,3 +146,168 @@ def test_torchrun_hf_dataset_every_sample_once_whoever_splits_it(
             assert set(read) <= set(part)
     first, second = (epochs_of(ranks[0]["split"]["batches"], steps)[e] for e in range(2))
     assert first != second  # reshuffled
+
+
+HF_ITERABLE_SCRIPT = '''
+"""One rank of three: a datasets.IterableDataset of 20 samples in 6 shards (4, 4, 3, 3, 3, 3)
+split by split_dataset_by_node (2 shards a rank: 7, 7 and 6 samples, or 8, 6 and 6, as the
+shards fall in each epoch's shuffle), read per sample (batch_size=2) under DDP for 2 epochs."""
+import json
+import os
+import sys
+
+import datasets
+import numpy as np
+import torch
+import torch.distributed as dist
+from datasets.distributed import split_dataset_by_node
+from torch.nn.parallel import DistributedDataParallel
+
+import gpuqueue
+
+OUT = sys.argv[1]
+dist.init_process_group("gloo")
+rank, world_size = dist.get_rank(), dist.get_world_size()
+datasets.disable_progress_bars()
+table = datasets.Dataset.from_dict(
+    {"x": np.arange(20, dtype=np.float32)[:, None].repeat(2, axis=1), "y": np.arange(20)}
+)
+stream = table.to_iterable_dataset(num_shards=6).shuffle(seed=3, buffer_size=4)
+part = split_dataset_by_node(stream.with_format("numpy"), rank=rank, world_size=world_size)
+model = DistributedDataParallel(torch.nn.Linear(2, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+trained = []
+run = gpuqueue.prefetch(part, device="cpu", output="torch", batch_size=2, epochs=2)
+with run as batches:
+    for batch in batches:
+        loss = torch.nn.functional.mse_loss(model(batch["x"]), batch["x"][:, :1])
+        loss.backward()  # DDP's all-reduce: a rank with a batch more would wait for ever
+        optimizer.step()
+        optimizer.zero_grad()
+        trained.append([run.state_dict()["epoch"], batch["y"].tolist()])
+
+# Turned off, each rank reads all of its part of an epoch (no DDP step: nothing waits).
+with gpuqueue.prefetch(part, device=None, batch_size=2, even_batches=False) as batches:
+    read_all = [int(label) for batch in batches for label in batch["y"]]
+
+with open(f"{OUT}/rank{rank}.json", "w") as out:
+    json.dump({"trained": trained, "read_all": read_all}, out)
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+'''
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_hf_iterable_dataset_split_unevenly_stops_every_rank_at_one_step(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("datasets")
+    agent = ["--nproc-per-node", "3", "--standalone"]
+    run_torchrun(tmp_path, [agent], [str(tmp_path)], script_text=HF_ITERABLE_SCRIPT, timeout_s=100)
+    ranks = records(tmp_path, 3)
+    # Not sharded again by gpuqueue: one epoch's parts are all 20 samples, unevenly.
+    assert len({len(rank["read_all"]) for rank in ranks}) > 1
+    assert sorted(label for rank in ranks for label in rank["read_all"]) == list(range(20))
+    # 3 steps an epoch on every rank (a 6-sample rank's 3 batches of 2): the longer ranks
+    # drop the rest of their epoch, and no all-reduce waits for it.
+    for rank in ranks:
+        assert [epoch for epoch, _ in rank["trained"]] == [0, 0, 0, 1, 1, 1]
+    orders = []
+    for epoch in range(2):
+        parts = [
+            [label for seen, labels in rank["trained"] if seen == epoch for label in labels]
+            for rank in ranks
+        ]
+        read = [label for part in parts for label in part]
+        assert len(read) == len(set(read)) == 18  # 3 steps of 2 on 3 ranks, none twice
+        orders.append(parts)
+    assert orders[0] != orders[1]  # set_epoch: a new shard order and shuffle every epoch
+
+
+WEBDATASET_SAMPLES_SCRIPT = '''
+"""One rank of two: WebDataset samples (no .batched()) in 5 shards of 3, split by node (9
+and 6 samples), batched by gpuqueue (batch_size=4) under DDP for 2 epochs."""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from torch.nn.parallel import DistributedDataParallel
+
+import gpuqueue
+
+DATA, OUT = sys.argv[1], sys.argv[2]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = DistributedDataParallel(torch.nn.Linear(2, 1))
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+urls = [f"{DATA}/shard-{shard}.tar" for shard in range(5)]
+samples = (
+    wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)
+    .decode()
+    .to_tuple("x.npy", "y.cls")
+)
+trained = []
+with gpuqueue.prefetch(samples, device="cpu", output="torch", batch_size=4, epochs=2) as batches:
+    for x, y in batches:
+        loss = torch.nn.functional.mse_loss(model(x), x[:, :1])
+        loss.backward()  # DDP's all-reduce
+        optimizer.step()
+        optimizer.zero_grad()
+        trained.append(y.tolist())
+
+with gpuqueue.prefetch(samples, device=None, batch_size=4, even_batches=False) as batches:
+    read_all = [int(label) for _, labels in batches for label in labels]
+
+with open(f"{OUT}/rank{rank}.json", "w") as out:
+    json.dump({"trained": trained, "read_all": read_all}, out)
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+'''
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_webdataset_samples_batched_by_gpuqueue_on_two_ranks(tmp_path: Path) -> None:
+    wds = pytest.importorskip("webdataset")
+    import numpy as np
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for shard in range(5):
+        with wds.TarWriter(str(data / f"shard-{shard}.tar")) as sink:
+            for label in range(shard * 3, shard * 3 + 3):
+                sink.write(
+                    {
+                        "__key__": f"{label:04d}",
+                        "x.npy": np.full(2, label, np.float32),
+                        "y.cls": label,
+                    }
+                )
+    agent = ["--nproc-per-node", "2", "--standalone"]
+    args = [str(data), str(tmp_path)]
+    run_torchrun(tmp_path, [agent], args, script_text=WEBDATASET_SAMPLES_SCRIPT, timeout_s=100)
+    ranks = records(tmp_path, 2)
+    # split_by_node deals shard s to rank s % 2: 9 samples (shards 0, 2, 4) and 6 (1, 3).
+    assert [rank["read_all"] for rank in ranks] == [
+        [*range(0, 3), *range(6, 9), *range(12, 15)],
+        [*range(3, 6), *range(9, 12)],
+    ]
+    # Batches of 4: 3 and 2 an epoch; every rank takes 2 steps an epoch, rank 0 drops its
+    # short third batch (sample 14), and each epoch the 14 others are read once.
+    assert [len(rank["trained"]) for rank in ranks] == [4, 4]
+    for epoch in range(2):
+        read = [
+            label
+            for rank in ranks
+            for batch in rank["trained"][2 * epoch : 2 * epoch + 2]
+            for label in batch
+        ]
+        assert sorted(read) == list(range(14))
