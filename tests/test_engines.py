@@ -170,6 +170,89 @@ def test_a_sources_own_state_is_the_one_after_the_last_item_received() -> None:
     assert first + rest == list(range(20))
 
 
+class OneStateDict(Counter):
+    """Returns, and updates in place, the one state dict it was loaded with (litdata's
+    ``StreamingDataset`` does so after ``load_state_dict``)."""
+
+    def state_dict(self) -> dict[str, int]:
+        self.loaded["next"] = self.next
+        return self.loaded
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.loaded = state
+        self.next = state["next"]
+
+
+def test_a_state_the_source_updates_in_place_is_still_the_last_received() -> None:
+    saved = {"epoch": 0, "position": 3, "source": {"next": 3}}
+    source = OneStateDict(20)
+    run = prefetch(source, device=None, max_queue_size=8, state=saved)
+    with run as batches:
+        first = [int(next(batches)[0]) for _ in range(2)]
+        assert source.six_read.wait(10)  # the workers have read ahead of the consumer
+        state = run.state_dict()
+    assert first == [3, 4]
+    assert state["source"] == {"next": 5}  # what was received, not what was read ahead
+    assert saved == {"epoch": 0, "position": 3, "source": {"next": 3}}  # not changed
+
+
+class OwnIterator:
+    """Samples of a source that is its own iterator and starts over in ``__iter__``, as
+    litdata's ``StreamingDataset``; its ``state_dict`` needs arguments, as Mosaic's."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.next, self.epoch = count, 0, 0
+        self.starts = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> OwnIterator:
+        self.next, self.starts = 0, self.starts + 1
+        return self
+
+    def __next__(self) -> Any:
+        if self.next == self.count:
+            raise StopIteration
+        self.next += 1
+        return np.array([self.epoch, self.next - 1])
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, int]:
+        raise AssertionError("gpuqueue has no such arguments to give; it must not call this")
+
+
+def test_a_source_that_is_its_own_iterator_is_started_once_a_pass() -> None:
+    source = OwnIterator(7)
+    with prefetch(source, device=None, batch_size=3) as batches:
+        read = [int(sample[1]) for batch in batches for sample in batch]
+    assert read == list(range(7))  # not the first 3 again and again: iter() was called once
+    assert source.starts == 1
+
+
+def test_a_torch_iterable_dataset_that_is_its_own_iterator_is_read_every_epoch() -> None:
+    torch = pytest.importorskip("torch")
+
+    class Samples(OwnIterator, torch.utils.data.IterableDataset):  # type: ignore[misc]
+        pass
+
+    source = Samples(7)  # its __next__ does not make it a one-shot iterator (a generator)
+    with prefetch(source, device=None, batch_size=3, epochs=2) as batches:
+        read = [tuple(int(v) for v in sample) for batch in batches for sample in batch]
+    assert read == [(epoch, position) for epoch in range(2) for position in range(7)]
+    assert source.starts == 2
+
+
+def test_a_state_dict_that_needs_arguments_resumes_by_reading_the_epoch_again() -> None:
+    run = prefetch(OwnIterator(7), device=None)
+    with run as batches:
+        first = [int(next(batches)[1]) for _ in range(3)]
+        state = run.state_dict()
+    assert state == {"epoch": 0, "position": 3, "source": None}
+    with prefetch(OwnIterator(7), device=None, state=state) as batches:
+        rest = [int(batch[1]) for batch in batches]
+    assert first + rest == list(range(7))
+
+
 def test_a_sequence_resumes_through_prefetch() -> None:
     run = prefetch(Numbered(length=6), device=None, epochs=2, shuffle=True, seed=1)
     with run as batches:

@@ -11,22 +11,31 @@ goes on from there.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..errors import PipelineError
 from .engines import EngineBatches, reads_in_batches
-from .kinds import is_torch_dataloader
+from .kinds import is_torch_class, is_torch_dataloader
 from .order import Task
 from .tasks import GeneratorTasks
 
-__all__ = ["Epochs", "IterableOrder", "check_iterable_source", "epoch_setters"]
+__all__ = [
+    "Epochs",
+    "IterableOrder",
+    "check_iterable_source",
+    "epoch_setters",
+    "takes_no_arguments",
+]
 
 
 def _one_shot(source: Any) -> bool:
     # An iterator is its own iterator: a second iter() continues, never restarts.
-    # Told apart without calling iter(), which starts a DataLoader's workers.
-    return hasattr(source, "__next__")
+    # Told apart without calling iter(), which starts a DataLoader's workers. A torch
+    # IterableDataset is iterated anew each epoch (by DataLoader's contract), also one
+    # that is its own iterator and restarts in __iter__ (litdata's StreamingDataset).
+    return hasattr(source, "__next__") and not is_torch_class(source, "IterableDataset")
 
 
 def check_iterable_source(source: Any, *, epochs: int | None, use_multiprocessing: bool) -> Any:
@@ -110,7 +119,7 @@ class Epochs:
         self.start, self.skip = start, skip
         self.epoch, self.position = start, skip
         # Looked up once: ``state`` runs after every item a thread reads.
-        self._keeps_state = callable(getattr(source, "state_dict", None))
+        self._keeps_state = takes_no_arguments(getattr(source, "state_dict", None))
 
     def __iter__(self) -> Iterator[Any]:
         for epoch in range(self.start, self.epochs):
@@ -123,17 +132,55 @@ class Epochs:
             for _ in range(skip):
                 if next(iterator, _END) is _END:
                     break
-            for item in iterator:
+            # next() only: a for loop would call iter() again, and a source that is its
+            # own iterator may start over there (litdata's StreamingDataset), undoing the skip.
+            while (item := next(iterator, _END)) is not _END:
                 self.position += 1
                 yield item
 
     def state(self) -> dict[str, Any]:
         """Where the last item read came from, and the source's own state right after it."""
         own = self.source.state_dict() if self._keeps_state else None  # type: ignore[attr-defined]
-        return {"epoch": self.epoch, "position": self.position, "source": own}
+        return {"epoch": self.epoch, "position": self.position, "source": own_copy(own)}
 
 
 _END = object()
+
+
+def takes_no_arguments(method: Any) -> bool:
+    """True if ``method`` is a callable that can be called with no arguments.
+
+    A ``state_dict`` that needs arguments (litdata's and Mosaic's
+    ``StreamingDataset`` take the samples their loader yielded) is not a state
+    gpuqueue can take of a source by itself; such a source resumes by reading
+    its epoch again, as one without a state does (``resumable``).
+    """
+    if not callable(method):
+        return False
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): call it as before
+        return True
+    return all(
+        parameter.default is not parameter.empty
+        or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        for parameter in parameters
+    )
+
+
+def own_copy(state: Any) -> Any:
+    """``state`` with every dict in it copied (other values shared), cheaply.
+
+    A source may return the same dict from each ``state_dict()`` and update it
+    in place, or keep the dict ``load_state_dict`` was given and update that
+    (litdata's ``StreamingDataset`` does both after a resume): a snapshot kept
+    as it is would change as the workers read ahead, and so would the caller's
+    saved state. Dicts are where they are updated; a deep copy of every list
+    in a large dataset's state (one entry per chunk) would cost each item.
+    """
+    if isinstance(state, dict):
+        return {key: own_copy(value) for key, value in state.items()}
+    return state
 
 
 def resumable(source: Any, state: Mapping[str, Any] | None) -> Epochs:
@@ -149,7 +196,7 @@ def resumable(source: Any, state: Mapping[str, Any] | None) -> Epochs:
     restore = getattr(epochs.source, "load_state_dict", None)
     skip = int(state["position"])
     if state["source"] is not None and callable(restore):
-        restore(state["source"])
+        restore(own_copy(state["source"]))  # the caller's saved state stays as it was
         skip = 0
     return Epochs(epochs.source, epochs.epochs, start=int(state["epoch"]), skip=skip)
 

@@ -10,6 +10,7 @@ the order and the reader of a map-style source from the public keywords.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 from ..errors import BatchError
 from .collate import Samples, SampleSpec
-from .iterables import epoch_setters
+from .iterables import epoch_setters, takes_no_arguments
 from .kinds import is_torch_class
 from .order import ReadingOrder
 from .samplers import SampleOrder
@@ -110,6 +111,8 @@ class SampleChunks:
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.reader = SampleReader(None, collate)
+        self._taken = 0  # samples taken from the source in this epoch
+        self._resumed_at = 0  # samples of the epoch a restored state had taken already
 
     @classmethod
     def of(
@@ -140,9 +143,14 @@ class SampleChunks:
         source = self.source
         if callable(source) and not hasattr(source, "__iter__"):
             source = source()
-        iterator, position = iter(source), 0
+        # One iter() of the source, and only next() after it: islice (or a for loop) calls
+        # iter() again, and a source that is its own iterator may start over in __iter__
+        # (litdata's StreamingDataset), so each batch would be the epoch's first.
+        iterator, position = _next_only(iter(source)), 0
+        self._taken, self._resumed_at = self._resumed_at, 0
         while True:
             samples = list(itertools.islice(iterator, self.batch_size))
+            self._taken += len(samples)
             if not samples or (self.drop_last and len(samples) < self.batch_size):
                 return
             indices = range(position, position + len(samples))
@@ -154,12 +162,41 @@ class SampleChunks:
             part.set_epoch(epoch)
 
     def state_dict(self) -> Any:
-        """The source's own state (None if it keeps none)."""
-        own = getattr(self.source, "state_dict", None)
-        return own() if callable(own) else None
+        """The source's own state (None if it keeps none).
+
+        litdata's ``StreamingDataset`` states where it is from the samples its
+        loader yielded (``state_dict(num_samples_yielded, num_workers,
+        batch_size)``): here they are the samples taken of this epoch, by one
+        reader (gpuqueue reads it in a thread, which litdata counts as one
+        worker), at the batch size the dataset knows (1 unless its loader set
+        one), so that its resume replays nothing.
+        """
+        own: Any = getattr(self.source, "state_dict", None)
+        if _counts_for_its_loader(own):
+            return own(self._taken, 1, getattr(self.source, "batch_size", 1))
+        return own() if takes_no_arguments(own) else None
 
     def load_state_dict(self, state: Any) -> None:
         self.source.load_state_dict(state)
+        if _counts_for_its_loader(getattr(self.source, "state_dict", None)):
+            self._resumed_at = int(state["num_samples_yielded"])
+
+
+def _next_only(iterator: Iterator[Any]) -> Iterator[Any]:
+    """``iterator``'s items, through a generator (whose own ``iter()`` is itself)."""
+    while (item := next(iterator, _END)) is not _END:
+        yield item
+
+
+_END = object()
+
+
+def _counts_for_its_loader(state_dict: Any) -> bool:
+    """True for a ``state_dict`` told the samples yielded (litdata's ``StreamingDataset``)."""
+    try:
+        return "num_samples_yielded" in inspect.signature(state_dict).parameters
+    except (TypeError, ValueError):  # not a callable with a signature
+        return False
 
 
 def gives_samples(source: Any) -> bool:
