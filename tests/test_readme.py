@@ -6,6 +6,11 @@ skipped where one of MODULES is not installed. Two words are not modules:
 ``gpu`` skips the block without a usable GPU, and ``torchrun`` runs it
 under ``torchrun`` with 3 ranks (CPU, gloo), as the README says to.
 Every ``python`` block of the README is marked: none is a fragment.
+
+A line ``# prints: TEXT`` in a block tells the reader what it prints, and
+the test checks that it does: TEXT is in its output (under ``torchrun``,
+with ``{rank}`` standing for each of the 3 ranks). A block that prints
+nothing to check asserts what it shows, or trains only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MARKED = re.compile(r"<!-- readme-test:([^>]*)-->\s*```python\n(.*?)```", re.DOTALL)
 NOT_MODULES = {"gpu", "torchrun"}
+PRINTS = re.compile(r"^\s*# prints: (.*)$", re.MULTILINE)
 
 
 def _examples() -> list[tuple[str, list[str], str]]:
@@ -48,7 +54,21 @@ def test_the_readme_marks_an_example_per_ecosystem() -> None:
         ["jax"],
         ["torch"],
         ["torch", "torchrun"],
+        ["ray", "torch"],
+        ["torch", "datasets", "torchrun"],
+        ["torch", "webdataset", "torchrun"],
         [],
+    ]
+
+
+def test_the_past_one_machine_examples_say_what_they_print() -> None:
+    """Each engine's example prints that every sample was read once, or its ranks' steps."""
+    printed = [PRINTS.findall(code) for _, modules, code in EXAMPLES if "torch" in modules]
+    assert [lines for lines in printed if lines] == [
+        ["rank {rank} of 3: 8 steps"],
+        ["32 and 32 batches: every row once per epoch"],
+        ["rank {rank} of 3: 12 steps, 334 samples an epoch"],
+        ["rank {rank} of 3: 8 steps, 100 samples an epoch"],
     ]
 
 
@@ -87,6 +107,8 @@ def test_readme_example_runs(where: str, modules: list[str], code: str, tmp_path
         command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path
     )
     assert result.returncode == 0, f"{where} failed:\n{result.stderr[-3000:]}"
-    if "torchrun" in modules:  # as the README says: 3 ranks, 8 steps each
-        for rank in range(3):
-            assert f"rank {rank} of 3: 8 steps" in result.stdout, result.stdout[-3000:]
+    for text in PRINTS.findall(code):  # what the README says it prints, on every rank
+        ranks = range(3) if "{rank}" in text else [None]
+        for rank in ranks:
+            line = text.replace("{rank}", str(rank))
+            assert line in result.stdout, f"{where}: no {line!r} in\n{result.stdout[-3000:]}"
