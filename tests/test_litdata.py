@@ -18,6 +18,7 @@ import pytest
 from gpuqueue import prefetch
 
 litdata = pytest.importorskip("litdata")
+pytestmark = pytest.mark.engine  # litdata.optimize in a process: left out of CI's CuPy stage
 
 LENGTH = 50
 

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("torch.distributed.run")
-
 from tests.test_distributed import run_torchrun
+
+pytest.importorskip("torch.distributed.run")
+pytestmark = pytest.mark.engine  # torchrun launches: left out of CI's CuPy stage
 
 # 25 samples, batches of 4: split by node, 13/12 over 2 ranks (4 and 3 batches an epoch)
 # and 9/8/8 over 3 (3, 2 and 2): the ranks' step counts differ, as they do for most lengths.
