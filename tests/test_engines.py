@@ -279,10 +279,19 @@ def test_state_dict_of_an_iterable_read_in_a_process_says_why_not() -> None:
 
 @pytest.mark.parametrize(
     ("shard", "even_batches", "evened"),
-    [("auto", None, False), (None, None, True), (None, False, False), ("auto", True, True)],
+    [
+        ("auto", None, False),
+        (None, None, True),
+        (None, False, False),
+        ("auto", True, True),
+        ((0, 1), None, False),  # rank 0 alone reads all (as an elastic resume on fewer ranks)
+    ],
 )
 def test_a_map_style_source_gpuqueue_did_not_split_stops_every_rank_at_one_step(
-    monkeypatch: pytest.MonkeyPatch, shard: str | None, even_batches: bool | None, evened: bool
+    monkeypatch: pytest.MonkeyPatch,
+    shard: str | tuple[int, int] | None,
+    even_batches: bool | None,
+    evened: bool,
 ) -> None:
     """Under 2 ranks, shard=None (split_dataset_by_node's parts, 13 and 12 samples) is evened
     by default, as an iterable is; a Sequence gpuqueue shards is even already."""

@@ -39,16 +39,18 @@ def evened(batches: Iterator[Any], even_batches: bool | None, order: Any) -> Ite
     """``batches``, through ``even_steps`` where ``even_batches`` asks for it.
 
     ``None`` (the default) means: whenever ``torch.distributed`` has more
-    than one rank and gpuqueue did not split the source among them: an
-    iterable (its ``order`` is an ``IterableOrder``), or a map-style source
-    read with ``shard=None`` (already split per rank, as by
-    ``split_dataset_by_node``, into parts whose lengths may differ). A source
-    gpuqueue sharded is even already. ``order.epoch`` is the epoch of the
-    last batch received, so every epoch ends at the shortest rank's count.
+    than one rank and the source was split among them before gpuqueue saw
+    it: an iterable (its ``order`` is an ``IterableOrder``), or a map-style
+    source read with ``shard=None`` (as after ``split_dataset_by_node``, into
+    parts whose lengths may differ). A source gpuqueue sharded is even
+    already, and an explicit ``shard=(rank, world_size)`` says which ranks
+    read (``(0, 1)`` on rank 0 alone: no other rank would join the
+    all-reduce). ``order.epoch`` is the epoch of the last batch received, so
+    every epoch ends at the shortest rank's count.
     """
     iterable = isinstance(order, IterableOrder)
-    split_by_gpuqueue = not iterable and order.shard.world_size > 1
-    if even_batches or (even_batches is None and not split_by_gpuqueue and ranks() > 1):
+    split_before = iterable or order.shard.source == "none"  # (shard=None)
+    if even_batches or (even_batches is None and split_before and ranks() > 1):
         return even_steps(batches, order.epoch if iterable else lambda: int(order.epoch))
     return batches
 
