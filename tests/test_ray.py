@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +25,9 @@ def local_ray() -> Iterator[None]:
     try:
         yield
     finally:
+        # Ray's objects left in reference cycles (a run's iterator of a split) go while Ray
+        # is up: collected after shutdown, their finalisers start Ray's threads again.
+        gc.collect()
         ray.shutdown()
 
 
