@@ -35,9 +35,9 @@ CASES = {
 }
 
 FULL = {"sample_shape": (3, 64, 64), "sample_batch": 64, "sample_batches": 300,
-        "gil_us": 200.0, "gil_batches": 60}  # fmt: skip
+        "gil_us": 200.0, "sample_gil_batches": 60}  # fmt: skip
 SMOKE = {"sample_shape": (3, 8, 8), "sample_batch": 8, "sample_batches": 4,
-         "gil_us": 20.0, "gil_batches": 2}  # fmt: skip
+         "gil_us": 20.0, "sample_gil_batches": 2}  # fmt: skip
 
 
 class Images:
@@ -101,7 +101,7 @@ def run_case(name: str, p: dict[str, Any], workers: int) -> dict[str, Any]:
     batch = p["sample_batch"]
     gil = name.startswith("gil_")
     dataset = GilBound(p["sample_shape"], p["gil_us"]) if gil else Images(p["sample_shape"])
-    n = p["gil_batches"] if gil else p["sample_batches"]
+    n = p["sample_gil_batches"] if gil else p["sample_batches"]
     if name.startswith("dataloader"):
         from torch.utils.data import DataLoader
 
