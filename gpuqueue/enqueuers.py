@@ -22,10 +22,11 @@ from .run import EMPTY_STATS, Run
 from .source.iterables import IterableOrder, check_iterable_source
 from .source.kinds import check_sequence
 from .source.order import ReadingOrder, Task
+from .source.sample_tasks import SampleTasks
 from .source.samplers import SampleOrder
 from .source.samples import SampleChunks, order_and_reader
 from .source.shard import announce_shard
-from .source.tasks import GeneratorTasks, SampleTasks, SequenceTasks
+from .source.tasks import GeneratorTasks, SequenceTasks
 from .sync.coordinator import DEFAULT_STOP_TIMEOUT
 
 __all__ = ["GeneratorEnqueuer", "OrderedEnqueuer", "SequenceEnqueuer"]

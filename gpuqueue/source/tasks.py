@@ -2,7 +2,8 @@
 
 ``SequenceTasks`` hands out the indices of a Sequence's epochs in the order
 ``order.epoch_order`` draws, with ``on_epoch_end`` between epochs;
-``GeneratorTasks`` reads a generator's items one at a time. Each ``Task``
+``GeneratorTasks`` reads a generator's items one at a time (a per-sample
+dataset's are ``sample_tasks.SampleTasks``). Each ``Task``
 knows where it sits in the stream, for ordering and for messages.
 """
 
@@ -13,13 +14,10 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import numpy as np
-
 from ..errors import CancelledError, OutOfRangeError, PipelineError, add_note
-from .order import EpochOrder, InOrder, ReadingOrder, Sequence, Task, epoch_order, indices
-from .samplers import EpochBatches, SampleOrder
+from .order import EpochOrder, ReadingOrder, Sequence, Task, epoch_order, indices
 
-__all__ = ["GeneratorTasks", "SampleTasks", "SequenceTasks", "overrides_on_epoch_end"]
+__all__ = ["GeneratorTasks", "SequenceTasks", "overrides_on_epoch_end"]
 
 
 def overrides_on_epoch_end(sequence: Any) -> bool:
@@ -244,57 +242,6 @@ class SequenceTasks(_TaskSource):
             self._batches_in_epoch += batches
             if self._reads_in_flight == 0 and self._boundary_waiters:
                 self._cond.notify_all()
-
-
-class SampleTasks(SequenceTasks):
-    """The batches of a per-sample dataset, epoch after epoch: each task carries its samples.
-
-    A task's sample indices are attached when it is claimed, while the epoch's
-    batches are still the current ones: the next epoch's are drawn only once
-    every read of this one has finished (``_may_cross_early`` is False, so an
-    epoch boundary costs one hand-off, once per epoch).
-    """
-
-    def __init__(self, order: SampleOrder, reader: Any) -> None:
-        self._sample_order = order
-        self._dataset = reader
-        self._skip = order.sample
-        self._batches = EpochBatches(np.empty(0, np.int64), 1)
-        super().__init__(
-            reader,
-            shuffle=False,
-            seed=order.seed,
-            shard=(0, 1),
-            epoch=order.epoch,
-            position=0,
-            epochs=order.epochs,
-            start=order.start,
-        )
-        # A resumed epoch may rightly have nothing left to read.
-        self._whole_epoch = order.sample == 0 and order.start == 0
-
-    def _make_order(self, epoch: int) -> InOrder:
-        length = len(self._dataset)
-        if length <= 0:
-            raise PipelineError(f"the dataset is empty (len() returned {length}) at epoch {epoch}")
-        (skip, self._skip), (start, self._start) = (self._skip, 0), (self._start, 0)
-        self._batches = self._sample_order.epoch_batches(length, epoch, skip, start)
-        count = len(self._batches)
-        return InOrder(range(count), max(count, 1))
-
-    def _claim(self, most: int) -> list[Task]:
-        tasks = super()._claim(most)
-        batches = self._batches
-        for task in tasks:
-            if task.index is not None and task.samples is None:
-                task.samples, task.samples_end = batches.batch(task.index)
-        return tasks
-
-    def _may_cross_early(self) -> bool:
-        return False
-
-    def read(self, task: Task) -> Any:
-        return self._sequence[task.samples]
 
 
 class GeneratorTasks(_TaskSource):
