@@ -15,7 +15,7 @@ from typing import Any, overload
 import numpy as np
 
 from ..errors import PipelineError
-from .resume import check_length, check_state, regroup, saved_world_size
+from .resume import check_length, check_state, regroup
 from .shard import Shard, batches_per_rank, resolve_shard
 
 __all__ = [
@@ -317,13 +317,15 @@ class ReadingOrder:
                 number of ranks over a Sequence of another length.
         """
         check_state(state, self.state_dict(), "position")
-        epoch, position, start = state["epoch"], state["position"], state.get("start", 0)
-        world_size = saved_world_size(state, self.shard.world_size)
-        if world_size != self.shard.world_size:
+
+        def per_rank(epoch: int, start: int, world_size: int) -> int:
             length = check_length(state, self.length, "batches", "Sequence")
-            per_rank = rank_count(length, world_size, self.drop_last, start)
-            (epoch, start), position = regroup(epoch, start, position, world_size, per_rank), 0
-        self.epoch, self.position, self.start, self.seed = epoch, position, start, state["seed"]
+            return rank_count(length, world_size, self.drop_last, start)
+
+        self.epoch, self.position, self.start = regroup(
+            state, "position", self.shard.world_size, per_rank
+        )
+        self.seed = state["seed"]
 
 
 def shard_and_seed(

@@ -9,30 +9,43 @@ a state resume every rank, and, through ``regroup``, another number of ranks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["check_length", "check_state", "regroup", "saved_world_size"]
+__all__ = ["check_length", "check_state", "regroup"]
 
 
-def regroup(epoch: int, start: int, done: int, world_size: int, per_rank: int) -> tuple[int, int]:
-    """Where a state saved on ``world_size`` ranks resumes on another number of them.
+def regroup(
+    state: Mapping[str, Any],
+    position: str,
+    world_size: int,
+    per_rank: Callable[[int, int, int], int],
+) -> tuple[int, int, int]:
+    """Where ``state`` resumes on ``world_size`` ranks: its epoch, position and split's start.
 
-    Every rank was at the same step (as under DDP), having received ``done``
-    of its ``per_rank`` items of the split that began at ``start``: together
-    the ranks received the first ``start + done * world_size`` positions of
-    the epoch's order (rank ``r`` takes ``r, r + w, ...``), whichever rank
-    saved the state.
+    On as many ranks as saved it, where it was (whichever rank saved it). On
+    another number: every rank was at the same step (as under DDP), having
+    received ``done`` of its ``per_rank(epoch, start, saved_world_size)``
+    items of the split that began at ``start``; together the ranks received
+    the first ``start + done * saved_world_size`` positions of the epoch's
+    order (rank ``r`` takes ``r, r + w, ...``), and the new world's split
+    starts there, at position 0: at the next epoch's beginning if the saved
+    one was finished.
 
-    Returns:
-        The epoch and the start in its order of the new split: the next
-        epoch's beginning if the saved one was finished.
+    Args:
+        position: The state's field of where in the epoch (``"position"``, ``"sample"``).
+        per_rank: Called only for another number of ranks; it raises where the
+            state cannot be regrouped.
     """
-    if done >= per_rank:
-        return epoch + 1, 0
-    return epoch, start + done * world_size
+    epoch, done, start = state["epoch"], state[position], state.get("start", 0)
+    saved = saved_world_size(state, world_size)
+    if saved == world_size:
+        return epoch, done, start
+    if done >= per_rank(epoch, start, saved):
+        return epoch + 1, 0, 0
+    return epoch, 0, start + done * saved
 
 
 def check_state(

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..errors import PipelineError
 from .order import Task, shard_and_seed
-from .resume import check_length, check_state, regroup, saved_world_size
+from .resume import check_length, check_state, regroup
 from .shard import Shard
 
 __all__ = ["EpochBatches", "SampleOrder"]
@@ -281,7 +281,7 @@ class SampleOrder:
         The ``batch_size`` may differ: the resume is at sample granularity.
         The state may come from any rank (every rank was at the same step),
         and from another number of ranks: the rest of its epoch is then split
-        among this world's (``order.regroup``), unless a sampler or batch
+        among this world's (``resume.regroup``), unless a sampler or batch
         sampler decides the split.
 
         Raises:
@@ -291,15 +291,17 @@ class SampleOrder:
                 splits itself or a batch sampler.
         """
         check_state(state, self.state_dict(), "sample", " (a per-sample state_dict())")
-        epoch, sample, start = state["epoch"], state["sample"], state.get("start", 0)
-        world = saved_world_size(state, self.shard.world_size)
-        if world != self.shard.world_size:
-            self._check_regroups(world)
-            check_length(state, self.length, "samples", "dataset")
-            left = len(self._epoch_order(self.length, epoch)) - start
-            per_rank = self._per_rank(left, world, state.get("batch_size"))
-            (epoch, start), sample = regroup(epoch, start, sample, world, per_rank), 0
-        self.epoch, self.sample, self.start, self.seed = epoch, sample, start, state["seed"]
+
+        def per_rank(epoch: int, start: int, world_size: int) -> int:
+            self._check_regroups(world_size)
+            length = check_length(state, self.length, "samples", "dataset")
+            left = len(self._epoch_order(length, epoch)) - start
+            return self._per_rank(left, world_size, state.get("batch_size"))
+
+        self.epoch, self.sample, self.start = regroup(
+            state, "sample", self.shard.world_size, per_rank
+        )
+        self.seed = state["seed"]
 
     def _check_regroups(self, saved_world: int) -> None:
         why = None
