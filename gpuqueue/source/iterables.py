@@ -26,6 +26,7 @@ __all__ = [
     "IterableOrder",
     "check_iterable_source",
     "epoch_setters",
+    "next_only",
     "takes_no_arguments",
 ]
 
@@ -128,13 +129,11 @@ class Epochs:
                     part.set_epoch(epoch)
             skip = self.skip if epoch == self.start else 0
             self.epoch, self.position = epoch, skip
-            iterator = iter(self.source)
+            items = next_only(iter(self.source))
             for _ in range(skip):
-                if next(iterator, _END) is _END:
+                if next(items, _END) is _END:
                     break
-            # next() only: a for loop would call iter() again, and a source that is its
-            # own iterator may start over there (litdata's StreamingDataset), undoing the skip.
-            while (item := next(iterator, _END)) is not _END:
+            for item in items:
                 self.position += 1
                 yield item
 
@@ -145,6 +144,18 @@ class Epochs:
 
 
 _END = object()
+
+
+def next_only(iterator: Iterator[Any]) -> Iterator[Any]:
+    """``iterator``'s items through ``next()`` alone, in a generator (its own ``iter()``).
+
+    A ``for`` loop or ``islice`` over a source's iterator calls ``iter()`` on
+    it again, and a source that is its own iterator may start over there
+    (litdata's ``StreamingDataset``), undoing a skip or repeating the epoch's
+    first batch.
+    """
+    while (item := next(iterator, _END)) is not _END:
+        yield item
 
 
 def takes_no_arguments(method: Any) -> bool:

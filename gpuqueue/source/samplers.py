@@ -218,11 +218,15 @@ class SampleOrder:
         batch_size = self.batch_size
         assert batch_size is not None
         order = self._epoch_order(length, epoch)
-        split = world if self.sampler is None or not _splits_itself(self.sampler) else 1
-        end = start + self._per_rank(len(order) - start, split) * split
+        # Split among the ranks here, unless the sampler read this rank's part itself.
+        if self.sampler is not None and _splits_itself(self.sampler):
+            ranks, first = 1, start
+        else:
+            ranks, first = world, start + rank
+        end = start + self._per_rank(len(order) - start, ranks) * ranks
         if end > len(order):  # padded by wrapping around
             order = np.tile(order, -(-end // len(order)))
-        order = order[start + rank * (split > 1) : end : split]
+        order = order[first:end:ranks]
         if len(order) == 0 and start == 0:
             raise PipelineError(
                 f"drop_last=True leaves no whole batch of {batch_size} samples in epoch {epoch} "

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import BatchError
 from .collate import Samples, SampleSpec
-from .iterables import epoch_setters, takes_no_arguments
+from .iterables import epoch_setters, next_only, takes_no_arguments
 from .kinds import is_torch_class
 from .order import ReadingOrder
 from .samplers import SampleOrder
@@ -143,10 +143,8 @@ class SampleChunks:
         source = self.source
         if callable(source) and not hasattr(source, "__iter__"):
             source = source()
-        # One iter() of the source, and only next() after it: islice (or a for loop) calls
-        # iter() again, and a source that is its own iterator may start over in __iter__
-        # (litdata's StreamingDataset), so each batch would be the epoch's first.
-        iterator, position = _next_only(iter(source)), 0
+        # One iter() of the source: islice on it would call iter() again (see next_only).
+        iterator, position = next_only(iter(source)), 0
         self._taken, self._resumed_at = self._resumed_at, 0
         while True:
             samples = list(itertools.islice(iterator, self.batch_size))
@@ -180,15 +178,6 @@ class SampleChunks:
         self.source.load_state_dict(state)
         if _counts_for_its_loader(getattr(self.source, "state_dict", None)):
             self._resumed_at = int(state["num_samples_yielded"])
-
-
-def _next_only(iterator: Iterator[Any]) -> Iterator[Any]:
-    """``iterator``'s items, through a generator (whose own ``iter()`` is itself)."""
-    while (item := next(iterator, _END)) is not _END:
-        yield item
-
-
-_END = object()
 
 
 def _counts_for_its_loader(state_dict: Any) -> bool:
